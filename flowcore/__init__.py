@@ -1,0 +1,1 @@
+"""Flow's shared internals: settings, protocol, tokens, logging and process glue."""

@@ -1,0 +1,367 @@
+"""The Flow wire protocol (PROTOCOL.md), with no I/O.
+
+Browser frames are parsed and built here; so is the internal ZeroMQ framing between
+publishers, the proxy and the WebSocket servers. Every refusal is a ProtocolError
+whose message is safe to show to the client.
+
+Internal framing (PROTOCOL.md section 6, ours to choose):
+
+publisher -> proxy (PUSH -> PULL), three frames::
+
+    [b"P1", username (utf-8, b"*" for a broadcast), id_json + b"\\n" + data_json]
+
+proxy -> WebSocket servers (XPUB -> SUB), the first frame is the exact topic::
+
+    [topic, b"M", seq, epoch, browser_frame]   a message, browser frame fully built
+    [topic, b"S", seq, epoch, b""]              sync: the stream's current position
+
+A topic is ``b"u" + username + b"\\0"`` (``b"*\\0"`` for broadcasts). Usernames may not
+contain NUL, so ZeroMQ's prefix matching is exact: ``1\\0`` is no prefix of ``12\\0``.
+
+server <-> proxy control (DEALER -> ROUTER), one JSON frame each way: see
+:func:`build_history_request` and :func:`parse_history_reply`.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass, field
+from typing import Any, Mapping
+
+BROADCAST = "*"
+HEARTBEAT = "<3"
+
+# Close codes (PROTOCOL.md section 3).
+CLOSE_GOING_AWAY = 1001
+CLOSE_TOO_BIG = 1009
+CLOSE_AUTH_FAILED = 4001
+CLOSE_AUTH_TIMEOUT = 4002
+CLOSE_SLOW_CONSUMER = 4008
+CLOSE_RATE_LIMITED = 4029
+
+MAX_USERNAME_BYTES = 256
+MAX_ID_CHARS = 256
+
+PUSH_VERSION = b"P1"
+KIND_MESSAGE = b"M"
+KIND_SYNC = b"S"
+
+
+class ProtocolError(ValueError):
+    """Input that breaks the protocol; the message says what, for the sender."""
+
+
+# ---------------------------------------------------------------- identities
+
+
+def check_username(username: object) -> str:
+    """Return ``username`` if it can name a user's stream, else raise ProtocolError."""
+    if not isinstance(username, str):
+        raise ProtocolError(f"username must be a string, not {type(username).__name__}")
+    if not username:
+        raise ProtocolError("username must not be empty")
+    if username == BROADCAST:
+        raise ProtocolError('username "*" is reserved for broadcasts')
+    if "\0" in username:
+        raise ProtocolError("username must not contain NUL")
+    if len(username.encode("utf-8", "surrogatepass")) > MAX_USERNAME_BYTES:
+        raise ProtocolError(f"username longer than {MAX_USERNAME_BYTES} bytes")
+    try:
+        username.encode("utf-8")
+    except UnicodeEncodeError:
+        raise ProtocolError("username is not valid Unicode text") from None
+    return username
+
+
+def check_message_id(message_id: object) -> str:
+    if not isinstance(message_id, str):
+        raise ProtocolError(f"message id must be a string, not {type(message_id).__name__}")
+    if not message_id:
+        raise ProtocolError("message id must not be empty")
+    if len(message_id) > MAX_ID_CHARS:
+        raise ProtocolError(f"message id longer than {MAX_ID_CHARS} characters")
+    return message_id
+
+
+def topic(stream: str) -> bytes:
+    """The exact ZeroMQ topic of a stream (a username, or ``"*"``)."""
+    if stream == BROADCAST:
+        return b"*\0"
+    return b"u" + stream.encode("utf-8") + b"\0"
+
+
+def stream_of_topic(topic_bytes: bytes) -> str:
+    if topic_bytes == b"*\0":
+        return BROADCAST
+    if len(topic_bytes) < 3 or topic_bytes[:1] != b"u" or topic_bytes[-1:] != b"\0":
+        raise ProtocolError("not a Flow topic")
+    return topic_bytes[1:-1].decode("utf-8")
+
+
+# ---------------------------------------------------------------- publishing
+
+
+def dumps(value: Any) -> bytes:
+    """Compact JSON; refuses NaN/Infinity, which browsers' JSON.parse cannot read."""
+    return json.dumps(value, separators=(",", ":"), ensure_ascii=False, allow_nan=False).encode(
+        "utf-8"
+    )
+
+
+def encode_push(username: str, message_id: str, data: Any, max_message: int) -> list[bytes]:
+    """Frames for one push. ``username`` is a user or ``"*"``. Raises ProtocolError."""
+    if username != BROADCAST:
+        check_username(username)
+    check_message_id(message_id)
+    try:
+        data_json = dumps(data)
+    except (TypeError, ValueError) as exc:
+        raise ProtocolError(f"data is not JSON-serializable: {exc}") from None
+    body = dumps(message_id) + b"\n" + data_json
+    if len(body) > max_message:
+        raise ProtocolError(
+            f"message is {len(body)} bytes, over the {max_message}-byte limit (FLOW_MAX_MESSAGE)"
+        )
+    return [PUSH_VERSION, username.encode("utf-8"), body]
+
+
+@dataclass(frozen=True)
+class Push:
+    stream: str
+    id_json: bytes
+    data_json: bytes
+
+
+def decode_push(frames: list[bytes]) -> Push:
+    """Inverse of :func:`encode_push`, for the proxy. Raises ProtocolError."""
+    if len(frames) != 3 or frames[0] != PUSH_VERSION:
+        raise ProtocolError(f"expected 3 frames starting with {PUSH_VERSION!r}")
+    try:
+        stream = frames[1].decode("utf-8")
+    except UnicodeDecodeError:
+        raise ProtocolError("username is not UTF-8") from None
+    if stream != BROADCAST:
+        check_username(stream)
+    id_json, sep, data_json = frames[2].partition(b"\n")
+    # id_json is a JSON string, which never holds a raw newline, so the split is exact.
+    if not sep or not id_json.startswith(b'"') or not id_json.endswith(b'"') or not data_json:
+        raise ProtocolError("body is not id_json NEWLINE data_json")
+    return Push(stream, id_json, data_json)
+
+
+def build_message_frame(push: Push, seq: int, epoch: str) -> bytes:
+    """The browser frame ``{"id","username","data","seq","epoch"}``, built once.
+
+    Spliced from already-encoded JSON so that no process parses ``data`` again.
+    """
+    return b"".join(
+        (
+            b'{"id":',
+            push.id_json,
+            b',"username":',
+            dumps(push.stream),
+            b',"data":',
+            push.data_json,
+            b',"seq":',
+            str(seq).encode(),
+            b',"epoch":"',
+            epoch.encode(),
+            b'"}',
+        )
+    )
+
+
+def message_frames(stream: str, seq: int, epoch: str, frame: bytes) -> list[bytes]:
+    return [topic(stream), KIND_MESSAGE, str(seq).encode(), epoch.encode(), frame]
+
+
+def sync_frames(stream: str, seq: int, epoch: str) -> list[bytes]:
+    return [topic(stream), KIND_SYNC, str(seq).encode(), epoch.encode(), b""]
+
+
+@dataclass(frozen=True)
+class Delivery:
+    stream: str
+    kind: bytes
+    seq: int
+    epoch: str
+    frame: bytes
+
+
+def decode_delivery(frames: list[bytes]) -> Delivery:
+    if len(frames) != 5 or frames[1] not in (KIND_MESSAGE, KIND_SYNC):
+        raise ProtocolError("expected [topic, kind, seq, epoch, frame]")
+    try:
+        return Delivery(
+            stream_of_topic(frames[0]), frames[1], int(frames[2]), frames[3].decode(), frames[4]
+        )
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise ProtocolError(f"bad delivery: {exc}") from None
+
+
+# ---------------------------------------------------------------- history (control channel)
+
+
+def build_history_request(request_id: int, streams: Mapping[str, tuple[int, str]]) -> bytes:
+    """Ask the proxy for the messages after ``seq`` in ``epoch``, per stream."""
+    return dumps(
+        {
+            "op": "history",
+            "rid": request_id,
+            "streams": {name: {"seq": seq, "epoch": epoch} for name, (seq, epoch) in streams.items()},
+        }
+    )
+
+
+@dataclass(frozen=True)
+class HistoryRequest:
+    request_id: int
+    streams: dict[str, tuple[int, str]]
+
+
+def parse_history_request(raw: bytes) -> HistoryRequest:
+    try:
+        obj = json.loads(raw)
+        if obj.get("op") != "history":
+            raise ProtocolError("unknown op")
+        streams = {
+            str(name): (int(pos["seq"]), str(pos["epoch"])) for name, pos in obj["streams"].items()
+        }
+        return HistoryRequest(int(obj["rid"]), streams)
+    except (ValueError, KeyError, TypeError, AttributeError) as exc:
+        raise ProtocolError(f"bad history request: {exc}") from None
+
+
+def build_history_reply(
+    request_id: int, streams: Mapping[str, tuple[str, int, list[tuple[int, bytes]] | None]]
+) -> bytes:
+    """Per stream: (epoch, current seq, messages after the asked seq or None if lost)."""
+    out = {}
+    for name, (epoch, current, messages) in streams.items():
+        out[name] = {
+            "epoch": epoch,
+            "seq": current,
+            "messages": None
+            if messages is None
+            else [[seq, frame.decode("utf-8")] for seq, frame in messages],
+        }
+    return dumps({"rid": request_id, "streams": out})
+
+
+@dataclass
+class StreamHistory:
+    epoch: str
+    seq: int
+    messages: list[tuple[int, bytes]] | None
+
+
+def parse_history_reply(raw: bytes) -> tuple[int, dict[str, StreamHistory]]:
+    try:
+        obj = json.loads(raw)
+        streams = {}
+        for name, entry in obj["streams"].items():
+            messages = entry["messages"]
+            streams[name] = StreamHistory(
+                str(entry["epoch"]),
+                int(entry["seq"]),
+                None if messages is None else [(int(s), f.encode("utf-8")) for s, f in messages],
+            )
+        return int(obj["rid"]), streams
+    except (ValueError, KeyError, TypeError, AttributeError) as exc:
+        raise ProtocolError(f"bad history reply: {exc}") from None
+
+
+# ---------------------------------------------------------------- browser <-> server
+
+_JWT_SHAPE = re.compile(r"^[A-Za-z0-9_\-]+\.[A-Za-z0-9_\-]+\.[A-Za-z0-9_\-]*$")
+
+
+@dataclass(frozen=True)
+class Authenticate:
+    token: str
+    resume: dict[str, tuple[int, str]] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Ping:
+    heartbeat: bool  # True for the bare "<3", which gets no answer
+
+
+def parse_client_frame(text: str) -> Authenticate | Ping:
+    """Parse one text frame from a browser. Raises ProtocolError.
+
+    Anything that is neither the heartbeat nor a JSON object is taken as a raw token
+    (message_flow sends its token that way); the token check then says whether it is one.
+    """
+    if text == HEARTBEAT:
+        return Ping(heartbeat=True)
+    stripped = text.strip()
+    if not stripped.startswith("{"):
+        return Authenticate(stripped)
+    try:
+        obj = json.loads(stripped)
+    except ValueError:
+        raise ProtocolError("frame is not valid JSON") from None
+    if not isinstance(obj, dict):
+        raise ProtocolError("frame is not a JSON object")
+    frame_id = obj.get("id")
+    if frame_id == "PING":
+        return Ping(heartbeat=False)
+    if frame_id == "AUTH":
+        token = obj.get("token")
+        if not isinstance(token, str):
+            raise ProtocolError("AUTH needs a string token")
+        return Authenticate(token, _parse_resume(obj.get("resume")))
+    raise ProtocolError(f"unknown frame id {frame_id!r}" if frame_id is not None else "frame has no id")
+
+
+def _parse_resume(resume: object) -> dict[str, tuple[int, str]]:
+    if resume is None:
+        return {}
+    if not isinstance(resume, dict):
+        raise ProtocolError("resume must be an object of {stream: {seq, epoch}}")
+    out = {}
+    for name, position in resume.items():
+        if not isinstance(position, dict):
+            raise ProtocolError(f"resume[{name!r}] must be an object with seq and epoch")
+        seq, epoch = position.get("seq"), position.get("epoch")
+        if isinstance(seq, bool) or not isinstance(seq, int) or seq < 0:
+            raise ProtocolError(f"resume[{name!r}].seq must be a non-negative integer")
+        if not isinstance(epoch, str):
+            raise ProtocolError(f"resume[{name!r}].epoch must be a string")
+        out[name] = (seq, epoch)
+    return out
+
+
+def looks_like_jwt(text: str) -> bool:
+    return bool(_JWT_SHAPE.match(text))
+
+
+def auth_request() -> str:
+    return '{"id":"AUTH REQUEST"}'
+
+
+def auth_ok(username: str, epoch: str, heartbeat: float, recovered: bool, missed: int) -> str:
+    return dumps(
+        {
+            "id": "AUTH OK",
+            "username": username,
+            "epoch": epoch,
+            "heartbeat": heartbeat,
+            "recovered": recovered,
+            "missed": missed,
+        }
+    ).decode("utf-8")
+
+
+def auth_failed(reason: str) -> str:
+    return dumps({"id": "AUTH FAILED", "reason": reason}).decode("utf-8")
+
+
+def pong() -> str:
+    return '{"id":"PONG"}'
+
+
+def error(reason: str) -> str:
+    return dumps({"id": "ERROR", "reason": reason}).decode("utf-8")

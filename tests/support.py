@@ -1,0 +1,104 @@
+"""Test helpers: ephemeral ports, waiting on conditions, real processes with logs."""
+
+from __future__ import annotations
+
+import os
+import secrets
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Callable, Mapping, TypeVar
+
+ROOT = Path(__file__).resolve().parent.parent
+PYTHON = sys.executable
+T = TypeVar("T")
+
+
+def free_port() -> int:
+    """An ephemeral loopback port that was free a moment ago."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def wait_until(condition: Callable[[], T], timeout: float = 10.0, interval: float = 0.02,
+               message: str = "condition") -> T:
+    """Poll ``condition`` until it returns something truthy; fail after ``timeout``."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = condition()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout}s waiting for {message}")
+        time.sleep(interval)
+
+
+def port_open(port: int, host: str = "127.0.0.1") -> bool:
+    try:
+        with socket.create_connection((host, port), timeout=0.2):
+            return True
+    except OSError:
+        return False
+
+
+def base_env(tmp_path: Path, **overrides: object) -> dict[str, str]:
+    """A FLOW_ environment on fresh ephemeral ports, isolated from any flow.env."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("FLOW_")}
+    env.update(
+        FLOW_ENV_FILE=str(tmp_path / "no-flow.env"),
+        FLOW_SECRET_FILE=str(tmp_path / "no-secret"),
+        FLOW_SECRET=secrets.token_hex(32),
+        FLOW_PUBLISH_ENDPOINT=f"tcp://127.0.0.1:{free_port()}",
+        FLOW_FANOUT_ENDPOINT=f"tcp://127.0.0.1:{free_port()}",
+        FLOW_CONTROL_ENDPOINT=f"tcp://127.0.0.1:{free_port()}",
+        FLOW_HTTP_PORT=str(free_port()),
+        FLOW_WS_PORT=str(free_port()),
+        FLOW_APP_PORT=str(free_port()),
+        FLOW_LOG_DIR=str(tmp_path / "log"),
+        PYTHONUNBUFFERED="1",
+    )
+    env.update({k: str(v) for k, v in overrides.items()})
+    return env
+
+
+class Proc:
+    """A real child process whose output goes to a log file under the test's tmp dir."""
+
+    def __init__(self, args: list[str], env: Mapping[str, str], log_path: Path) -> None:
+        self.args = args
+        self.log_path = log_path
+        log_path.parent.mkdir(parents=True, exist_ok=True)
+        self._log = open(log_path, "ab")
+        self.popen = subprocess.Popen(
+            args, env=dict(env), cwd=ROOT, stdout=self._log, stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+
+    @property
+    def pid(self) -> int:
+        return self.popen.pid
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def alive(self) -> bool:
+        return self.popen.poll() is None
+
+    def signal(self, sig: int) -> None:
+        if self.alive():
+            self.popen.send_signal(sig)
+
+    def stop(self, timeout: float = 10.0) -> int:
+        if self.alive():
+            self.popen.send_signal(signal.SIGTERM)
+            try:
+                self.popen.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.popen.kill()
+                self.popen.wait(5)
+        self._log.close()
+        return self.popen.returncode
