@@ -26,8 +26,9 @@ from __future__ import annotations
 
 import json
 import re
+import struct
 from dataclasses import dataclass, field
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping
 
 BROADCAST = "*"
 HEARTBEAT = "<3"
@@ -109,13 +110,19 @@ def dumps(value: Any) -> bytes:
     )
 
 
-def encode_push(username: str, message_id: str, data: Any, max_message: int) -> list[bytes]:
+def encode_push(
+    username: str,
+    message_id: str,
+    data: Any,
+    max_message: int,
+    serializer: Callable[[Any], bytes] = dumps,
+) -> list[bytes]:
     """Frames for one push. ``username`` is a user or ``"*"``. Raises ProtocolError."""
     if username != BROADCAST:
         check_username(username)
     check_message_id(message_id)
     try:
-        data_json = dumps(data)
+        data_json = serializer(data)
     except (TypeError, ValueError) as exc:
         raise ProtocolError(f"data is not JSON-serializable: {exc}") from None
     body = dumps(message_id) + b"\n" + data_json
@@ -338,6 +345,22 @@ def looks_like_jwt(text: str) -> bool:
     return bool(_JWT_SHAPE.match(text))
 
 
+def encode_text_frame(payload: bytes) -> bytes:
+    """One unmasked, uncompressed WebSocket text frame (RFC 6455 section 5.2).
+
+    Server frames are never masked, so a message is framed once and the same bytes
+    are written to every socket that receives it.
+    """
+    length = len(payload)
+    if length < 126:
+        header = bytes((0x81, length))
+    elif length < 65536:
+        header = struct.pack("!BBH", 0x81, 126, length)
+    else:
+        header = struct.pack("!BBQ", 0x81, 127, length)
+    return header + payload
+
+
 def auth_request() -> str:
     return '{"id":"AUTH REQUEST"}'
 
@@ -348,7 +371,7 @@ def auth_ok(username: str, epoch: str, heartbeat: float, recovered: bool, missed
             "id": "AUTH OK",
             "username": username,
             "epoch": epoch,
-            "heartbeat": heartbeat,
+            "heartbeat": int(heartbeat) if heartbeat == int(heartbeat) else heartbeat,
             "recovered": recovered,
             "missed": missed,
         }

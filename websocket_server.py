@@ -1,0 +1,514 @@
+"""A Flow WebSocket server: authenticates browsers and relays their users' messages.
+
+Run several (FLOW_WS_PROCESSES) on one port: each binds with SO_REUSEPORT and the
+kernel spreads connections over them. Each server subscribes upstream only to the
+users it has authenticated sockets for, plus broadcasts (PROTOCOL.md section 6).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import signal
+import socket
+import time
+from typing import Any, Awaitable, Callable
+
+import tornado.httpserver
+import tornado.iostream
+import tornado.netutil
+import tornado.web
+import tornado.websocket
+import zmq
+
+from flowcore import protocol
+from flowcore.runtime import start_process
+from flowcore.settings import Settings
+from flowcore.tokens import TokenError, TokenVerifier
+
+log = logging.getLogger("flow.websocket")
+client_log = logging.getLogger("flow.websocket.client")
+
+# How long AUTH waits for the proxy to confirm a new subscription, and for history.
+UPSTREAM_TIMEOUT = 5.0
+# Batch size when draining ZeroMQ, so one flood cannot starve the event loop.
+ZMQ_BATCH = 1000
+# A bad frame costs this many rate-limit tokens; a good one costs one.
+ERROR_COST = 5
+HEARTBEAT_FRAME = protocol.encode_text_frame(protocol.HEARTBEAT.encode())
+
+
+class ZmqReader:
+    """Drains a ZeroMQ socket from the asyncio loop, in batches (its FD is edge-triggered)."""
+
+    def __init__(self, sock: zmq.Socket, handle: Callable[[list[bytes]], None]) -> None:
+        self.sock = sock
+        self.handle = handle
+        self.loop = asyncio.get_running_loop()
+        self.loop.add_reader(sock.getsockopt(zmq.FD), self.drain)
+        self.loop.call_soon(self.drain)
+
+    def drain(self) -> None:
+        sock = self.sock
+        for _ in range(ZMQ_BATCH):
+            if sock.closed or not sock.getsockopt(zmq.EVENTS) & zmq.POLLIN:
+                return
+            frames = sock.recv_multipart(zmq.NOBLOCK)
+            try:
+                self.handle(frames)
+            except Exception:
+                log.exception("failed handling an upstream message")
+        self.loop.call_soon(self.drain)
+
+    def close(self) -> None:
+        self.loop.remove_reader(self.sock.getsockopt(zmq.FD))
+
+
+class StreamState:
+    """One upstream subscription: a user (or "*") and the sockets that receive it."""
+
+    __slots__ = ("name", "sockets", "epoch", "seq", "synced")
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+        self.sockets: set[FlowSocket] = set()
+        self.epoch = ""
+        self.seq = 0
+        self.synced = asyncio.Event()
+
+
+class Hub:
+    """Upstream side of one server: subscriptions, fan-out, history requests."""
+
+    def __init__(self, settings: Settings, context: zmq.Context) -> None:
+        self.settings = settings
+        self.streams: dict[str, StreamState] = {}
+        self.authenticated: set[FlowSocket] = set()
+        self.sub = context.socket(zmq.SUB)
+        self.sub.setsockopt(zmq.RCVHWM, settings.zmq_hwm)
+        self.sub.setsockopt(zmq.LINGER, 0)
+        self.sub.connect(settings.fanout_endpoint)
+        self.control = context.socket(zmq.DEALER)
+        self.control.setsockopt(zmq.LINGER, 0)
+        self.control.connect(settings.control_endpoint)
+        self._requests: dict[int, asyncio.Future[dict[str, protocol.StreamHistory]]] = {}
+        self._next_request = 0
+        self.readers: list[ZmqReader] = []
+
+    def start(self) -> None:
+        self.readers = [ZmqReader(self.sub, self.on_delivery), ZmqReader(self.control, self.on_reply)]
+        self.broadcast = self._subscribe(protocol.BROADCAST)
+
+    def close(self) -> None:
+        for reader in self.readers:
+            reader.close()
+        self.sub.close(0)
+        self.control.close(0)
+
+    # -- subscriptions
+
+    def _subscribe(self, name: str) -> StreamState:
+        state = self.streams[name] = StreamState(name)
+        self.sub.setsockopt(zmq.SUBSCRIBE, protocol.topic(name))
+        # Changing subscriptions can consume the FD's edge: look again.
+        asyncio.get_running_loop().call_soon(self.readers[0].drain)
+        return state
+
+    async def join(self, sock: "FlowSocket", username: str) -> StreamState:
+        """Register ``sock`` for ``username``; wait (bounded) until the stream is synced."""
+        state = self.streams.get(username) or self._subscribe(username)
+        state.sockets.add(sock)
+        await self.wait_synced(state)
+        return state
+
+    async def wait_synced(self, state: StreamState) -> None:
+        if not state.synced.is_set():
+            try:
+                await asyncio.wait_for(state.synced.wait(), UPSTREAM_TIMEOUT)
+            except asyncio.TimeoutError:
+                log.error("proxy did not confirm the subscription to %r in %ss", state.name, UPSTREAM_TIMEOUT)
+
+    def leave(self, sock: "FlowSocket", username: str) -> None:
+        self.authenticated.discard(sock)
+        state = self.streams.get(username)
+        if state is None:
+            return
+        state.sockets.discard(sock)
+        if not state.sockets:
+            del self.streams[username]
+            self.sub.setsockopt(zmq.UNSUBSCRIBE, protocol.topic(username))
+            asyncio.get_running_loop().call_soon(self.readers[0].drain)
+
+    # -- fan-out
+
+    def on_delivery(self, frames: list[bytes]) -> None:
+        try:
+            delivery = protocol.decode_delivery(frames)
+        except protocol.ProtocolError as exc:
+            log.error("malformed message from the proxy: %s", exc)
+            return
+        state = self.streams.get(delivery.stream)
+        if state is None:
+            return  # unsubscribed a moment ago
+        if state.synced.is_set() and delivery.epoch != state.epoch:
+            self.on_epoch_change(state, delivery.epoch)
+            # Renumbered from here: neither a sync nor the next message is a gap.
+            state.seq = delivery.seq - (delivery.kind == protocol.KIND_MESSAGE)
+        if delivery.kind == protocol.KIND_SYNC:
+            if not state.synced.is_set():
+                state.epoch, state.seq = delivery.epoch, delivery.seq
+                state.synced.set()
+            elif delivery.seq > state.seq:
+                log.error("stream %r: proxy is at seq %d, we saw %d: messages were lost upstream",
+                          state.name, delivery.seq, state.seq)
+                state.seq = delivery.seq
+            return
+        if state.synced.is_set() and delivery.seq != state.seq + 1 and delivery.seq > state.seq:
+            log.error("stream %r: gap from seq %d to %d", state.name, state.seq, delivery.seq)
+        state.epoch = delivery.epoch
+        state.seq = max(state.seq, delivery.seq)
+        if not state.synced.is_set():
+            state.synced.set()
+        wire = protocol.encode_text_frame(delivery.frame)
+        targets = self.authenticated if delivery.stream == protocol.BROADCAST else state.sockets
+        for sock in list(targets):
+            sock.deliver(delivery.stream, delivery.seq, wire)
+
+    def on_epoch_change(self, state: StreamState, epoch: str) -> None:
+        """The proxy restarted and its history is gone: make the clients resume, honestly."""
+        log.warning("stream %r: epoch %s -> %s (proxy restarted); closing its sockets so clients resume",
+                    state.name, state.epoch, epoch)
+        state.epoch = epoch
+        targets = self.authenticated if state.name == protocol.BROADCAST else state.sockets
+        for sock in list(targets):
+            sock.close(protocol.CLOSE_GOING_AWAY, "stream restarted")
+
+    # -- history
+
+    async def history(
+        self, streams: dict[str, tuple[int, str]]
+    ) -> dict[str, protocol.StreamHistory] | None:
+        self._next_request += 1
+        request_id = self._next_request
+        future: asyncio.Future[dict[str, protocol.StreamHistory]] = asyncio.get_running_loop().create_future()
+        self._requests[request_id] = future
+        try:
+            self.control.send_multipart([b"", protocol.build_history_request(request_id, streams)], zmq.NOBLOCK)
+            asyncio.get_running_loop().call_soon(self.readers[1].drain)
+            return await asyncio.wait_for(future, UPSTREAM_TIMEOUT)
+        except (asyncio.TimeoutError, zmq.Again):
+            log.error("proxy did not answer a history request in %ss", UPSTREAM_TIMEOUT)
+            return None
+        finally:
+            self._requests.pop(request_id, None)
+
+    def on_reply(self, frames: list[bytes]) -> None:
+        try:
+            request_id, streams = protocol.parse_history_reply(frames[-1])
+        except protocol.ProtocolError as exc:
+            log.error("malformed control reply from the proxy: %s", exc)
+            return
+        future = self._requests.get(request_id)
+        if future is not None and not future.done():
+            future.set_result(streams)
+
+
+class FlowSocket(tornado.websocket.WebSocketHandler):
+    """One browser tab."""
+
+    def initialize(self, server: "Server") -> None:
+        self.server = server
+        self.settings_ = server.settings
+        self.username: str | None = None
+        self.attempts = 0
+        self.authenticating = False
+        self.resuming: list[tuple[str, int, bytes]] | None = None
+        self.delivered: dict[str, int] = {}
+        self.tokens = float(server.settings.rate_burst)
+        self.last_refill = time.monotonic()
+        self.auth_timer: asyncio.TimerHandle | None = None
+        self.closing = False
+
+    # -- handshake
+
+    def check_origin(self, origin: str) -> bool:
+        if origin in self.server.allowed_origins:
+            return True
+        if super().check_origin(origin):
+            return True
+        client_log.warning("refused handshake from origin %r (host %r)", origin, self.request.host)
+        return False
+
+    def get_compression_options(self) -> None:
+        return None  # frames are encoded once and written to every socket as they are
+
+    def open(self) -> None:
+        self.server.sockets.add(self)
+        stream = self.ws_connection.stream  # type: ignore[union-attr]
+        stream.set_nodelay(True)
+        # Tornado's write buffer has no bound of its own; past this, the tab is closed 4008.
+        stream.max_write_buffer_size = self.settings_.send_backlog
+        self._send(protocol.auth_request())
+        self.auth_timer = asyncio.get_running_loop().call_later(
+            self.settings_.auth_timeout, self._auth_timed_out
+        )
+
+    def _auth_timed_out(self) -> None:
+        if self.username is None:
+            client_log.warning("%s: no valid token within %ss", self.peer, self.settings_.auth_timeout)
+            self.close(protocol.CLOSE_AUTH_TIMEOUT, "authentication timeout")
+
+    @property
+    def peer(self) -> str:
+        return self.request.headers.get("X-Real-IP") or self.request.remote_ip or "?"
+
+    # -- client frames
+
+    def _charge(self, cost: float) -> bool:
+        now = time.monotonic()
+        self.tokens = min(
+            self.settings_.rate_burst, self.tokens + (now - self.last_refill) * self.settings_.rate_limit
+        )
+        self.last_refill = now
+        self.tokens -= cost
+        if self.tokens < 0:
+            client_log.warning("%s (%s): too many frames, closing 4029", self.peer, self.username)
+            self.close(protocol.CLOSE_RATE_LIMITED, "rate limit")
+            return False
+        return True
+
+    async def on_message(self, message: str | bytes) -> None:
+        if self.closing or not self._charge(1):
+            return
+        if isinstance(message, bytes):
+            self._refuse("binary frames are not part of the protocol")
+            return
+        try:
+            frame = protocol.parse_client_frame(message)
+        except protocol.ProtocolError as exc:
+            self._refuse(str(exc))
+            return
+        if isinstance(frame, protocol.Ping):
+            if not frame.heartbeat:
+                self._send(protocol.pong())
+            return
+        if self.username is not None or self.authenticating:
+            self._refuse("already authenticated" if self.username else "authentication in progress")
+            return
+        await self._authenticate(frame)
+
+    def _refuse(self, reason: str) -> None:
+        client_log.warning("%s (%s): %s", self.peer, self.username, reason)
+        if self._charge(ERROR_COST - 1):
+            self._send(protocol.error(reason))
+
+    async def _authenticate(self, frame: protocol.Authenticate) -> None:
+        try:
+            username = self.server.verifier.verify(frame.token)
+        except TokenError as exc:
+            self.attempts += 1
+            client_log.warning("%s: token refused (%s), attempt %d of %d",
+                               self.peer, exc, self.attempts, self.settings_.auth_attempts)
+            self._send(protocol.auth_failed(exc.reason))
+            if self.attempts >= self.settings_.auth_attempts:
+                self.close(protocol.CLOSE_AUTH_FAILED, "authentication failed")
+            else:
+                self._send(protocol.auth_request())
+            return
+        self.authenticating = True
+        # Until AUTH OK (and any history) is out, live messages wait here.
+        self.resuming = []
+        hub = self.server.hub
+        wanted = {k: v for k, v in frame.resume.items() if k in (username, protocol.BROADCAST)}
+        state = await hub.join(self, username)
+        if self.closing:
+            hub.leave(self, username)
+            return
+        if self.auth_timer is not None:
+            self.auth_timer.cancel()
+        self.username = username
+        hub.authenticated.add(self)
+        recovered, backlog = False, []
+        if wanted:
+            await hub.wait_synced(hub.broadcast)
+            reply = await hub.history(wanted)
+            if reply is not None and all(
+                name in reply and reply[name].messages is not None for name in wanted
+            ):
+                recovered = True
+                for name in wanted:
+                    for seq, body in reply[name].messages or ():
+                        backlog.append((name, seq, protocol.encode_text_frame(body)))
+        self._send(protocol.auth_ok(username, state.epoch, self.settings_.heartbeat, recovered, len(backlog)))
+        client_log.info("%s authenticated as %r (recovered=%s, missed=%d)",
+                        self.peer, username, recovered, len(backlog))
+        buffered, self.resuming = self.resuming, None
+        for name, seq, wire in backlog + buffered:
+            self.deliver(name, seq, wire)
+        self.authenticating = False
+
+    # -- server frames
+
+    def _send(self, text: str) -> None:
+        self._write(protocol.encode_text_frame(text.encode("utf-8")))
+
+    def deliver(self, stream: str, seq: int, wire: bytes) -> None:
+        """Write one pre-encoded message frame, unless this socket already has it."""
+        if self.resuming is not None:
+            self.resuming.append((stream, seq, wire))
+            return
+        if seq <= self.delivered.get(stream, 0):
+            return
+        self.delivered[stream] = seq
+        self._write(wire)
+
+    def _write(self, wire: bytes) -> None:
+        # Straight to the stream: tornado's write_message would make a task per frame.
+        conn = self.ws_connection
+        if self.closing or conn is None or conn.is_closing():
+            return
+        try:
+            conn.stream.write(wire)  # type: ignore[attr-defined]
+        except tornado.iostream.StreamBufferFullError:
+            self._slow_consumer()
+        except tornado.iostream.StreamClosedError:
+            pass
+
+    def send_heartbeat(self) -> None:
+        self._write(HEARTBEAT_FRAME)
+
+    def _slow_consumer(self) -> None:
+        client_log.warning("%s (%s): send backlog over %d bytes, closing 4008",
+                           self.peer, self.username, self.settings_.send_backlog)
+        conn = self.ws_connection
+        if conn is not None:
+            conn.stream.max_write_buffer_size = None  # type: ignore[attr-defined]
+        self.close(protocol.CLOSE_SLOW_CONSUMER, "slow consumer")
+
+    def close(self, code: int | None = None, reason: str | None = None) -> None:
+        self.closing = True
+        super().close(code, reason)
+
+    def on_close(self) -> None:
+        self.closing = True
+        if self.auth_timer is not None:
+            self.auth_timer.cancel()
+        self.server.sockets.discard(self)
+        if self.username is not None:
+            self.server.hub.leave(self, self.username)
+        elif self.authenticating:
+            pass  # join() is still waiting; _authenticate leaves when it resumes
+
+    def get_websocket_protocol(self) -> Any:
+        proto = super().get_websocket_protocol()
+        if proto is not None:
+            proto.__class__ = DrainingProtocol
+        return proto
+
+
+class DrainingProtocol(tornado.websocket.WebSocketProtocol13):
+    """Tornado aborts the TCP connection right after refusing an oversized frame, so the
+    client, still sending, gets a reset instead of the 1009 close frame. Instead, read and
+    discard what the client is still sending for a moment, then close."""
+
+    draining = False
+    sent_code: int | None = None
+
+    def close(self, code: int | None = None, reason: str | None = None) -> None:
+        if not self.server_terminated:
+            self.sent_code = code
+        super().close(code, reason)
+
+    def _abort(self) -> None:
+        if self.sent_code == protocol.CLOSE_TOO_BIG and not self.client_terminated \
+                and not self.draining and self.stream is not None and not self.stream.closed():
+            self.draining = True
+            self.client_terminated = True
+            asyncio.ensure_future(self._drain_then_close())
+            return
+        super()._abort()
+
+    async def _drain_then_close(self) -> None:
+        stream = self.stream
+        deadline = time.monotonic() + 5
+        try:
+            while time.monotonic() < deadline:
+                await asyncio.wait_for(stream.read_bytes(65536, partial=True), 1.0)
+        except (asyncio.TimeoutError, tornado.iostream.StreamClosedError):
+            pass
+        finally:
+            super()._abort()
+
+
+class Server:
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.verifier = TokenVerifier(settings)
+        self.allowed_origins = set(settings.allowed_origins)
+        self.context = zmq.Context()
+        self.hub = Hub(settings, self.context)
+        self.sockets: set[FlowSocket] = set()
+        self.http: tornado.httpserver.HTTPServer | None = None
+        self.heartbeat_task: asyncio.Task[None] | None = None
+
+    def make_app(self) -> tornado.web.Application:
+        return tornado.web.Application(
+            [(r"/websocket", FlowSocket, {"server": self})],
+            websocket_max_message_size=self.settings.max_frame,
+        )
+
+    async def start(self, port: int) -> None:
+        self.hub.start()
+        sockets = tornado.netutil.bind_sockets(port, "127.0.0.1", family=socket.AF_INET, reuse_port=True)
+        self.http = tornado.httpserver.HTTPServer(self.make_app(), xheaders=True)
+        self.http.add_sockets(sockets)
+        self.heartbeat_task = asyncio.ensure_future(self._heartbeats())
+        log.info("websocket server up on 127.0.0.1:%d (fan-out %s)", port, self.settings.fanout_endpoint)
+
+    async def _heartbeats(self) -> None:
+        while True:
+            await asyncio.sleep(self.settings.heartbeat)
+            for sock in list(self.hub.authenticated):
+                sock.send_heartbeat()
+
+    async def drain(self) -> None:
+        """Stop accepting, close every socket with 1001, wait (bounded) for them to go."""
+        if self.http is not None:
+            self.http.stop()
+        if self.heartbeat_task is not None:
+            self.heartbeat_task.cancel()
+        for sock in list(self.sockets):
+            sock.close(protocol.CLOSE_GOING_AWAY, "server shutting down")
+        deadline = time.monotonic() + self.settings.drain_timeout
+        while self.sockets and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+        if self.http is not None:
+            await self.http.close_all_connections()
+        self.hub.close()
+        self.context.term()
+
+
+async def serve(settings: Settings, port: int) -> None:
+    server = Server(settings)
+    await server.start(port)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    await stop.wait()
+    log.info("draining %d sockets", len(server.sockets))
+    await server.drain()
+    log.info("stopped")
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description="Flow WebSocket server")
+    parser.add_argument("--port", type=int, help="listen port (default FLOW_WS_PORT)")
+    args = parser.parse_args(argv)
+    settings = start_process("websocket_server")
+    asyncio.run(serve(settings, args.port or settings.ws_port))
+
+
+if __name__ == "__main__":
+    main()
