@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
+import os
 import signal
 import socket
 import time
@@ -95,6 +96,7 @@ class Hub:
         self._requests: dict[int, asyncio.Future[dict[str, protocol.StreamHistory]]] = {}
         self._next_request = 0
         self.readers: list[ZmqReader] = []
+        self.upstream_messages = 0  # message frames received for user streams
 
     def start(self) -> None:
         self.readers = [ZmqReader(self.sub, self.on_delivery), ZmqReader(self.control, self.on_reply)]
@@ -148,6 +150,8 @@ class Hub:
         except protocol.ProtocolError as exc:
             log.error("malformed message from the proxy: %s", exc)
             return
+        if delivery.kind == protocol.KIND_MESSAGE and delivery.stream != protocol.BROADCAST:
+            self.upstream_messages += 1
         state = self.streams.get(delivery.stream)
         if state is None:
             return  # unsubscribed a moment ago
@@ -441,6 +445,25 @@ class DrainingProtocol(tornado.websocket.WebSocketProtocol13):
             super()._abort()
 
 
+class StatsHandler(tornado.web.RequestHandler):
+    """Counters for operators and tests; nginx does not route here."""
+
+    def initialize(self, server: "Server") -> None:
+        self.server = server
+
+    def get(self) -> None:
+        hub = self.server.hub
+        self.write(
+            {
+                "sockets": len(self.server.sockets),
+                "authenticated": len(hub.authenticated),
+                "streams": sorted(hub.streams),
+                "upstream_messages": hub.upstream_messages,
+                "pid": os.getpid(),
+            }
+        )
+
+
 class Server:
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
@@ -454,7 +477,10 @@ class Server:
 
     def make_app(self) -> tornado.web.Application:
         return tornado.web.Application(
-            [(r"/websocket", FlowSocket, {"server": self})],
+            [
+                (r"/websocket", FlowSocket, {"server": self}),
+                (r"/stats", StatsHandler, {"server": self}),
+            ],
             websocket_max_message_size=self.settings.max_frame,
         )
 

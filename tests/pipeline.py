@@ -1,0 +1,111 @@
+"""The real proxy and WebSocket servers on ephemeral ports, and a websockets client."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import urllib.request
+from pathlib import Path
+from typing import Any
+
+from websockets.asyncio.client import ClientConnection, connect
+
+import flow
+from flowcore.settings import load_settings
+from flowcore.tokens import issue_token
+from support import PYTHON, Proc, base_env, free_port, port_open, wait_until
+
+
+class Pipeline:
+    """A proxy and ``servers`` WebSocket servers, each on its own port."""
+
+    def __init__(self, tmp_path: Path, servers: int = 2, **overrides: object) -> None:
+        self.tmp_path = tmp_path
+        self.env = base_env(tmp_path, **overrides)
+        self.settings = load_settings(self.env)
+        self.publishers: list[flow.Flow] = []
+        self.proxy = self._start_proxy()
+        self.ports = [free_port() for _ in range(servers)]
+        self.servers = [self._start_server(i) for i in range(servers)]
+        for i in range(servers):
+            self.wait_ready(i)
+
+    def _start_proxy(self) -> Proc:
+        return Proc([PYTHON, "message_proxy.py"], self.env, self.tmp_path / "proxy.log")
+
+    def _start_server(self, i: int) -> Proc:
+        return Proc(
+            [PYTHON, "websocket_server.py", "--port", str(self.ports[i])],
+            self.env,
+            self.tmp_path / f"websocket-{i}.log",
+        )
+
+    def wait_ready(self, i: int) -> None:
+        wait_until(lambda: port_open(self.ports[i]), 15, message=f"server {i} listening")
+
+    def restart_proxy(self) -> None:
+        self.proxy.stop()
+        self.proxy = self._start_proxy()
+
+    def restart_server(self, i: int) -> None:
+        self.servers[i].stop()
+        self.servers[i] = self._start_server(i)
+        self.wait_ready(i)
+
+    def url(self, i: int = 0) -> str:
+        return f"ws://127.0.0.1:{self.ports[i]}/websocket"
+
+    def token(self, username: str, **kwargs: Any) -> str:
+        return issue_token(self.settings, username, **kwargs)
+
+    def publisher(self, **kwargs: Any) -> flow.Flow:
+        publisher = flow.Flow(settings=self.settings, **kwargs)
+        self.publishers.append(publisher)
+        return publisher
+
+    def stats(self, i: int) -> dict[str, Any]:
+        with urllib.request.urlopen(f"http://127.0.0.1:{self.ports[i]}/stats", timeout=5) as reply:
+            return json.loads(reply.read())
+
+    def logs(self) -> str:
+        return "\n".join(p.log() for p in [self.proxy, *self.servers])
+
+    def stop(self) -> list[int]:
+        for publisher in self.publishers:
+            publisher.close()
+        codes = [server.stop() for server in self.servers]
+        codes.append(self.proxy.stop())
+        return codes
+
+
+async def recv_json(ws: ClientConnection, timeout: float = 10.0) -> dict[str, Any]:
+    """The next JSON frame, skipping heartbeats."""
+    while True:
+        raw = await asyncio.wait_for(ws.recv(), timeout)
+        if raw != "<3":
+            return json.loads(raw)
+
+
+async def authenticate(
+    url: str, token: str, resume: dict[str, Any] | None = None, **connect_kwargs: Any
+) -> tuple[ClientConnection, dict[str, Any]]:
+    ws = await connect(url, **connect_kwargs)
+    first = await recv_json(ws)
+    assert first == {"id": "AUTH REQUEST"}
+    if resume is None:
+        await ws.send(token)
+    else:
+        await ws.send(json.dumps({"id": "AUTH", "token": token, "resume": resume}))
+    reply = await recv_json(ws)
+    assert reply["id"] == "AUTH OK", reply
+    return ws, reply
+
+
+async def collect(ws: ClientConnection, count: int, timeout: float = 20.0) -> list[dict[str, Any]]:
+    """Exactly ``count`` pushed messages (heartbeats skipped), within ``timeout``."""
+    out: list[dict[str, Any]] = []
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    while len(out) < count:
+        out.append(await recv_json(ws, max(0.01, deadline - loop.time())))
+    return out
