@@ -97,7 +97,12 @@ def stream_of_topic(topic_bytes: bytes) -> str:
         return BROADCAST
     if len(topic_bytes) < 3 or topic_bytes[:1] != b"u" or topic_bytes[-1:] != b"\0":
         raise ProtocolError("not a Flow topic")
-    return topic_bytes[1:-1].decode("utf-8")
+    try:
+        stream = topic_bytes[1:-1].decode("utf-8")
+    except UnicodeDecodeError:
+        raise ProtocolError("topic username is not UTF-8") from None
+    # Exactly one topic per stream: no NUL inside, and b"u*\0" is not the broadcast topic.
+    return check_username(stream)
 
 
 # ---------------------------------------------------------------- publishing
@@ -172,9 +177,9 @@ def build_message_frame(push: Push, seq: int, epoch: str) -> bytes:
             push.data_json,
             b',"seq":',
             str(seq).encode(),
-            b',"epoch":"',
-            epoch.encode(),
-            b'"}',
+            b',"epoch":',
+            dumps(epoch),
+            b"}",
         )
     )
 
@@ -298,13 +303,13 @@ class Ping:
 def parse_client_frame(text: str) -> Authenticate | Ping:
     """Parse one text frame from a browser. Raises ProtocolError.
 
-    Anything that is neither the heartbeat nor a JSON object is taken as a raw token
+    Anything that is neither the heartbeat nor JSON (an object or array) is taken as a raw token
     (message_flow sends its token that way); the token check then says whether it is one.
     """
     if text == HEARTBEAT:
         return Ping(heartbeat=True)
     stripped = text.strip()
-    if not stripped.startswith("{"):
+    if not stripped.startswith(("{", "[")):
         return Authenticate(stripped)
     try:
         obj = json.loads(stripped)

@@ -148,8 +148,10 @@ def _key(raw: str) -> str:
     if raw and "-----BEGIN" not in raw:
         path = Path(raw)
         if not path.is_file():
-            raise ValueError(f"is neither a PEM key nor a readable file: {raw}")
-        return path.read_text()
+            # The value is not echoed here: it may be key material, and may span lines.
+            raise ValueError("is neither a PEM key nor a readable file")
+        # Stripped like inline text, so as_env() round-trips a key read from a file.
+        return path.read_text().strip()
     return raw
 
 
@@ -199,12 +201,23 @@ _PARSERS: dict[str, Callable[[str], Any]] = {
 }
 
 
+# Never echoed in an error message.
+_SECRET_FIELDS = frozenset({"secret", "jwt_private_key"})
+
+# RFC 7518 section 3.2: an HMAC key at least as long as the hash output (PyJWT warns below).
+_MIN_SECRET_BYTES = {"HS256": 32, "HS384": 48, "HS512": 64}
+
+
 def read_env_file(path: Path) -> dict[str, str]:
     """KEY=VALUE lines; blank lines and # comments ignored; optional quotes stripped."""
     values: dict[str, str] = {}
     if not path.is_file():
         return values
-    for number, line in enumerate(path.read_text().splitlines(), 1):
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError:
+        raise SettingsError(f"{path}: not UTF-8 text") from None
+    for number, line in enumerate(text.splitlines(), 1):
         line = line.strip()
         if not line or line.startswith("#"):
             continue
@@ -238,14 +251,19 @@ def load_settings(
         if variable not in merged:
             continue
         try:
+            merged[variable].encode("utf-8")  # os.environ smuggles bad bytes in as surrogates
             values[name] = parse(merged[variable])
         except ValueError as exc:
-            raise SettingsError(f"{variable}={merged[variable]!r}: {exc}") from None
+            shown = "(hidden)" if name in _SECRET_FIELDS else repr(merged[variable])
+            raise SettingsError(f"{variable}={shown}: {exc}") from None
 
     if not values.get("secret"):
         path = secret_file or Path(environ.get("FLOW_SECRET_FILE", DEFAULT_SECRET_FILE))
         if path.is_file():
-            values["secret"] = path.read_text().strip()
+            try:
+                values["secret"] = path.read_text(encoding="utf-8").strip()
+            except UnicodeDecodeError:
+                raise SettingsError(f"FLOW_SECRET_FILE={str(path)!r}: not UTF-8 text") from None
 
     settings = Settings(**values)
     _check_consistency(settings)
@@ -260,10 +278,11 @@ def _check_consistency(settings: Settings) -> None:
             "FLOW_JWT_ALGORITHMS: mixing HS* with public-key algorithms lets a public key "
             "be used as an HMAC secret; choose one family"
         )
-    if symmetric and len(settings.secret.encode()) < 32:
+    minimum = max((_MIN_SECRET_BYTES[a] for a in symmetric), default=0)
+    if symmetric and len(settings.secret.encode()) < minimum:
         raise SettingsError(
-            "FLOW_SECRET: missing or shorter than 32 bytes "
-            "(run `make secret`, or set FLOW_SECRET)"
+            f"FLOW_SECRET: missing or shorter than {minimum} bytes "
+            f"(needed for {','.join(symmetric)}; run `make secret`, or set FLOW_SECRET)"
         )
     if asymmetric and not (settings.jwt_public_key or settings.jwt_private_key):
         raise SettingsError(

@@ -79,12 +79,18 @@ def test_unrecoverable_resume_says_so_and_sends_no_history(pipe, case):
 
     async def run():
         ws, ok = await authenticate(pipe.url(), pipe.token("dan"))
+        sentinel, _ = await authenticate(pipe.url(), pipe.token("sentinel"))
         publisher.push("dan", "M", 0)
         [first] = await collect(ws, 1)
         await ws.close()
         if case == "overflow":
             for i in range(1, 30):  # more than the history of 20
                 publisher.push("dan", "M", i)
+        # Pushes from one publisher are taken in order: once this one is delivered,
+        # the proxy has numbered all of dan's.
+        publisher.push("sentinel", "S", None)
+        await collect(sentinel, 1)
+        await sentinel.close()
         resume = {
             "epoch": {"dan": {"seq": 1, "epoch": "some-other-epoch"}},
             "overflow": {"dan": {"seq": 1, "epoch": first["epoch"]}},
@@ -106,10 +112,14 @@ def test_history_expires_after_ttl(tmp_path):
         async def run():
             publisher = pipe.publisher()
             ws, _ = await authenticate(pipe.url(), pipe.token("eve"))
+            sentinel, _ = await authenticate(pipe.url(), pipe.token("sentinel"))
             publisher.push("eve", "M", 1)
             [first] = await collect(ws, 1)
             await ws.close()
             publisher.push("eve", "M", 2)
+            publisher.push("sentinel", "S", None)  # once here, eve's 2 is in history
+            await collect(sentinel, 1)
+            await sentinel.close()
             ws, ok = await authenticate(pipe.url(), pipe.token("eve"), resume={"eve": position([first])})
             assert ok["recovered"] is False
             await ws.close()
