@@ -97,6 +97,9 @@ class Hub:
         self._next_request = 0
         self.readers: list[ZmqReader] = []
         self.upstream_messages = 0  # message frames received for user streams
+        # Sockets with frames queued during this loop iteration; written once per batch.
+        self.dirty: list[FlowSocket] = []
+        self._flush_scheduled = False
 
     def start(self) -> None:
         self.readers = [ZmqReader(self.sub, self.on_delivery), ZmqReader(self.control, self.on_reply)]
@@ -143,6 +146,18 @@ class Hub:
             asyncio.get_running_loop().call_soon(self.readers[0].drain)
 
     # -- fan-out
+
+    def mark_dirty(self, sock: "FlowSocket") -> None:
+        self.dirty.append(sock)
+        if not self._flush_scheduled:
+            self._flush_scheduled = True
+            asyncio.get_running_loop().call_soon(self.flush)
+
+    def flush(self) -> None:
+        self._flush_scheduled = False
+        dirty, self.dirty = self.dirty, []
+        for sock in dirty:
+            sock.flush_outbox()
 
     def on_delivery(self, frames: list[bytes]) -> None:
         try:
@@ -229,6 +244,7 @@ class FlowSocket(tornado.websocket.WebSocketHandler):
         self.authenticating = False
         self.resuming: list[tuple[str, int, bytes]] | None = None
         self.delivered: dict[str, int] = {}
+        self.outbox: list[bytes] = []  # message frames waiting for this iteration's flush
         self.tokens = float(server.settings.rate_burst)
         self.last_refill = time.monotonic()
         self.auth_timer: asyncio.TimerHandle | None = None
@@ -365,7 +381,18 @@ class FlowSocket(tornado.websocket.WebSocketHandler):
         if seq <= self.delivered.get(stream, 0):
             return
         self.delivered[stream] = seq
-        self._write(wire)
+        if self.closing:
+            return
+        if not self.outbox:
+            self.server.hub.mark_dirty(self)
+        self.outbox.append(wire)
+
+    def flush_outbox(self) -> None:
+        """Write everything queued by this loop iteration in one call (one syscall)."""
+        if self.outbox:
+            wire = self.outbox[0] if len(self.outbox) == 1 else b"".join(self.outbox)
+            self.outbox.clear()
+            self._write(wire)
 
     def _write(self, wire: bytes) -> None:
         # Straight to the stream: tornado's write_message would make a task per frame.
@@ -391,6 +418,7 @@ class FlowSocket(tornado.websocket.WebSocketHandler):
         self.close(protocol.CLOSE_SLOW_CONSUMER, "slow consumer")
 
     def close(self, code: int | None = None, reason: str | None = None) -> None:
+        self.flush_outbox()  # what was already routed here goes out before the close frame
         self.closing = True
         super().close(code, reason)
 
