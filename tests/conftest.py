@@ -36,11 +36,9 @@ from typing import Callable, Iterator
 
 import pytest
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
 from flowcore.nginx import find_nginx, stack_env
 from flowcore.settings import Settings, load_settings
-from tests.support import ROOT, Proc, base_env, wait_until
+from support import ROOT, Proc, base_env, wait_until
 
 SUPERVISOR_CONF = ROOT / "supervisord.conf"
 START_TIMEOUT = 45.0
@@ -111,10 +109,13 @@ class Stack:
         )
         try:
             self.wait_ready(timeout)
-        except BaseException:
+        except Exception as exc:
             report = self.diagnostics()
             self.stop()
-            raise AssertionError(f"the stack did not start:\n{report}") from None
+            raise AssertionError(f"the stack did not start: {exc}\n{report}") from None
+        except BaseException:
+            self.stop()
+            raise
         return self
 
     def ctl(self, *args: str, check: bool = True, timeout: float = 30.0) -> str:
@@ -183,6 +184,9 @@ class Stack:
             assert self.supervisord is not None
             if not self.supervisord.alive():
                 raise AssertionError(f"supervisord exited with {self.supervisord.popen.returncode}")
+            fatal = [name for name, (state, _) in self.states().items() if state == "FATAL"]
+            if fatal:
+                raise AssertionError(f"supervisord gave up on {', '.join(fatal)} (FATAL)")
             return self.all_running()
 
         wait_until(supervised_and_running, remaining(), 0.1, "every program RUNNING")

@@ -16,8 +16,8 @@ from websockets.asyncio.client import connect
 from websockets.exceptions import InvalidStatus
 
 from flowcore.nginx import find_nginx
-from tests.conftest import Stack, http_get
-from tests.support import ROOT, base_env, wait_until
+from conftest import Stack, http_get
+from support import ROOT, base_env, wait_until
 
 
 async def first_frame(url: str, origin: str) -> object:
