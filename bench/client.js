@@ -1,0 +1,126 @@
+// Load client for bench/run.py: many WebSocket connections in one Node process.
+//
+// stdin, first line: {"url": ..., "tokens": [...], "concurrency": 200, "timeout": 60}
+// It opens one socket per token, answers AUTH REQUEST with the raw token, and prints
+// {"event": "ready", "authed": n, "failed": n, "seconds": s} once every socket is
+// authenticated or has failed (or the timeout passed). Then, one command a line:
+//   {"cmd": "report", "run": R, "latencies": bool, "ids": bool}  -> {"event": "report", ...}
+//   {"cmd": "close"}                                -> closes everything, {"event": "closed"}, exit
+// Pushed messages carry data = {"r": run, "i": index, "t": push time (s since epoch)};
+// per run it counts them, their distinct indexes per socket, and push-to-receive latency.
+// bench/client.py speaks the same protocol in Python.
+"use strict";
+
+const { performance } = require("perf_hooks");
+const readline = require("readline");
+const WebSocket = require("ws");
+
+const nowMs = () => performance.timeOrigin + performance.now();
+const out = (obj) => process.stdout.write(JSON.stringify(obj) + "\n");
+
+const runs = new Map();
+function runState(r) {
+  let s = runs.get(r);
+  if (!s) {
+    s = { received: 0, dups: 0, first: 0, last: 0, lat: [], ids: [] };
+    runs.set(r, s);
+  }
+  return s;
+}
+
+let config = null;
+const sockets = [];
+let authed = 0, failed = 0, lostAfterReady = 0, readySent = false, started = 0;
+const closeCodes = {};
+
+function maybeReady(force) {
+  if (readySent) return;
+  if (force || authed + failed === config.tokens.length) {
+    readySent = true;
+    out({ event: "ready", authed, failed, seconds: (nowMs() - started) / 1000 });
+  }
+}
+
+function openOne(token, done) {
+  const ws = new WebSocket(config.url, { perMessageDeflate: false });
+  const seen = new Map(); // run -> Set of indexes this socket got
+  let state = "connecting";
+  let finished = false;
+  const finish = () => { if (!finished) { finished = true; done(); } };
+  ws.on("message", (raw) => {
+    const text = raw.toString();
+    if (text === "<3") return;
+    const msg = JSON.parse(text);
+    if (state !== "authed") {
+      if (msg.id === "AUTH REQUEST") { ws.send(token); return; }
+      if (msg.id === "AUTH OK") { state = "authed"; authed++; finish(); maybeReady(false); return; }
+      if (msg.id === "AUTH FAILED") { state = "failed"; failed++; finish(); maybeReady(false); ws.terminate(); return; }
+    }
+    const d = msg.data;
+    if (!d || d.r === undefined) return;
+    const t = nowMs();
+    const s = runState(d.r);
+    let ids = seen.get(d.r);
+    if (!ids) { ids = new Set(); seen.set(d.r, ids); }
+    if (ids.has(d.i)) { s.dups++; return; }
+    ids.add(d.i);
+    s.received++;
+    if (!s.first) s.first = t;
+    s.last = t;
+    s.lat.push(t - d.t * 1000);
+    s.ids.push(d.i);
+  });
+  ws.on("error", () => {});
+  ws.on("close", (code) => {
+    closeCodes[code] = (closeCodes[code] || 0) + 1;
+    if (state === "authed") lostAfterReady++;
+    else if (state === "connecting") { failed++; state = "failed"; finish(); maybeReady(false); }
+  });
+  sockets.push(ws);
+}
+
+function start() {
+  started = nowMs();
+  let next = 0, inFlight = 0;
+  const pump = () => {
+    while (inFlight < config.concurrency && next < config.tokens.length) {
+      inFlight++;
+      openOne(config.tokens[next++], () => { inFlight--; pump(); });
+    }
+  };
+  pump();
+  setTimeout(() => maybeReady(true), config.timeout * 1000).unref();
+}
+
+function report(cmd) {
+  const s = runState(cmd.run);
+  const reply = {
+    event: "report", run: cmd.run, received: s.received, dups: s.dups,
+    first: s.first / 1000, last: s.last / 1000, authed, failed, closed: lostAfterReady, codes: closeCodes,
+  };
+  if (cmd.latencies) reply.lat = s.lat.map((x) => Math.round(x * 1000) / 1000);
+  if (cmd.ids) reply.ids = s.ids;
+  out(reply);
+}
+
+function closeAll() {
+  let open = sockets.filter((ws) => ws.readyState !== WebSocket.CLOSED);
+  if (!open.length) { out({ event: "closed" }); process.exit(0); }
+  let left = open.length;
+  const bye = () => { out({ event: "closed" }); process.exit(0); };
+  for (const ws of open) {
+    ws.once("close", () => { if (--left === 0) bye(); });
+    ws.close(1000);
+  }
+  setTimeout(() => { for (const ws of open) ws.terminate(); bye(); }, 5000).unref();
+}
+
+const rl = readline.createInterface({ input: process.stdin, crlfDelay: Infinity });
+rl.on("line", (line) => {
+  if (!line.trim()) return;
+  const msg = JSON.parse(line);
+  if (!config) { config = msg; start(); return; }
+  if (msg.cmd === "report") report(msg);
+  else if (msg.cmd === "close") closeAll();
+});
+rl.on("close", () => process.exit(0)); // the bench went away: never linger

@@ -1,0 +1,152 @@
+"""The publishing side of bench/run.py, in a process of its own.
+
+    python bench/pusher.py '<json config>'      prints one JSON line of results
+
+Config: {"kind": "flow" | "ref" | "pushcost", "env": {FLOW_...} (flow, pushcost),
+"endpoint": XSUB endpoint (ref), "run": id, "users": n, "count": n, "rate": msgs/s (0: as
+fast as the call returns), "broadcast": bool, "deadline": seconds, "seed": n}.
+
+Each message's data is {"r": run, "i": index, "t": time.time() at the push, "p": padding},
+so clients count distinct messages and measure push-to-receive latency.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import resource
+import sys
+import time
+from pathlib import Path
+
+import zmq
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+import flow  # noqa: E402
+from flowcore import protocol  # noqa: E402
+from flowcore.settings import load_settings  # noqa: E402
+
+PAD = "x" * 48
+MESSAGE_ID = "BENCH"
+
+
+def username(n: int) -> str:
+    return f"user{n:05d}"
+
+
+def cpu_seconds() -> float:
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
+
+
+def pushes(config: dict, send) -> dict:
+    """Call ``send(user or None, data)`` count times, paced if asked; bounded by the deadline."""
+    rng = random.Random(config.get("seed", 1))
+    count, rate, run = config["count"], config.get("rate", 0), config["run"]
+    users = config.get("users", 1)
+    broadcast = config.get("broadcast", False)
+    deadline = time.monotonic() + config.get("deadline", 120)
+    sent = queue_full = 0
+    cpu0 = cpu_seconds()
+    t_start = time.time()
+    for i in range(count):
+        if rate:
+            due = t_start + i / rate
+            delay = due - time.time()
+            if delay > 0:
+                time.sleep(delay)
+        user = None if broadcast else username(rng.randrange(users))
+        while True:
+            try:
+                send(user, {"r": run, "i": i, "t": time.time(), "p": PAD})
+                sent += 1
+                break
+            except flow.QueueFull:
+                # Back-pressure reached the caller: count it, retry a moment later, bounded.
+                queue_full += 1
+                if time.monotonic() > deadline:
+                    break
+                time.sleep(0.001)
+        if time.monotonic() > deadline:
+            break
+    t_end = time.time()
+    return {"sent": sent, "queue_full": queue_full, "t_start": t_start, "t_end": t_end,
+            "cpu": cpu_seconds() - cpu0}
+
+
+def run_flow(config: dict) -> dict:
+    publisher = flow.Flow(settings=load_settings(config["env"]))
+
+    def send(user, data):
+        if user is None:
+            publisher.push_all(MESSAGE_ID, data)
+        else:
+            publisher.push(user, MESSAGE_ID, data)
+
+    result = pushes(config, send)
+    publisher.close()  # flushes what is still queued (FLOW_PUSH_LINGER)
+    result["t_closed"] = time.time()
+    return result
+
+
+def run_ref(config: dict) -> dict:
+    context = zmq.Context()
+    pub = context.socket(zmq.PUB)
+    pub.connect(config["endpoint"])
+    time.sleep(config.get("settle", 1.0))  # PUB/SUB slow joiner: let subscriptions arrive
+
+    def send(user, data):
+        name = "*" if user is None else user
+        body = json.dumps({"id": MESSAGE_ID, "username": name, "data": data})
+        pub.send_multipart([name.encode(), body.encode()])
+
+    result = pushes(config, send)
+    pub.close(linger=5000)
+    context.term()
+    result["t_closed"] = time.time()
+    return result
+
+
+def run_pushcost(config: dict) -> dict:
+    """Seconds per call: flow.Flow.push vs a raw PUSH send_multipart of the same frames."""
+    settings = load_settings(config["env"])
+    n, repeats = config["count"], config.get("repeats", 5)
+    publisher = flow.Flow(settings=settings)
+    context = zmq.Context()
+    raw = context.socket(zmq.PUSH)
+    raw.setsockopt(zmq.SNDHWM, settings.push_queue)
+    raw.connect(settings.publish_endpoint)
+    data = {"r": "pushcost", "i": 0, "t": time.time(), "p": PAD}
+    user = "nobody-listens"
+    frames = protocol.encode_push(user, MESSAGE_ID, data, settings.max_message)
+    publisher.push(user, MESSAGE_ID, data)  # open the socket outside the timing
+    raw.send_multipart(frames)
+    time.sleep(0.2)
+    best_flow = best_raw = float("inf")
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        for _ in range(n):
+            raw.send_multipart(frames, zmq.NOBLOCK)
+        best_raw = min(best_raw, (time.perf_counter() - t0) / n)
+        time.sleep(n / 100_000)  # let the proxy drain: measure the call, not a full queue
+        t0 = time.perf_counter()
+        for _ in range(n):
+            publisher.push(user, MESSAGE_ID, data)
+        best_flow = min(best_flow, (time.perf_counter() - t0) / n)
+        time.sleep(n / 100_000)
+    publisher.close()
+    raw.close(linger=5000)
+    context.term()
+    return {"flow_push": best_flow, "raw_send": best_raw, "n": n, "repeats": repeats}
+
+
+def main() -> None:
+    config = json.loads(sys.argv[1])
+    runner = {"flow": run_flow, "ref": run_ref, "pushcost": run_pushcost}[config["kind"]]
+    print(json.dumps(runner(config)), flush=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,677 @@
+"""Flow's benchmark: the real proxy and WebSocket pool against a minimal reference relay.
+
+    python bench/run.py                   # everything, issue-5 sizes (a few minutes)
+    python bench/run.py --quick           # tiny sizes, seconds (the smoke test runs this)
+    python bench/run.py --only W1,W4      # some workloads (W1 W1off W2 W3 W4 PUSH)
+    python bench/run.py --json out.json   # also write every figure as JSON
+
+Each run starts its own processes on ephemeral loopback ports and stops them. Load
+clients are Node (`bench/client.js`, the `ws` package: `npm ci` in bench/) when
+available, else Python (`bench/client.py`); `--client` chooses. Publishing is a separate
+process (`bench/pusher.py`). Figures for Flow are shown next to the reference relay's
+(`bench/reference_relay.py`) measured in the same run, as ratios. Anything Flow loses
+is a defect: the run says so loudly and exits 1.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import queue
+import resource
+import secrets
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+BENCH = Path(__file__).resolve().parent
+ROOT = BENCH.parent
+sys.path.insert(0, str(ROOT))
+
+from flowcore.settings import load_settings  # noqa: E402
+from flowcore.tokens import issue_token  # noqa: E402
+
+PYTHON = sys.executable
+WORKLOADS = ("W1", "W1off", "W2", "W3", "W4", "PUSH")
+TICKS = os.sysconf("SC_CLK_TCK")
+
+
+@dataclass
+class Sizes:
+    clients: int = 1000  # W1, W2, W4
+    w1_count: int = 50_000
+    w2_count: int = 200
+    w3_clients: int = 5000
+    w4_count: int = 50_000
+    w4_rate: int = 3000
+    push_count: int = 50_000
+    idle: float = 5.0  # a run ends when nothing arrived for this long...
+    deadline: float = 180.0  # ...or at the latest this long after the pusher ends
+
+
+QUICK = Sizes(clients=20, w1_count=1000, w2_count=10, w3_clients=100, w4_count=300,
+              w4_rate=1000, push_count=5000, idle=2.0, deadline=30.0)
+
+
+def log(msg: str) -> None:
+    print(f"[bench {time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
+
+
+# ------------------------------------------------------------------ processes
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def wait_until(condition: Callable[[], Any], timeout: float, what: str) -> Any:
+    deadline = time.monotonic() + timeout
+    while True:
+        value = condition()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"timed out after {timeout}s waiting for {what}")
+        time.sleep(0.05)
+
+
+class Proc:
+    """A child process logging to a file; stopped with SIGTERM, then SIGKILL."""
+
+    def __init__(self, args: list[str], env: dict[str, str], log_path: Path) -> None:
+        self.log_path = log_path
+        self._log = open(log_path, "ab")
+        self.popen = subprocess.Popen(args, env=env, cwd=ROOT, stdout=self._log,
+                                      stderr=subprocess.STDOUT, start_new_session=True)
+        self.pid = self.popen.pid
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def alive(self) -> bool:
+        return self.popen.poll() is None
+
+    def stop(self) -> int | None:
+        if self.alive():
+            self.popen.send_signal(signal.SIGTERM)
+            try:
+                self.popen.wait(10)
+            except subprocess.TimeoutExpired:
+                self.popen.kill()
+                self.popen.wait(5)
+        self._log.close()
+        return self.popen.returncode
+
+
+def rss_kib(pid: int) -> int:
+    with open(f"/proc/{pid}/status") as status:
+        for line in status:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1])
+    return 0
+
+
+def cpu_of(pid: int) -> float:
+    """CPU seconds (user + system) a live process has used."""
+    try:
+        with open(f"/proc/{pid}/stat") as stat:
+            fields = stat.read().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / TICKS
+    except (OSError, IndexError):
+        return 0.0
+
+
+# ------------------------------------------------------------------ the two systems
+
+
+class System:
+    name = ""
+    url = ""
+
+    def __init__(self, workdir: Path, secret: str) -> None:
+        self.workdir = workdir
+        self.secret = secret
+        self.procs: list[Proc] = []
+
+    def server_pids(self) -> list[int]:
+        return [p.pid for p in self.procs]
+
+    def check_alive(self) -> None:
+        for proc in self.procs:
+            if not proc.alive():
+                raise RuntimeError(f"{self.name}: {proc.log_path.name} exited "
+                                   f"({proc.popen.returncode}):\n{proc.log()[-2000:]}")
+
+    def stop(self) -> list[int | None]:
+        return [proc.stop() for proc in reversed(self.procs)]
+
+
+class Reference(System):
+    name = "reference"
+
+    def start(self) -> "Reference":
+        xsub, xpub = f"tcp://127.0.0.1:{free_port()}", f"tcp://127.0.0.1:{free_port()}"
+        port = free_port()
+        script = str(BENCH / "reference_relay.py")
+        env = dict(os.environ, PYTHONUNBUFFERED="1")
+        self.xsub = xsub
+        self.procs.append(Proc([PYTHON, script, "proxy", "--xsub", xsub, "--xpub", xpub], env,
+                               self.workdir / "ref-proxy.log"))
+        self.procs.append(Proc([PYTHON, script, "server", "--port", str(port), "--xpub", xpub,
+                                "--secret", self.secret], env, self.workdir / "ref-server.log"))
+        self.url = f"ws://127.0.0.1:{port}/websocket"
+        wait_until(lambda: port_open(port), 15, "the reference server")
+        self.check_alive()
+        return self
+
+    def pusher(self) -> dict[str, Any]:
+        return {"kind": "ref", "endpoint": self.xsub}
+
+
+class Flow(System):
+    """The shipped stack: one proxy, ``servers`` WebSocket servers sharing one port."""
+
+    def __init__(self, workdir: Path, secret: str, servers: int = 2, **overrides: str) -> None:
+        super().__init__(workdir, secret)
+        self.name = "flow" + ("" if not overrides else " " + " ".join(f"{k}={v}" for k, v in overrides.items()))
+        self.servers = servers
+        tag = "-".join(f"{k}{v}" for k, v in overrides.items()) or "default"
+        self.logdir = workdir / f"flow-{tag}"
+        self.logdir.mkdir(parents=True, exist_ok=True)
+        self.flow_env = {
+            "FLOW_ENV_FILE": str(workdir / "no-flow.env"),
+            "FLOW_SECRET_FILE": str(workdir / "no-secret"),
+            "FLOW_SECRET": secret,
+            "FLOW_PUBLISH_ENDPOINT": f"tcp://127.0.0.1:{free_port()}",
+            "FLOW_FANOUT_ENDPOINT": f"tcp://127.0.0.1:{free_port()}",
+            "FLOW_CONTROL_ENDPOINT": f"tcp://127.0.0.1:{free_port()}",
+            "FLOW_WS_PORT": str(free_port()),
+            "FLOW_LOG_DIR": str(self.logdir),
+            **overrides,
+        }
+        self.settings = load_settings(self.flow_env)
+
+    def start(self) -> "Flow":
+        env = {k: v for k, v in os.environ.items() if not k.startswith("FLOW_")}
+        env.update(self.flow_env, PYTHONUNBUFFERED="1")
+        self.procs.append(Proc([PYTHON, "message_proxy.py"], env, self.logdir / "proxy.log"))
+        wait_until(lambda: "proxy up" in self.procs[0].log(), 15, "the Flow proxy")
+        port = self.settings.ws_port
+        for i in range(self.servers):
+            self.procs.append(Proc([PYTHON, "websocket_server.py", "--port", str(port)], env,
+                                   self.logdir / f"websocket-{i}.log"))
+        for proc in self.procs[1:]:
+            wait_until(lambda: "websocket server up" in proc.log(), 15, f"Flow {proc.log_path.name}")
+        self.url = f"ws://127.0.0.1:{port}/websocket"
+        self.check_alive()
+        return self
+
+    def pusher(self) -> dict[str, Any]:
+        return {"kind": "flow", "env": self.flow_env}
+
+
+def port_open(port: int) -> bool:
+    try:
+        with socket.create_connection(("127.0.0.1", port), timeout=0.2):
+            return True
+    except OSError:
+        return False
+
+
+# ------------------------------------------------------------------ load clients
+
+
+def node_client_available() -> bool:
+    return bool(shutil.which("node")) and (BENCH / "node_modules" / "ws" / "package.json").is_file()
+
+
+def install_node_client() -> bool:
+    """`npm ci` in bench/ when node and npm exist but the modules do not (bounded)."""
+    if node_client_available() or not (shutil.which("node") and shutil.which("npm")):
+        return node_client_available()
+    log("installing the Node load client's `ws` (npm ci in bench/)")
+    try:
+        subprocess.run(["npm", "ci", "--no-audit", "--no-fund", "--loglevel=error"], cwd=BENCH,
+                       check=True, timeout=180, stdout=subprocess.DEVNULL)
+    except (subprocess.SubprocessError, OSError) as exc:
+        log(f"npm ci failed ({exc}); using the Python load client")
+    return node_client_available()
+
+
+class Clients:
+    """``procs`` load-client processes holding one authenticated socket per token."""
+
+    def __init__(self, kind: str, url: str, tokens: list[str], procs: int, timeout: float) -> None:
+        command = ["node", str(BENCH / "client.js")] if kind == "node" else [PYTHON, str(BENCH / "client.py")]
+        procs = max(1, min(procs, len(tokens)))
+        self.procs: list[subprocess.Popen] = []
+        self.lines: list[queue.Queue] = []
+        for i in range(procs):
+            share = tokens[i::procs]
+            popen = subprocess.Popen(command, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                     text=True, bufsize=1, start_new_session=True)
+            lines: queue.Queue = queue.Queue()
+            threading.Thread(target=self._read, args=(popen, lines), daemon=True).start()
+            popen.stdin.write(json.dumps({"url": url, "tokens": share, "concurrency": 100,
+                                          "timeout": timeout}) + "\n")
+            popen.stdin.flush()
+            self.procs.append(popen)
+            self.lines.append(lines)
+        ready = [self._expect(i, "ready", timeout + 10) for i in range(procs)]
+        self.authed = sum(r["authed"] for r in ready)
+        self.failed = sum(r["failed"] for r in ready)
+        self.connect_seconds = max(r["seconds"] for r in ready)
+
+    @staticmethod
+    def _read(popen: subprocess.Popen, lines: queue.Queue) -> None:
+        for line in popen.stdout:
+            lines.put(line)
+        lines.put(None)
+
+    def _expect(self, i: int, event: str, timeout: float) -> dict[str, Any]:
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                line = self.lines[i].get(timeout=max(0.01, deadline - time.monotonic()))
+            except queue.Empty:
+                raise RuntimeError(f"load client {i} sent no {event!r} in {timeout}s") from None
+            if line is None:
+                raise RuntimeError(f"load client {i} exited ({self.procs[i].poll()}) before {event!r}")
+            msg = json.loads(line)
+            if msg.get("event") == event:
+                return msg
+
+    def _send(self, i: int, cmd: dict[str, Any]) -> None:
+        self.procs[i].stdin.write(json.dumps(cmd) + "\n")
+        self.procs[i].stdin.flush()
+
+    def report(self, run: str, latencies: bool = False, ids: bool = False) -> dict[str, Any]:
+        for i in range(len(self.procs)):
+            self._send(i, {"cmd": "report", "run": run, "latencies": latencies, "ids": ids})
+        parts = [self._expect(i, "report", 30) for i in range(len(self.procs))]
+        firsts = [p["first"] for p in parts if p["first"]]
+        total = {
+            "received": sum(p["received"] for p in parts),
+            "dups": sum(p["dups"] for p in parts),
+            "first": min(firsts) if firsts else 0.0,
+            "last": max(p["last"] for p in parts),
+            "closed": sum(p["closed"] for p in parts),
+            "codes": [p["codes"] for p in parts],
+        }
+        if latencies:
+            total["lat"] = sorted(x for p in parts for x in p["lat"])
+        if ids:
+            total["ids"] = [x for p in parts for x in p["ids"]]
+        return total
+
+    def pids(self) -> list[int]:
+        return [p.pid for p in self.procs]
+
+    def close(self) -> None:
+        for i, popen in enumerate(self.procs):
+            try:
+                self._send(i, {"cmd": "close"})
+            except OSError:
+                pass
+        for popen in self.procs:
+            try:
+                popen.wait(10)
+            except subprocess.TimeoutExpired:
+                popen.kill()
+                popen.wait(5)
+            for stream in (popen.stdin, popen.stdout):
+                try:
+                    stream.close()
+                except OSError:
+                    pass
+
+
+def percentile(sorted_values: list[float], q: float) -> float | None:
+    if not sorted_values:
+        return None
+    return sorted_values[min(len(sorted_values) - 1, int(q * len(sorted_values)))]
+
+
+# ------------------------------------------------------------------ workloads
+
+
+class Bench:
+    def __init__(self, args: argparse.Namespace) -> None:
+        self.args = args
+        self.sizes = QUICK if args.quick else Sizes()
+        self.secret = secrets.token_hex(32)
+        self.workdir = Path(tempfile.mkdtemp(prefix="flow-bench-"))
+        self.results: dict[str, dict[str, Any]] = {}
+        self.token_settings = load_settings({"FLOW_SECRET": self.secret,
+                                             "FLOW_ENV_FILE": str(self.workdir / "none"),
+                                             "FLOW_SECRET_FILE": str(self.workdir / "none"),
+                                             "FLOW_TOKEN_TTL": "7200"})
+        self._tokens: list[str] = []
+
+    def tokens(self, n: int) -> list[str]:
+        while len(self._tokens) < n:
+            self._tokens.append(issue_token(self.token_settings, f"user{len(self._tokens):05d}"))
+        return self._tokens[:n]
+
+    def clients(self, system: System, n: int, procs: int | None = None) -> Clients:
+        clients = Clients(self.args.client, system.url, self.tokens(n),
+                          procs or self.args.client_procs, timeout=max(30.0, n / 50))
+        if clients.authed != n:
+            raise RuntimeError(f"{system.name}: only {clients.authed} of {n} clients authenticated "
+                               f"({clients.failed} failed); logs in {self.workdir}")
+        return clients
+
+    def cpu_snapshot(self, system: System, clients: Clients) -> dict[str, float]:
+        return {"servers": sum(cpu_of(p) for p in system.server_pids()),
+                "clients": sum(cpu_of(p) for p in clients.pids())}
+
+    def push_run(self, system: System, clients: Clients, run: str, count: int, users: int,
+                 rate: int = 0, broadcast: bool = False) -> dict[str, Any]:
+        """Push ``count`` messages from a separate process; collect what the clients got."""
+        config = {**system.pusher(), "run": run, "count": count, "users": users, "rate": rate,
+                  "broadcast": broadcast, "deadline": self.sizes.deadline, "seed": hash(run) & 0xFFFF}
+        cpu0 = self.cpu_snapshot(system, clients)
+        try:
+            done = subprocess.run([PYTHON, str(BENCH / "pusher.py"), json.dumps(config)], cwd=ROOT,
+                                  capture_output=True, text=True, timeout=self.sizes.deadline + 30)
+        except subprocess.TimeoutExpired:
+            raise RuntimeError(f"{system.name} {run}: the pusher did not finish in time") from None
+        if done.returncode != 0:
+            raise RuntimeError(f"{system.name} {run}: pusher failed:\n{done.stderr[-3000:]}")
+        pushed = json.loads(done.stdout.strip().splitlines()[-1])
+        # Wait for deliveries: until all arrived, nothing arrived for `idle` s, or the deadline.
+        deadline = time.monotonic() + self.sizes.deadline
+        last_count, last_change = -1, time.monotonic()
+        expected = count * (clients.authed if broadcast else 1)
+        while True:
+            got = clients.report(run)["received"]
+            now = time.monotonic()
+            if got >= expected or now > deadline:
+                break
+            if got != last_count:
+                last_count, last_change = got, now
+            elif now - last_change > self.sizes.idle:
+                break
+            time.sleep(0.1)
+        final = clients.report(run, latencies=True, ids=not broadcast)
+        cpu1 = self.cpu_snapshot(system, clients)
+        system.check_alive()
+        lat = final.pop("lat")
+        # Which pushes never arrived (user messages only): where in the run the losses were.
+        missing = sorted(set(range(pushed["sent"])) - set(final.pop("ids", range(pushed["sent"]))))
+        span = (final["last"] - pushed["t_start"]) if final["received"] else 0.0
+        return {
+            "sent": pushed["sent"] * (clients.authed if broadcast else 1),
+            "pushed": pushed["sent"], "expected": expected, "delivered": final["received"],
+            "dups": final["dups"], "closed_sockets": final["closed"],
+            "delivered_ratio": final["received"] / max(1, pushed["sent"] * (clients.authed if broadcast else 1)),
+            "push_seconds": pushed["t_end"] - pushed["t_start"], "queue_full": pushed["queue_full"],
+            "span_seconds": span, "rate": final["received"] / span if span > 0 else 0.0,
+            "p50_ms": percentile(lat, 0.50), "p99_ms": percentile(lat, 0.99),
+            "max_ms": lat[-1] if lat else None,
+            "missing": len(missing), "missing_first": missing[:20],
+            "missing_deciles": [sum(1 for m in missing if m * 10 // max(1, pushed["sent"]) == d) for d in range(10)],
+            "cpu_servers": cpu1["servers"] - cpu0["servers"], "cpu_clients": cpu1["clients"] - cpu0["clients"],
+            "cpu_pusher": pushed["cpu"],
+        }
+
+    def memory(self, system: System) -> dict[str, Any]:
+        """W3: RSS of every server process, before and with ``w3_clients`` idle sockets."""
+        warm = self.clients(system, 20, procs=1)  # first-connection imports and caches
+        warm.close()
+        time.sleep(1.0)
+        before = sum(rss_kib(p) for p in system.server_pids())
+        n = self.sizes.w3_clients
+        t0 = time.monotonic()
+        clients = self.clients(system, n)
+        connect = time.monotonic() - t0
+        time.sleep(2.0)
+        after = sum(rss_kib(p) for p in system.server_pids())
+        clients.close()
+        system.check_alive()
+        return {"clients": n, "rss_before_kib": before, "rss_after_kib": after,
+                "kib_per_connection": (after - before) / n, "connect_seconds": connect}
+
+    def measure(self, system: System, wanted: set[str], pushcost: bool) -> dict[str, Any]:
+        out: dict[str, Any] = {}
+        s = self.sizes
+        if "W3" in wanted:
+            log(f"{system.name}: W3, {s.w3_clients} idle clients")
+            out["W3"] = self.memory(system)
+        if wanted & {"W1", "W2", "W4"}:
+            log(f"{system.name}: connecting {s.clients} clients")
+            clients = self.clients(system, s.clients)
+            try:
+                if "W1" in wanted:
+                    log(f"{system.name}: W1, {s.w1_count} pushes to random users, flood")
+                    out["W1"] = self.push_run(system, clients, "W1", s.w1_count, s.clients)
+                if "W2" in wanted:
+                    log(f"{system.name}: W2, {s.w2_count} broadcasts to {s.clients} clients")
+                    out["W2"] = self.push_run(system, clients, "W2", s.w2_count, s.clients, broadcast=True)
+                if "W4" in wanted:
+                    log(f"{system.name}: W4, {s.w4_count} pushes paced at {s.w4_rate}/s")
+                    out["W4"] = self.push_run(system, clients, "W4", s.w4_count, s.clients, rate=s.w4_rate)
+            finally:
+                clients.close()
+        if pushcost:
+            log(f"{system.name}: flow.push cost vs a raw send")
+            config = {"kind": "pushcost", "env": system.flow_env, "count": s.push_count, "repeats": 5}
+            done = subprocess.run([PYTHON, str(BENCH / "pusher.py"), json.dumps(config)], cwd=ROOT,
+                                  capture_output=True, text=True, timeout=300)
+            if done.returncode != 0:
+                raise RuntimeError(f"push cost run failed:\n{done.stderr[-3000:]}")
+            out["PUSH"] = json.loads(done.stdout.strip().splitlines()[-1])
+        return out
+
+    def run(self) -> int:
+        wanted = set(self.args.only)
+        plan: list[tuple[str, Callable[[], System], set[str], bool]] = []
+        main = wanted & {"W1", "W2", "W3", "W4"}
+        if main:
+            plan.append(("reference", lambda: Reference(self.workdir, self.secret), main, False))
+        if main or "PUSH" in wanted:
+            plan.append(("flow", lambda: Flow(self.workdir, self.secret), main, "PUSH" in wanted))
+        if "W1off" in wanted:
+            plan.append(("flow_history_off", lambda: Flow(self.workdir, self.secret, FLOW_HISTORY_SIZE="0"),
+                         {"W1"}, False))
+        started = time.monotonic()
+        for key, make, workloads, pushcost in plan:
+            system = make().start()
+            try:
+                self.results[key] = self.measure(system, workloads, pushcost)
+            finally:
+                codes = system.stop()
+                log(f"{system.name}: stopped (exit codes {codes})")
+        self.results["meta"] = self.meta(time.monotonic() - started)
+        print(render(self.results, self.args))
+        if self.args.json:
+            Path(self.args.json).write_text(json.dumps(self.results, indent=2) + "\n")
+        lost = flow_losses(self.results)
+        if lost:
+            print("\n!!! FLOW LOST MESSAGES (a defect, not a figure): " + "; ".join(lost) +
+                  f"\n!!! process logs kept in {self.workdir}", flush=True)
+            return 1
+        shutil.rmtree(self.workdir, ignore_errors=True)
+        return 0
+
+    def meta(self, seconds: float) -> dict[str, Any]:
+        cpu = "?"
+        try:
+            for line in open("/proc/cpuinfo"):
+                if line.startswith("model name"):
+                    cpu = line.split(":", 1)[1].strip()
+                    break
+        except OSError:
+            pass
+        node = subprocess.run(["node", "--version"], capture_output=True, text=True).stdout.strip() \
+            if shutil.which("node") else None
+        return {"command": " ".join([os.path.relpath(PYTHON, ROOT) if PYTHON.startswith(str(ROOT)) else PYTHON,
+                                     "bench/run.py", *sys.argv[1:]]),
+                "quick": self.args.quick, "client": self.args.client, "client_procs": self.args.client_procs,
+                "nproc": os.cpu_count(), "cpu": cpu, "python": platform.python_version(), "node": node,
+                "seconds": round(seconds, 1), "sizes": vars(self.sizes)}
+
+
+def flow_losses(results: dict[str, Any]) -> list[str]:
+    lost = []
+    for key in ("flow", "flow_history_off"):
+        for w, r in results.get(key, {}).items():
+            if isinstance(r, dict) and "delivered" in r and (r["delivered"] < r["sent"] or r["dups"]):
+                lost.append(f"{key} {w}: delivered {r['delivered']} of {r['sent']}, {r['dups']} duplicates")
+    return lost
+
+
+# ------------------------------------------------------------------ the table
+
+
+def render(results: dict[str, Any], args: argparse.Namespace) -> str:
+    ref, fl, off = results.get("reference", {}), results.get("flow", {}), results.get("flow_history_off", {})
+    meta = results["meta"]
+    rows: list[tuple[str, str, str, str, str, str]] = []
+
+    def fmt(value: float | None, spec: str) -> str:
+        return "-" if value is None else format(value, spec)
+
+    def delivered(r: dict[str, Any] | None) -> str:
+        if not r:
+            return "-"
+        text = f"{100 * r['delivered_ratio']:.2f}%"
+        if r["delivered"] < r["sent"]:
+            text += f" LOST {r['sent'] - r['delivered']}"
+        if r["dups"]:
+            text += f" DUP {r['dups']}"
+        return text
+
+    def ratio(a: float | None, b: float | None) -> str:
+        return "-" if not a or not b else f"{a / b:.2f}x"
+
+    def verdict(ok: bool | None) -> str:
+        return "-" if ok is None else ("met" if ok else "NOT MET")
+
+    def row(name: str, r: str, f: str, x: str = "", target: str = "", ok: bool | None = None) -> None:
+        rows.append((name, r, f, x, target, verdict(ok) if target else ""))
+
+    def per_msg(r: dict[str, Any] | None) -> float | None:
+        # CPU of the proxy and WebSocket processes per delivery: steadier than wall time.
+        return r["cpu_servers"] * 1e6 / r["delivered"] if r and r["delivered"] else None
+
+    def get(d: dict[str, Any], w: str, k: str) -> float | None:
+        return d.get(w, {}).get(k)
+
+    if "W1" in ref or "W1" in fl:
+        r1, f1 = ref.get("W1"), fl.get("W1")
+        row("W1 delivered/sent", delivered(r1), delivered(f1), "", "flow 100%",
+            None if not f1 else f1["delivered"] == f1["sent"] and not f1["dups"])
+        rr, fr = get(ref, "W1", "rate"), get(fl, "W1", "rate")
+        row("W1 msgs/s delivered", fmt(rr, ",.0f"), fmt(fr, ",.0f"), ratio(fr, rr), ">= 2.5x",
+            None if not (rr and fr) else fr / rr >= 2.5)
+        row("W1 p50 / p99 ms", f"{fmt(get(ref, 'W1', 'p50_ms'), '.1f')} / {fmt(get(ref, 'W1', 'p99_ms'), '.1f')}",
+            f"{fmt(get(fl, 'W1', 'p50_ms'), '.1f')} / {fmt(get(fl, 'W1', 'p99_ms'), '.1f')}")
+        row("W1 server CPU us/msg delivered", fmt(per_msg(r1), ".1f"), fmt(per_msg(f1), ".1f"),
+            ratio(per_msg(f1), per_msg(r1)))
+        row("W1 push calls/s (pusher)", fmt(r1 and r1["pushed"] / r1["push_seconds"], ",.0f"),
+            fmt(f1 and f1["pushed"] / f1["push_seconds"], ",.0f"),
+            f"QueueFull x{f1['queue_full']}" if f1 and f1["queue_full"] else "")
+    if "W1" in off:
+        o1 = off["W1"]
+        fr = get(fl, "W1", "rate")
+        row("W1 history off: delivered", "-", delivered(o1), "", "flow 100%", o1["delivered"] == o1["sent"])
+        row("W1 history off: msgs/s", "-", fmt(o1["rate"], ",.0f"),
+            f"on/off {ratio(fr, o1['rate'])}" if fr else "")
+        row("W1 history off: server CPU us/msg", "-", fmt(per_msg(o1), ".1f"),
+            f"on/off {ratio(per_msg(fl.get('W1')), per_msg(o1))}" if fl.get("W1") else "")
+    if "W2" in ref or "W2" in fl:
+        r2, f2 = ref.get("W2"), fl.get("W2")
+        row("W2 delivered/sent", delivered(r2), delivered(f2), "", "flow 100%",
+            None if not f2 else f2["delivered"] == f2["sent"] and not f2["dups"])
+        rr, fr = get(ref, "W2", "rate"), get(fl, "W2", "rate")
+        row("W2 deliveries/s", fmt(rr, ",.0f"), fmt(fr, ",.0f"), ratio(fr, rr), ">= 4x",
+            None if not (rr and fr) else fr / rr >= 4)
+        row("W2 server CPU us/delivery", fmt(per_msg(r2), ".2f"), fmt(per_msg(f2), ".2f"),
+            ratio(per_msg(f2), per_msg(r2)))
+    if "W3" in ref or "W3" in fl:
+        rm, fm = get(ref, "W3", "kib_per_connection"), get(fl, "W3", "kib_per_connection")
+        row(f"W3 KiB/connection ({(ref.get('W3') or fl.get('W3'))['clients']} idle)", fmt(rm, ".1f"),
+            fmt(fm, ".1f"), ratio(fm, rm), "<= 1x", None if rm is None or fm is None else fm <= rm)
+    if "W4" in ref or "W4" in fl:
+        r4, f4 = ref.get("W4"), fl.get("W4")
+        row("W4 delivered/sent", delivered(r4), delivered(f4), "", "flow 100%",
+            None if not f4 else f4["delivered"] == f4["sent"] and not f4["dups"])
+        row("W4 p50 ms", fmt(get(ref, "W4", "p50_ms"), ".2f"), fmt(get(fl, "W4", "p50_ms"), ".2f"),
+            ratio(get(fl, "W4", "p50_ms"), get(ref, "W4", "p50_ms")))
+        row("W4 server CPU us/msg", fmt(per_msg(r4), ".1f"), fmt(per_msg(f4), ".1f"),
+            ratio(per_msg(f4), per_msg(r4)))
+        rp, fp = get(ref, "W4", "p99_ms"), get(fl, "W4", "p99_ms")
+        row("W4 p99 ms", fmt(rp, ".2f"), fmt(fp, ".2f"), ratio(fp, rp), "<= ref, < 5 ms",
+            None if rp is None or fp is None else fp <= rp and fp < 5)
+    if "PUSH" in fl:
+        p = fl["PUSH"]
+        row("flow.push us/call (raw send | flow)", fmt(p["raw_send"] * 1e6, ".2f"),
+            fmt(p["flow_push"] * 1e6, ".2f"), ratio(p["flow_push"], p["raw_send"]), "<= 3x",
+            p["flow_push"] <= 3 * p["raw_send"])
+
+    header = ("measure", "reference", "flow", "ratio", "target", "")
+    widths = [max(len(r[i]) for r in rows + [header]) for i in range(6)]
+    lines = [
+        f"Flow benchmark: {meta['nproc']} cores ({meta['cpu']}), Python {meta['python']}, "
+        f"clients: {meta['client']} x{meta['client_procs']}, {meta['seconds']} s"
+        + (", QUICK sizes (smoke test, not figures)" if meta["quick"] else ""),
+        "  ".join(h.ljust(w) for h, w in zip(header, widths)).rstrip(),
+        "  ".join("-" * w for w in widths),
+    ]
+    lines += ["  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows]
+    # CPU seconds spent per workload: where the time goes (the servers include the proxy).
+    cpu_rows = []
+    for key, label in (("reference", "reference"), ("flow", "flow"), ("flow_history_off", "flow, history off")):
+        for w in ("W1", "W2", "W4"):
+            r = results.get(key, {}).get(w)
+            if r:
+                cpu_rows.append(f"  {w} {label}: servers {r['cpu_servers']:.1f}, clients {r['cpu_clients']:.1f}, "
+                                f"pusher {r['cpu_pusher']:.1f} CPU s over {r['span_seconds']:.1f} s")
+    if cpu_rows:
+        lines += ["", "CPU seconds (servers = proxy + WebSocket processes):", *cpu_rows]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description="Flow benchmark against a minimal reference relay")
+    parser.add_argument("--quick", action="store_true", help="tiny sizes: checks the bench works, in seconds")
+    parser.add_argument("--only", type=lambda s: [w.strip() for w in s.split(",") if w.strip()],
+                        default=list(WORKLOADS), help=f"comma-separated subset of {','.join(WORKLOADS)}")
+    parser.add_argument("--json", help="also write all results to this file")
+    parser.add_argument("--client", choices=("auto", "node", "python"), default="auto",
+                        help="load client: Node's ws (bench/client.js) or plain Python (default: node if installed)")
+    parser.add_argument("--client-procs", type=int, default=0, help="load-client processes (default: node 1, python 2)")
+    parser.add_argument("--no-install", action="store_true", help="never run npm ci for the Node client")
+    args = parser.parse_args(argv)
+    unknown = set(args.only) - set(WORKLOADS)
+    if unknown:
+        parser.error(f"unknown workload(s) {', '.join(sorted(unknown))}; choose from {', '.join(WORKLOADS)}")
+    if args.client in ("auto", "node"):
+        have = node_client_available() if args.no_install else install_node_client()
+        if args.client == "node" and not have:
+            parser.error("--client node: needs node and bench/node_modules/ws (cd bench && npm ci)")
+        args.client = "node" if have else "python"
+    if not args.client_procs:
+        args.client_procs = 1 if args.client == "node" else 2
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    want = 4 * (QUICK if args.quick else Sizes()).w3_clients + 1024
+    if soft < want:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (min(want, hard) if hard != resource.RLIM_INFINITY else want, hard))
+    return Bench(args).run()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

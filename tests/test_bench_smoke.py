@@ -1,0 +1,63 @@
+"""The benchmark still runs (bench/run.py --quick): tiny sizes, so it cannot rot.
+
+Figures from a quick run mean nothing; what is checked is that every workload completes
+against both the reference relay and Flow, the table is printed, and Flow delivered every
+message it accepted. The load client is Node's `ws` when bench/node_modules has it, else
+the plain-Python client; the Python client is also run on its own so neither rots.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+from support import ROOT
+
+RUN = ROOT / "bench" / "run.py"
+NODE_CLIENT = (ROOT / "bench" / "node_modules" / "ws" / "package.json").is_file()
+
+
+def run_bench(tmp_path: Path, *args: str) -> tuple[str, dict]:
+    out = tmp_path / "bench.json"
+    done = subprocess.run(
+        [sys.executable, str(RUN), "--quick", "--no-install", "--json", str(out), *args],
+        cwd=ROOT, capture_output=True, text=True, timeout=240,
+    )
+    assert done.returncode == 0, f"bench failed ({done.returncode}):\n{done.stdout}\n{done.stderr[-4000:]}"
+    return done.stdout, json.loads(out.read_text())
+
+
+def assert_flow_delivered_everything(results: dict, workloads: tuple[str, ...]) -> None:
+    for key in ("flow", "flow_history_off"):
+        for w in workloads:
+            r = results.get(key, {}).get(w)
+            if r is None:
+                continue
+            assert r["sent"] > 0
+            assert r["delivered"] == r["sent"] and r["dups"] == 0, (key, w, r)
+
+
+def test_quick_bench_runs_every_workload(tmp_path: Path) -> None:
+    stdout, results = run_bench(tmp_path)
+    for label in ("W1 delivered/sent", "W1 msgs/s", "W1 history off", "W2 deliveries/s",
+                  "W3 KiB/connection", "W4 p99 ms", "flow.push us/call"):
+        assert label in stdout, stdout
+    assert "LOST" not in stdout.split("reference")[0]
+    assert results["meta"]["client"] == ("node" if NODE_CLIENT else "python")
+    assert set(results["flow"]) == {"W1", "W2", "W3", "W4", "PUSH"}
+    assert set(results["reference"]) == {"W1", "W2", "W3", "W4"}
+    assert set(results["flow_history_off"]) == {"W1"}
+    assert_flow_delivered_everything(results, ("W1", "W2", "W4"))
+    for key in ("reference", "flow"):
+        assert results[key]["W3"]["clients"] > 0
+    push = results["flow"]["PUSH"]
+    assert push["flow_push"] > 0 and push["raw_send"] > 0
+
+
+def test_quick_bench_with_the_python_client(tmp_path: Path) -> None:
+    stdout, results = run_bench(tmp_path, "--client", "python", "--only", "W1,W2")
+    assert "W1 delivered/sent" in stdout and "W2 deliveries/s" in stdout, stdout
+    assert results["meta"]["client"] == "python"
+    assert_flow_delivered_everything(results, ("W1", "W2"))
