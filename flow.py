@@ -32,6 +32,9 @@ log = logging.getLogger("flow.publisher")
 
 InvalidMessage = protocol.ProtocolError
 
+# Plain ints: pyzmq's flag enums cost more than a small send itself.
+_NOBLOCK = int(zmq.NOBLOCK)
+
 
 class QueueFull(Exception):
     """The proxy is not taking messages and the outbound queue is full: nothing was sent."""
@@ -82,13 +85,13 @@ class Flow:
             protocol.encode_push(protocol.BROADCAST, message_id, data, self.max_message, self._serializer)
         )
 
-    def _send(self, frames: list[bytes]) -> None:
+    def _send(self, frame: bytes) -> None:
         with self._lock:
             if self._closed:
                 raise RuntimeError("this Flow publisher is closed")
             sock = self._socket or self._open()
             try:
-                sock.send_multipart(frames, zmq.NOBLOCK)
+                sock.send(frame, _NOBLOCK)
             except zmq.Again:
                 raise QueueFull(
                     f"proxy at {self.endpoint} is not taking messages and "

@@ -32,6 +32,8 @@ log = logging.getLogger("flow.proxy")
 # How many pushes to take from the PULL socket before serving subscriptions and
 # control requests again: keeps resume answers prompt under a flood.
 BATCH = 512
+# A plain int: pyzmq's flag enums cost more than the send itself on this path.
+NOBLOCK = int(zmq.NOBLOCK)
 SWEEP_INTERVAL = 30.0
 
 
@@ -54,8 +56,8 @@ class MessageLog:
         self.epoch = epoch or new_epoch()
         self.streams: dict[str, Stream] = {}
 
-    def append(self, push: protocol.Push, now: float) -> list[bytes]:
-        """Number ``push`` and return the frames to publish."""
+    def append(self, push: protocol.Push, now: float) -> bytes:
+        """Number ``push`` and return the frame to publish."""
         stream = self.streams.get(push.stream)
         if stream is None:
             stream = self.streams[push.stream] = Stream()
@@ -66,7 +68,7 @@ class MessageLog:
             history.append((stream.seq, now, frame))
             if len(history) > self.history_size:
                 history.popleft()
-        return protocol.message_frames(push.stream, stream.seq, self.epoch, frame)
+        return protocol.message_frame(push.stream, stream.seq, self.epoch, frame)
 
     def position(self, name: str) -> int:
         stream = self.streams.get(name)
@@ -104,7 +106,7 @@ class Proxy:
         self.context = context or zmq.Context()
         self.log = MessageLog(settings.history_size, settings.history_ttl)
         self.running = True
-        self.pending: Deque[list[bytes]] = collections.deque()
+        self.pending: Deque[bytes] = collections.deque()
 
         self.pull = self.context.socket(zmq.PULL)
         self.pull.setsockopt(zmq.RCVHWM, settings.zmq_hwm)
@@ -125,43 +127,51 @@ class Proxy:
         for sock in (self.pull, self.xpub, self.control):
             sock.setsockopt(zmq.LINGER, 0)
 
-    def publish(self, frames: list[bytes]) -> None:
+    def publish(self, frame: bytes) -> None:
         if self.pending:
-            self.pending.append(frames)
+            self.pending.append(frame)
             return
         try:
-            self.xpub.send_multipart(frames, zmq.NOBLOCK)
+            self.xpub.send(frame, NOBLOCK)
         except zmq.Again:
-            self.pending.append(frames)
+            self.pending.append(frame)
 
     def flush_pending(self) -> None:
         while self.pending:
             try:
-                self.xpub.send_multipart(self.pending[0], zmq.NOBLOCK)
+                self.xpub.send(self.pending[0], NOBLOCK)
             except zmq.Again:
                 return
             self.pending.popleft()
 
     def take_pushes(self) -> None:
         now = time.time()
+        recv, append, publish = self.pull.recv, self.log.append, self.publish
         for _ in range(BATCH):
             if self.pending:
                 return
             try:
-                frames = self.pull.recv_multipart(zmq.NOBLOCK)
+                raw = recv(NOBLOCK)
             except zmq.Again:
                 return
-            try:
-                push = protocol.decode_push(frames)
-            except protocol.ProtocolError as exc:
-                log.warning("dropped a malformed push (%d frames): %s", len(frames), exc)
+            if self.pull.rcvmore:
+                parts = 1
+                while self.pull.rcvmore:
+                    self.pull.recv()
+                    parts += 1
+                log.warning("dropped a malformed push: %d frames, expected one", parts)
                 continue
-            self.publish(self.log.append(push, now))
+            try:
+                push = protocol.decode_push(raw)
+            except protocol.ProtocolError as exc:
+                log.warning("dropped a malformed push (%d bytes): %s", len(raw), exc)
+                continue
+            publish(append(push, now))
 
     def take_subscriptions(self) -> None:
         while True:
             try:
-                event = self.xpub.recv(zmq.NOBLOCK)
+                event = self.xpub.recv(NOBLOCK)
             except zmq.Again:
                 return
             if not event or event[0] != 1:
@@ -171,12 +181,12 @@ class Proxy:
             except (protocol.ProtocolError, UnicodeDecodeError):
                 log.warning("ignored a subscription to a non-Flow topic %r", event[1:50])
                 continue
-            self.publish(protocol.sync_frames(name, self.log.position(name), self.log.epoch))
+            self.publish(protocol.sync_frame(name, self.log.position(name), self.log.epoch))
 
     def take_control(self) -> None:
         while True:
             try:
-                frames = self.control.recv_multipart(zmq.NOBLOCK)
+                frames = self.control.recv_multipart(NOBLOCK)
             except zmq.Again:
                 return
             if len(frames) != 3 or frames[1] != b"":

@@ -37,27 +37,35 @@ UPSTREAM_TIMEOUT = 5.0
 ZMQ_BATCH = 1000
 # A bad frame costs this many rate-limit tokens; a good one costs one.
 ERROR_COST = 5
+NOBLOCK = int(zmq.NOBLOCK)  # a plain int: pyzmq's flag enums are slow on the hot path
 HEARTBEAT_FRAME = protocol.encode_text_frame(protocol.HEARTBEAT.encode())
 
 
 class ZmqReader:
-    """Drains a ZeroMQ socket from the asyncio loop, in batches (its FD is edge-triggered)."""
+    """Drains a ZeroMQ socket from the asyncio loop, in batches (its FD is edge-triggered,
+    so every wake-up reads until the socket says EAGAIN)."""
 
-    def __init__(self, sock: zmq.Socket, handle: Callable[[list[bytes]], None]) -> None:
+    def __init__(self, sock: zmq.Socket, handle: Callable[[Any], None], multipart: bool = False) -> None:
         self.sock = sock
         self.handle = handle
+        self.receive = sock.recv_multipart if multipart else sock.recv
         self.loop = asyncio.get_running_loop()
         self.loop.add_reader(sock.getsockopt(zmq.FD), self.drain)
         self.loop.call_soon(self.drain)
 
     def drain(self) -> None:
-        sock = self.sock
+        receive, handle = self.receive, self.handle
         for _ in range(ZMQ_BATCH):
-            if sock.closed or not sock.getsockopt(zmq.EVENTS) & zmq.POLLIN:
-                return
-            frames = sock.recv_multipart(zmq.NOBLOCK)
             try:
-                self.handle(frames)
+                message = receive(NOBLOCK)
+            except zmq.Again:
+                return
+            except zmq.ZMQError:
+                if self.sock.closed:
+                    return
+                raise
+            try:
+                handle(message)
             except Exception:
                 log.exception("failed handling an upstream message")
         self.loop.call_soon(self.drain)
@@ -69,14 +77,23 @@ class ZmqReader:
 class StreamState:
     """One upstream subscription: a user (or "*") and the sockets that receive it."""
 
-    __slots__ = ("name", "sockets", "epoch", "seq", "synced")
+    __slots__ = ("name", "topic", "sockets", "epoch", "seq", "synced", "waiters")
 
     def __init__(self, name: str) -> None:
         self.name = name
+        self.topic = protocol.topic(name)
         self.sockets: set[FlowSocket] = set()
         self.epoch = ""
         self.seq = 0
-        self.synced = asyncio.Event()
+        self.synced = False
+        self.waiters: list[asyncio.Future[None]] = []
+
+    def mark_synced(self) -> None:
+        self.synced = True
+        waiters, self.waiters = self.waiters, []
+        for waiter in waiters:
+            if not waiter.done():
+                waiter.set_result(None)
 
 
 class Hub:
@@ -85,6 +102,7 @@ class Hub:
     def __init__(self, settings: Settings, context: zmq.Context) -> None:
         self.settings = settings
         self.streams: dict[str, StreamState] = {}
+        self.by_topic: dict[bytes, StreamState] = {}
         self.authenticated: set[FlowSocket] = set()
         self.sub = context.socket(zmq.SUB)
         self.sub.setsockopt(zmq.RCVHWM, settings.zmq_hwm)
@@ -102,7 +120,10 @@ class Hub:
         self._flush_scheduled = False
 
     def start(self) -> None:
-        self.readers = [ZmqReader(self.sub, self.on_delivery), ZmqReader(self.control, self.on_reply)]
+        self.readers = [
+            ZmqReader(self.sub, self.on_delivery),
+            ZmqReader(self.control, self.on_reply, multipart=True),
+        ]
         self.broadcast = self._subscribe(protocol.BROADCAST)
 
     def close(self) -> None:
@@ -114,8 +135,8 @@ class Hub:
     # -- subscriptions
 
     def _subscribe(self, name: str) -> StreamState:
-        state = self.streams[name] = StreamState(name)
-        self.sub.setsockopt(zmq.SUBSCRIBE, protocol.topic(name))
+        state = self.streams[name] = self.by_topic[protocol.topic(name)] = StreamState(name)
+        self.sub.setsockopt(zmq.SUBSCRIBE, state.topic)
         # Changing subscriptions can consume the FD's edge: look again.
         asyncio.get_running_loop().call_soon(self.readers[0].drain)
         return state
@@ -128,9 +149,11 @@ class Hub:
         return state
 
     async def wait_synced(self, state: StreamState) -> None:
-        if not state.synced.is_set():
+        if not state.synced:
+            waiter = asyncio.get_running_loop().create_future()
+            state.waiters.append(waiter)
             try:
-                await asyncio.wait_for(state.synced.wait(), UPSTREAM_TIMEOUT)
+                await asyncio.wait_for(waiter, UPSTREAM_TIMEOUT)
             except asyncio.TimeoutError:
                 log.error("proxy did not confirm the subscription to %r in %ss", state.name, UPSTREAM_TIMEOUT)
 
@@ -142,7 +165,8 @@ class Hub:
         state.sockets.discard(sock)
         if not state.sockets:
             del self.streams[username]
-            self.sub.setsockopt(zmq.UNSUBSCRIBE, protocol.topic(username))
+            del self.by_topic[state.topic]
+            self.sub.setsockopt(zmq.UNSUBSCRIBE, state.topic)
             asyncio.get_running_loop().call_soon(self.readers[0].drain)
 
     # -- fan-out
@@ -159,40 +183,46 @@ class Hub:
         for sock in dirty:
             sock.flush_outbox()
 
-    def on_delivery(self, frames: list[bytes]) -> None:
+    def on_delivery(self, raw: bytes) -> None:
         try:
-            delivery = protocol.decode_delivery(frames)
+            delivery = protocol.decode_delivery(raw)
         except protocol.ProtocolError as exc:
             log.error("malformed message from the proxy: %s", exc)
             return
-        if delivery.kind == protocol.KIND_MESSAGE and delivery.stream != protocol.BROADCAST:
+        state = self.by_topic.get(delivery.topic)
+        is_message = delivery.kind == protocol.KIND_MESSAGE
+        if is_message and state is not self.broadcast:
             self.upstream_messages += 1
-        state = self.streams.get(delivery.stream)
         if state is None:
             return  # unsubscribed a moment ago
-        if state.synced.is_set() and delivery.epoch != state.epoch:
+        if state.synced and delivery.epoch != state.epoch:
             self.on_epoch_change(state, delivery.epoch)
             # Renumbered from here: neither a sync nor the next message is a gap.
-            state.seq = delivery.seq - (delivery.kind == protocol.KIND_MESSAGE)
-        if delivery.kind == protocol.KIND_SYNC:
-            if not state.synced.is_set():
+            state.seq = delivery.seq - is_message
+        if not is_message:
+            if not state.synced:
                 state.epoch, state.seq = delivery.epoch, delivery.seq
-                state.synced.set()
+                state.mark_synced()
             elif delivery.seq > state.seq:
                 log.error("stream %r: proxy is at seq %d, we saw %d: messages were lost upstream",
                           state.name, delivery.seq, state.seq)
                 state.seq = delivery.seq
             return
-        if state.synced.is_set() and delivery.seq != state.seq + 1 and delivery.seq > state.seq:
-            log.error("stream %r: gap from seq %d to %d", state.name, state.seq, delivery.seq)
+        seq = delivery.seq
+        if state.synced and seq > state.seq + 1:
+            log.error("stream %r: gap from seq %d to %d", state.name, state.seq, seq)
         state.epoch = delivery.epoch
-        state.seq = max(state.seq, delivery.seq)
-        if not state.synced.is_set():
-            state.synced.set()
+        if seq > state.seq:
+            state.seq = seq
+        if not state.synced:
+            state.mark_synced()
         wire = protocol.encode_text_frame(delivery.frame)
-        targets = self.authenticated if delivery.stream == protocol.BROADCAST else state.sockets
-        for sock in list(targets):
-            sock.deliver(delivery.stream, delivery.seq, wire)
+        if state is self.broadcast:
+            for sock in self.authenticated:
+                sock.deliver(True, seq, wire)
+        else:
+            for sock in state.sockets:
+                sock.deliver(False, seq, wire)
 
     def on_epoch_change(self, state: StreamState, epoch: str) -> None:
         """The proxy restarted and its history is gone: make the clients resume, honestly."""
@@ -242,12 +272,14 @@ class FlowSocket(tornado.websocket.WebSocketHandler):
         self.username: str | None = None
         self.attempts = 0
         self.authenticating = False
-        self.resuming: list[tuple[str, int, bytes]] | None = None
-        self.delivered: dict[str, int] = {}
+        self.resuming: list[tuple[bool, int, bytes]] | None = None
+        # Last seq written on the user's own stream and on broadcasts: later copies are dropped.
+        self.seq_own = 0
+        self.seq_all = 0
         self.outbox: list[bytes] = []  # message frames waiting for this iteration's flush
+        self.outbox_bytes = 0
         self.tokens = float(server.settings.rate_burst)
         self.last_refill = time.monotonic()
-        self.auth_timer: asyncio.TimerHandle | None = None
         self.closing = False
 
     # -- handshake
@@ -270,14 +302,12 @@ class FlowSocket(tornado.websocket.WebSocketHandler):
         # Tornado's write buffer has no bound of its own; past this, the tab is closed 4008.
         stream.max_write_buffer_size = self.settings_.send_backlog
         self._send(protocol.auth_request())
-        self.auth_timer = asyncio.get_running_loop().call_later(
-            self.settings_.auth_timeout, self._auth_timed_out
-        )
+        # One sweep for all sockets instead of a timer each: see Server._auth_deadlines.
+        self.server.awaiting_auth[self] = time.monotonic() + self.settings_.auth_timeout
 
-    def _auth_timed_out(self) -> None:
-        if self.username is None:
-            client_log.warning("%s: no valid token within %ss", self.peer, self.settings_.auth_timeout)
-            self.close(protocol.CLOSE_AUTH_TIMEOUT, "authentication timeout")
+    def auth_timed_out(self) -> None:
+        client_log.warning("%s: no valid token within %ss", self.peer, self.settings_.auth_timeout)
+        self.close(protocol.CLOSE_AUTH_TIMEOUT, "authentication timeout")
 
     @property
     def peer(self) -> str:
@@ -345,8 +375,7 @@ class FlowSocket(tornado.websocket.WebSocketHandler):
         if self.closing:
             hub.leave(self, username)
             return
-        if self.auth_timer is not None:
-            self.auth_timer.cancel()
+        self.server.awaiting_auth.pop(self, None)
         self.username = username
         hub.authenticated.add(self)
         recovered, backlog = False, []
@@ -358,14 +387,15 @@ class FlowSocket(tornado.websocket.WebSocketHandler):
             ):
                 recovered = True
                 for name in wanted:
+                    broadcast = name == protocol.BROADCAST
                     for seq, body in reply[name].messages or ():
-                        backlog.append((name, seq, protocol.encode_text_frame(body)))
+                        backlog.append((broadcast, seq, protocol.encode_text_frame(body)))
         self._send(protocol.auth_ok(username, state.epoch, self.settings_.heartbeat, recovered, len(backlog)))
         client_log.info("%s authenticated as %r (recovered=%s, missed=%d)",
                         self.peer, username, recovered, len(backlog))
         buffered, self.resuming = self.resuming, None
-        for name, seq, wire in backlog + buffered:
-            self.deliver(name, seq, wire)
+        for broadcast, seq, wire in backlog + buffered:
+            self.deliver(broadcast, seq, wire)
         self.authenticating = False
 
     # -- server frames
@@ -373,34 +403,68 @@ class FlowSocket(tornado.websocket.WebSocketHandler):
     def _send(self, text: str) -> None:
         self._write(protocol.encode_text_frame(text.encode("utf-8")))
 
-    def deliver(self, stream: str, seq: int, wire: bytes) -> None:
-        """Write one pre-encoded message frame, unless this socket already has it."""
+    def deliver(self, broadcast: bool, seq: int, wire: bytes) -> None:
+        """Queue one pre-encoded message frame, unless this socket already has it."""
         if self.resuming is not None:
-            self.resuming.append((stream, seq, wire))
+            self.resuming.append((broadcast, seq, wire))
             return
-        if seq <= self.delivered.get(stream, 0):
-            return
-        self.delivered[stream] = seq
+        if broadcast:
+            if seq <= self.seq_all:
+                return
+            self.seq_all = seq
+        else:
+            if seq <= self.seq_own:
+                return
+            self.seq_own = seq
         if self.closing:
             return
         if not self.outbox:
             self.server.hub.mark_dirty(self)
         self.outbox.append(wire)
+        self.outbox_bytes += len(wire)
+        if self.outbox_bytes > self.settings_.send_backlog:
+            self.flush_outbox()  # keeps one write, and so the backlog, under the bound
 
     def flush_outbox(self) -> None:
         """Write everything queued by this loop iteration in one call (one syscall)."""
         if self.outbox:
             wire = self.outbox[0] if len(self.outbox) == 1 else b"".join(self.outbox)
             self.outbox.clear()
+            self.outbox_bytes = 0
             self._write(wire)
 
     def _write(self, wire: bytes) -> None:
-        # Straight to the stream: tornado's write_message would make a task per frame.
+        # Frames are already WebSocket-encoded: tornado's write_message would make a task
+        # per frame. When nothing is buffered, one send() straight to the socket; the rest,
+        # and any frame behind buffered bytes, goes through the stream's (bounded) buffer.
         conn = self.ws_connection
         if self.closing or conn is None or conn.is_closing():
             return
+        stream = conn.stream  # type: ignore[attr-defined]
+        if not stream.writing():
+            try:
+                sent = stream.socket.send(wire)
+            except (BlockingIOError, InterruptedError):
+                sent = 0
+            except OSError:
+                sent = 0  # let the stream's own write hit the error and close cleanly
+            if sent == len(wire):
+                return
+            if sent:
+                # The rest of a frame already begun must follow it, even past the bound
+                # (by less than a bound and a frame): a cut frame would corrupt the stream.
+                limit, stream.max_write_buffer_size = stream.max_write_buffer_size, None
+                try:
+                    stream.write(wire[sent:])
+                except tornado.iostream.StreamClosedError:
+                    return
+                finally:
+                    stream.max_write_buffer_size = limit
+                if limit is not None and len(wire) - sent > limit:
+                    self._slow_consumer()
+                return
         try:
-            conn.stream.write(wire)  # type: ignore[attr-defined]
+            stream.write(wire)
         except tornado.iostream.StreamBufferFullError:
             self._slow_consumer()
         except tornado.iostream.StreamClosedError:
@@ -424,8 +488,7 @@ class FlowSocket(tornado.websocket.WebSocketHandler):
 
     def on_close(self) -> None:
         self.closing = True
-        if self.auth_timer is not None:
-            self.auth_timer.cancel()
+        self.server.awaiting_auth.pop(self, None)
         self.server.sockets.discard(self)
         if self.username is not None:
             self.server.hub.leave(self, self.username)
@@ -500,8 +563,9 @@ class Server:
         self.context = zmq.Context()
         self.hub = Hub(settings, self.context)
         self.sockets: set[FlowSocket] = set()
+        self.awaiting_auth: dict[FlowSocket, float] = {}  # socket -> auth deadline
         self.http: tornado.httpserver.HTTPServer | None = None
-        self.heartbeat_task: asyncio.Task[None] | None = None
+        self.tasks: list[asyncio.Task[None]] = []
 
     def make_app(self) -> tornado.web.Application:
         return tornado.web.Application(
@@ -517,7 +581,7 @@ class Server:
         sockets = tornado.netutil.bind_sockets(port, "127.0.0.1", family=socket.AF_INET, reuse_port=True)
         self.http = tornado.httpserver.HTTPServer(self.make_app(), xheaders=True)
         self.http.add_sockets(sockets)
-        self.heartbeat_task = asyncio.ensure_future(self._heartbeats())
+        self.tasks = [asyncio.ensure_future(self._heartbeats()), asyncio.ensure_future(self._auth_deadlines())]
         log.info("websocket server up on 127.0.0.1:%d (fan-out %s)", port, self.settings.fanout_endpoint)
 
     async def _heartbeats(self) -> None:
@@ -526,12 +590,22 @@ class Server:
             for sock in list(self.hub.authenticated):
                 sock.send_heartbeat()
 
+    async def _auth_deadlines(self) -> None:
+        period = min(1.0, self.settings.auth_timeout / 4)
+        while True:
+            await asyncio.sleep(period)
+            now = time.monotonic()
+            for sock, deadline in list(self.awaiting_auth.items()):
+                if deadline <= now and sock.username is None and not sock.authenticating:
+                    del self.awaiting_auth[sock]
+                    sock.auth_timed_out()
+
     async def drain(self) -> None:
         """Stop accepting, close every socket with 1001, wait (bounded) for them to go."""
         if self.http is not None:
             self.http.stop()
-        if self.heartbeat_task is not None:
-            self.heartbeat_task.cancel()
+        for task in self.tasks:
+            task.cancel()
         for sock in list(self.sockets):
             sock.close(protocol.CLOSE_GOING_AWAY, "server shutting down")
         deadline = time.monotonic() + self.settings.drain_timeout

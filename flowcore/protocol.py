@@ -6,17 +6,20 @@ whose message is safe to show to the client.
 
 Internal framing (PROTOCOL.md section 6, ours to choose):
 
-publisher -> proxy (PUSH -> PULL), three frames::
+Each internal message is a single ZeroMQ frame (one send, one receive per hop).
 
-    [b"P1", username (utf-8, b"*" for a broadcast), id_json + b"\\n" + data_json]
+publisher -> proxy (PUSH -> PULL)::
 
-proxy -> WebSocket servers (XPUB -> SUB), the first frame is the exact topic::
+    b"P1\\0" username b"\\0" id_json b"\\n" data_json      (username b"*" for a broadcast)
 
-    [topic, b"M", seq, epoch, browser_frame]   a message, browser frame fully built
-    [topic, b"S", seq, epoch, b""]              sync: the stream's current position
+proxy -> WebSocket servers (XPUB -> SUB), starting with the exact topic::
+
+    topic b"M" seq b" " epoch b" " browser_frame     a message, browser frame fully built
+    topic b"S" seq b" " epoch b" "                   sync: the stream's current position
 
 A topic is ``b"u" + username + b"\\0"`` (``b"*\\0"`` for broadcasts). Usernames may not
-contain NUL, so ZeroMQ's prefix matching is exact: ``1\\0`` is no prefix of ``12\\0``.
+contain NUL, so ZeroMQ's prefix matching is exact: ``u1\\0`` is no prefix of ``u12\\0``,
+and epochs hold no space.
 
 server <-> proxy control (DEALER -> ROUTER), one JSON frame each way: see
 :func:`build_history_request` and :func:`parse_history_reply`.
@@ -24,6 +27,7 @@ server <-> proxy control (DEALER -> ROUTER), one JSON frame each way: see
 
 from __future__ import annotations
 
+import functools
 import json
 import re
 import struct
@@ -44,7 +48,7 @@ CLOSE_RATE_LIMITED = 4029
 MAX_USERNAME_BYTES = 256
 MAX_ID_CHARS = 256
 
-PUSH_VERSION = b"P1"
+PUSH_PREFIX = b"P1\0"
 KIND_MESSAGE = b"M"
 KIND_SYNC = b"S"
 
@@ -85,6 +89,7 @@ def check_message_id(message_id: object) -> str:
     return message_id
 
 
+@functools.lru_cache(maxsize=65536)
 def topic(stream: str) -> bytes:
     """The exact ZeroMQ topic of a stream (a username, or ``"*"``)."""
     if stream == BROADCAST:
@@ -121,21 +126,34 @@ def encode_push(
     data: Any,
     max_message: int,
     serializer: Callable[[Any], bytes] = dumps,
-) -> list[bytes]:
-    """Frames for one push. ``username`` is a user or ``"*"``. Raises ProtocolError."""
-    if username != BROADCAST:
-        check_username(username)
-    check_message_id(message_id)
+) -> bytes:
+    """The one frame of a push. ``username`` is a user or ``"*"``. Raises ProtocolError."""
+    # Type checks first: the cached helpers need hashable arguments.
+    user = _push_user(username if isinstance(username, str) else check_username(username))
+    id_json = _id_json(message_id if isinstance(message_id, str) else check_message_id(message_id))
     try:
         data_json = serializer(data)
     except (TypeError, ValueError) as exc:
         raise ProtocolError(f"data is not JSON-serializable: {exc}") from None
-    body = dumps(message_id) + b"\n" + data_json
-    if len(body) > max_message:
+    size = len(id_json) + 1 + len(data_json)
+    if size > max_message:
         raise ProtocolError(
-            f"message is {len(body)} bytes, over the {max_message}-byte limit (FLOW_MAX_MESSAGE)"
+            f"message is {size} bytes, over the {max_message}-byte limit (FLOW_MAX_MESSAGE)"
         )
-    return [PUSH_VERSION, username.encode("utf-8"), body]
+    return b"".join((PUSH_PREFIX, user, b"\0", id_json, b"\n", data_json))
+
+
+@functools.lru_cache(maxsize=4096)
+def _push_user(username: str) -> bytes:
+    # Cached: a web app pushes to the same users again and again. Errors are not cached.
+    if username != BROADCAST:
+        check_username(username)
+    return username.encode("utf-8")
+
+
+@functools.lru_cache(maxsize=1024)
+def _id_json(message_id: str) -> bytes:
+    return dumps(check_message_id(message_id))
 
 
 @dataclass(frozen=True)
@@ -145,21 +163,35 @@ class Push:
     data_json: bytes
 
 
-def decode_push(frames: list[bytes]) -> Push:
+def decode_push(raw: bytes) -> Push:
     """Inverse of :func:`encode_push`, for the proxy. Raises ProtocolError."""
-    if len(frames) != 3 or frames[0] != PUSH_VERSION:
-        raise ProtocolError(f"expected 3 frames starting with {PUSH_VERSION!r}")
+    if not raw.startswith(PUSH_PREFIX):
+        raise ProtocolError(f"a push starts with {PUSH_PREFIX!r}")
+    end = raw.find(b"\0", len(PUSH_PREFIX))
+    if end < 0:
+        raise ProtocolError("push has no username terminator")
+    stream = _stream_name(raw[len(PUSH_PREFIX) : end])
+    id_json, sep, data_json = raw[end + 1 :].partition(b"\n")
+    # id_json is a JSON string, which never holds a raw newline, so the split is exact.
+    if not sep or len(id_json) < 2 or id_json[:1] != b'"' or id_json[-1:] != b'"' or not data_json:
+        raise ProtocolError("body is not id_json NEWLINE data_json")
+    return Push(stream, id_json, data_json)
+
+
+@functools.lru_cache(maxsize=65536)
+def _stream_name(user: bytes) -> str:
     try:
-        stream = frames[1].decode("utf-8")
+        stream = user.decode("utf-8")
     except UnicodeDecodeError:
         raise ProtocolError("username is not UTF-8") from None
     if stream != BROADCAST:
         check_username(stream)
-    id_json, sep, data_json = frames[2].partition(b"\n")
-    # id_json is a JSON string, which never holds a raw newline, so the split is exact.
-    if not sep or not id_json.startswith(b'"') or not id_json.endswith(b'"') or not data_json:
-        raise ProtocolError("body is not id_json NEWLINE data_json")
-    return Push(stream, id_json, data_json)
+    return stream
+
+
+@functools.lru_cache(maxsize=65536)
+def _json_string(text: str) -> bytes:
+    return dumps(text)
 
 
 def build_message_frame(push: Push, seq: int, epoch: str) -> bytes:
@@ -172,44 +204,57 @@ def build_message_frame(push: Push, seq: int, epoch: str) -> bytes:
             b'{"id":',
             push.id_json,
             b',"username":',
-            dumps(push.stream),
+            _json_string(push.stream),
             b',"data":',
             push.data_json,
             b',"seq":',
             str(seq).encode(),
             b',"epoch":',
-            dumps(epoch),
+            _json_string(epoch),
             b"}",
         )
     )
 
 
-def message_frames(stream: str, seq: int, epoch: str, frame: bytes) -> list[bytes]:
-    return [topic(stream), KIND_MESSAGE, str(seq).encode(), epoch.encode(), frame]
+def message_frame(stream: str, seq: int, epoch: str, frame: bytes) -> bytes:
+    """What the proxy publishes: ``topic M seq SP epoch SP browser_frame``, one frame."""
+    return b"".join((topic(stream), KIND_MESSAGE, str(seq).encode(), b" ", epoch.encode(), b" ", frame))
 
 
-def sync_frames(stream: str, seq: int, epoch: str) -> list[bytes]:
-    return [topic(stream), KIND_SYNC, str(seq).encode(), epoch.encode(), b""]
+def sync_frame(stream: str, seq: int, epoch: str) -> bytes:
+    """The proxy's answer to a subscription: the stream's epoch and current seq."""
+    return b"".join((topic(stream), KIND_SYNC, str(seq).encode(), b" ", epoch.encode(), b" "))
 
 
 @dataclass(frozen=True)
 class Delivery:
-    stream: str
+    topic: bytes
     kind: bytes
     seq: int
     epoch: str
     frame: bytes
 
+    @property
+    def stream(self) -> str:
+        return stream_of_topic(self.topic)
 
-def decode_delivery(frames: list[bytes]) -> Delivery:
-    if len(frames) != 5 or frames[1] not in (KIND_MESSAGE, KIND_SYNC):
-        raise ProtocolError("expected [topic, kind, seq, epoch, frame]")
+
+def decode_delivery(raw: bytes) -> Delivery:
+    """Inverse of :func:`message_frame` and :func:`sync_frame`. Raises ProtocolError."""
+    cut = raw.find(b"\0") + 1
+    kind = raw[cut : cut + 1]
+    if cut == 0 or kind not in (KIND_MESSAGE, KIND_SYNC):
+        raise ProtocolError("expected topic, kind, seq, epoch, frame")
+    seq_end = raw.find(b" ", cut)
+    epoch_end = raw.find(b" ", seq_end + 1)
+    if seq_end < 0 or epoch_end < 0:
+        raise ProtocolError("delivery header is not seq SP epoch SP")
     try:
-        return Delivery(
-            stream_of_topic(frames[0]), frames[1], int(frames[2]), frames[3].decode(), frames[4]
-        )
+        seq = int(raw[cut + 1 : seq_end])
+        epoch = raw[seq_end + 1 : epoch_end].decode("ascii")
     except (ValueError, UnicodeDecodeError) as exc:
-        raise ProtocolError(f"bad delivery: {exc}") from None
+        raise ProtocolError(f"bad delivery header: {exc}") from None
+    return Delivery(raw[:cut], kind, seq, epoch, raw[epoch_end + 1 :])
 
 
 # ---------------------------------------------------------------- history (control channel)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import socket
 import urllib.request
 from pathlib import Path
 from typing import Any
@@ -84,6 +85,16 @@ async def recv_json(ws: ClientConnection, timeout: float = 10.0) -> dict[str, An
         raw = await asyncio.wait_for(ws.recv(), timeout)
         if raw != "<3":
             return json.loads(raw)
+
+
+def small_buffer_socket(url: str) -> socket.socket:
+    """A connected TCP socket with a tiny receive buffer: a client that stops reading
+    then pushes back on the server at once, instead of after megabytes of kernel buffer."""
+    host, port = url.split("://", 1)[1].split("/", 1)[0].rsplit(":", 1)
+    sock = socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    sock.connect((host, int(port)))
+    return sock
 
 
 async def authenticate(

@@ -15,6 +15,8 @@ from typing import Any, Callable
 from websockets.asyncio.client import connect
 from websockets.exceptions import ConnectionClosed, InvalidHandshake
 
+from pipeline import small_buffer_socket
+
 
 @dataclass
 class Ledger:
@@ -69,6 +71,8 @@ class ResumingClient:
 
     async def _session(self) -> None:
         kwargs: dict[str, Any] = {"max_queue": 1 if self.pause else None}
+        if self.pause is not None:
+            kwargs["sock"] = small_buffer_socket(self.url)
         if self.origin:
             kwargs["origin"] = self.origin
         async with connect(self.url, open_timeout=5, **kwargs) as ws:

@@ -12,7 +12,7 @@ import pytest
 from websockets.asyncio.client import connect
 from websockets.exceptions import ConnectionClosed, InvalidStatus
 
-from pipeline import Pipeline, authenticate, collect, recv_json
+from pipeline import Pipeline, authenticate, collect, recv_json, small_buffer_socket
 from support import wait_until
 
 
@@ -229,7 +229,8 @@ def test_slow_consumer_closed_4008_without_delaying_others(tmp_path):
         async def run():
             publisher = pipe.publisher()
             # max_queue=1 and a small read buffer: this client stops reading at once.
-            slow, _ = await authenticate(pipe.url(), pipe.token("slow"), max_queue=1, max_size=None)
+            slow, _ = await authenticate(pipe.url(), pipe.token("slow"), max_queue=1, max_size=None,
+                                         sock=small_buffer_socket(pipe.url()))
             fast, _ = await authenticate(pipe.url(), pipe.token("fast"))
             blob = "y" * 20000
             for i in range(400):

@@ -28,13 +28,13 @@ from flowcore.protocol import (
     encode_push,
     encode_text_frame,
     error,
-    message_frames,
+    message_frame,
     parse_client_frame,
     parse_history_reply,
     parse_history_request,
     pong,
     stream_of_topic,
-    sync_frames,
+    sync_frame,
     topic,
 )
 
@@ -383,29 +383,27 @@ class TestTopics:
 
 class TestPush:
     def test_round_trip(self):
-        frames = encode_push("alice", "TASK DONE", {"card": "ok", "n": [1, 2.5, None, True]}, MAX)
-        assert len(frames) == 3
-        assert frames[0] == b"P1"
-        assert frames[1] == b"alice"
-        assert all(isinstance(f, bytes) for f in frames)
-        push = decode_push(frames)
+        raw = encode_push("alice", "TASK DONE", {"card": "ok", "n": [1, 2.5, None, True]}, MAX)
+        assert isinstance(raw, bytes)
+        assert raw.startswith(b"P1\0alice\0")
+        push = decode_push(raw)
         assert push.stream == "alice"
         assert json.loads(push.id_json) == "TASK DONE"
         assert json.loads(push.data_json) == {"card": "ok", "n": [1, 2.5, None, True]}
 
     def test_unicode_round_trip(self):
         data = {"text": "zoë ✓ 😀 \u2028 \n \"q\"", "k\u00e9": "\\"}
-        frames = encode_push("zoë", "ïd ✓\n", data, MAX)
-        assert frames[1] == "zoë".encode()
-        push = decode_push(frames)
+        raw = encode_push("zoë", "ïd ✓\n", data, MAX)
+        assert raw.startswith(b"P1\0" + "zoë".encode() + b"\0")
+        push = decode_push(raw)
         assert push.stream == "zoë"
         assert json.loads(push.id_json) == "ïd ✓\n"
         assert json.loads(push.data_json) == data
 
     def test_broadcast(self):
-        frames = encode_push(BROADCAST, "NEWS", {"headline": "h"}, MAX)
-        assert frames[1] == b"*"
-        push = decode_push(frames)
+        raw = encode_push(BROADCAST, "NEWS", {"headline": "h"}, MAX)
+        assert raw.startswith(b"P1\0*\0")
+        push = decode_push(raw)
         assert push.stream == "*"
         assert json.loads(push.data_json) == {"headline": "h"}
 
@@ -428,12 +426,12 @@ class TestPush:
         with pytest.raises(ProtocolError):
             encode_push("alice", "x", data, MAX)
 
-    @pytest.mark.parametrize("username", ["", None, 5, "a\0b", "x" * 257, "\ud800"])
+    @pytest.mark.parametrize("username", ["", None, 5, "a\0b", "x" * 257, "\ud800", ["a"], {"a": 1}])
     def test_bad_username_refused(self, username):
         with pytest.raises(ProtocolError):
             encode_push(username, "x", 1, MAX)
 
-    @pytest.mark.parametrize("mid", ["", None, 5, "x" * 257])
+    @pytest.mark.parametrize("mid", ["", None, 5, "x" * 257, ["a"]])
     def test_bad_id_refused(self, mid):
         with pytest.raises(ProtocolError):
             encode_push("alice", mid, 1, MAX)
@@ -442,7 +440,7 @@ class TestPush:
         limit = 100
         # body = '"x"' + '\n' + '"' + s + '"' -> 4 + len(s) + 2 bytes
         exact = encode_push("alice", "x", "a" * (limit - 6), limit)
-        assert len(exact[2]) == limit
+        assert len(exact) - len(b"P1\0alice\0") == limit
         with pytest.raises(ProtocolError, match="limit"):
             encode_push("alice", "x", "a" * (limit - 5), limit)
 
@@ -476,30 +474,28 @@ class TestPush:
 
 
 class TestDecodePush:
-    GOOD = [b"P1", b"alice", b'"x"\n{"a":1}']
+    GOOD = b'P1\0alice\0"x"\n{"a":1}'
 
     def test_good(self):
-        assert decode_push(list(self.GOOD)) == Push("alice", b'"x"', b'{"a":1}')
+        assert decode_push(self.GOOD) == Push("alice", b'"x"', b'{"a":1}')
 
-    @pytest.mark.parametrize("count", [0, 1, 2, 4])
-    def test_wrong_frame_count(self, count):
-        frames = (self.GOOD + [b"extra"])[:count]
-        with pytest.raises(ProtocolError, match="3 frames"):
-            decode_push(frames)
-
-    @pytest.mark.parametrize("version", [b"P0", b"P2", b"", b"p1", b"M"])
-    def test_wrong_version(self, version):
+    @pytest.mark.parametrize("prefix", [b"P0\0", b"P2\0", b"", b"p1\0", b"M", b"P1"])
+    def test_wrong_version(self, prefix):
         with pytest.raises(ProtocolError):
-            decode_push([version, b"alice", b'"x"\n1'])
+            decode_push(prefix + b'alice\0"x"\n1')
+
+    def test_no_username_terminator(self):
+        with pytest.raises(ProtocolError, match="terminator"):
+            decode_push(b'P1\0alice"x"\n1')
 
     def test_bad_utf8_username(self):
         with pytest.raises(ProtocolError, match="UTF-8"):
-            decode_push([b"P1", b"\xff\xfe", b'"x"\n1'])
+            decode_push(b'P1\0\xff\xfe\0"x"\n1')
 
-    @pytest.mark.parametrize("username", [b"", b"a\0b", b"x" * 257])
+    @pytest.mark.parametrize("username", [b"", b"x" * 257])
     def test_bad_username(self, username):
         with pytest.raises(ProtocolError):
-            decode_push([b"P1", username, b'"x"\n1'])
+            decode_push(b"P1\0" + username + b'\0"x"\n1')
 
     @pytest.mark.parametrize(
         "body",
@@ -511,16 +507,17 @@ class TestDecodePush:
             b"x\n1",  # id not a JSON string
             b'\n"x"',
             b'1\n"x"',
+            b'"\n1',  # a lone quote is no JSON string
         ],
     )
     def test_bad_body(self, body):
         with pytest.raises(ProtocolError, match="body"):
-            decode_push([b"P1", b"alice", body])
+            decode_push(b"P1\0alice\0" + body)
 
-    def test_data_may_contain_newlines(self):
-        push = decode_push([b"P1", b"alice", b'"x"\n{"a":\n1}'])
+    def test_data_may_contain_newlines_and_nul(self):
+        push = decode_push(b'P1\0alice\0"x"\n{"a":\n"\0"}')
         assert push.id_json == b'"x"'
-        assert json.loads(push.data_json) == {"a": 1}
+        assert push.data_json == b'{"a":\n"\0"}'
 
 
 # ---------------------------------------------------------------- fan-out
@@ -554,21 +551,22 @@ class TestMessageFrames:
         assert obj["epoch"] == 'ep"och\\'
         assert obj["data"] is None
 
-    def test_message_frames_decode(self):
+    def test_message_frame_decode(self):
         frame = b'{"id":"x"}'
-        frames = message_frames("alice", 7, "e1", frame)
-        assert frames[0] == topic("alice")
-        delivery = decode_delivery(frames)
+        raw = message_frame("alice", 7, "e1", frame)
+        assert raw.startswith(topic("alice"))
+        delivery = decode_delivery(raw)
+        assert delivery.topic == topic("alice")
         assert delivery.stream == "alice"
         assert delivery.kind == protocol.KIND_MESSAGE
         assert delivery.seq == 7 and type(delivery.seq) is int
         assert delivery.epoch == "e1"
         assert delivery.frame == frame
 
-    def test_sync_frames_decode(self):
-        frames = sync_frames("*", 0, "e2")
-        assert frames[0] == b"*\0"
-        delivery = decode_delivery(frames)
+    def test_sync_frame_decode(self):
+        raw = sync_frame("*", 0, "e2")
+        assert raw.startswith(b"*\0")
+        delivery = decode_delivery(raw)
         assert delivery.stream == "*"
         assert delivery.kind == protocol.KIND_SYNC
         assert delivery.seq == 0
@@ -576,30 +574,38 @@ class TestMessageFrames:
         assert delivery.frame == b""
 
     def test_unicode_stream_round_trip(self):
-        delivery = decode_delivery(message_frames("zoë", 123456789012, "e", b"{}"))
+        delivery = decode_delivery(message_frame("zoë", 123456789012, "e", b"{}"))
         assert delivery.stream == "zoë"
         assert delivery.seq == 123456789012
 
+    def test_frame_may_hold_spaces(self):
+        delivery = decode_delivery(message_frame("a", 1, "e", b'{"d":"x y\\u0000 z"}'))
+        assert delivery.frame == b'{"d":"x y\\u0000 z"}'
+
     @pytest.mark.parametrize(
-        "frames",
+        "raw",
         [
-            [],
-            [b"ualice\0", b"M", b"1", b"e"],
-            [b"ualice\0", b"M", b"1", b"e", b"{}", b"extra"],
-            [b"ualice\0", b"X", b"1", b"e", b"{}"],
-            [b"ualice\0", b"", b"1", b"e", b"{}"],
-            [b"ualice\0", b"M", b"one", b"e", b"{}"],
-            [b"ualice\0", b"M", b"", b"e", b"{}"],
-            [b"ualice\0", b"M", b"1.5", b"e", b"{}"],
-            [b"ualice\0", b"M", b"1", b"\xff", b"{}"],
-            [b"alice\0", b"M", b"1", b"e", b"{}"],
-            [b"ualice", b"M", b"1", b"e", b"{}"],
-            [b"u\xff\0", b"M", b"1", b"e", b"{}"],
+            b"",
+            b"ualice\0",
+            b"ualice\0M1 e",  # no space after the epoch
+            b"ualice\0M1",
+            b"ualice\0X1 e {}",
+            b"ualice\0 1 e {}",
+            b"ualice\0Mone e {}",
+            b"ualice\0M e {}",
+            b"ualice\0M1.5 e {}",
+            b"ualice\0M1 \xff {}",
+            b"ualiceM1 e {}",  # no topic terminator
         ],
     )
-    def test_decode_delivery_errors(self, frames):
+    def test_decode_delivery_errors(self, raw):
         with pytest.raises(ProtocolError):
-            decode_delivery(frames)
+            decode_delivery(raw)
+
+    @pytest.mark.parametrize("raw", [b"alice\0M1 e {}", b"u\xff\0M1 e {}", b"u*\0M1 e {}"])
+    def test_foreign_topics_have_no_stream(self, raw):
+        with pytest.raises(ProtocolError):
+            decode_delivery(raw).stream
 
 
 # ---------------------------------------------------------------- history

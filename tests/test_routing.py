@@ -74,13 +74,13 @@ def test_topics_are_exact_at_the_zeromq_level(pipe):
     try:
         # The proxy answers a subscription with a sync frame: wait for it.
         assert sub.poll(10000), "no sync from the proxy"
-        sync = protocol.decode_delivery(sub.recv_multipart())
+        sync = protocol.decode_delivery(sub.recv())
         assert (sync.stream, sync.kind) == ("1", protocol.KIND_SYNC)
         publisher = pipe.publisher()
         publisher.push("12", "X", 1)
         publisher.push("1", "Y", 2)
         assert sub.poll(10000)
-        delivery = protocol.decode_delivery(sub.recv_multipart())
+        delivery = protocol.decode_delivery(sub.recv())
         assert (delivery.stream, delivery.seq) == ("1", 1)
         assert not sub.poll(0)
     finally:
@@ -154,9 +154,10 @@ def test_malformed_push_is_logged_and_others_still_flow(pipe):
         context = zmq.Context()
         raw = context.socket(zmq.PUSH)
         raw.connect(pipe.settings.publish_endpoint)
-        raw.send_multipart([b"garbage"])
-        raw.send_multipart([b"P1", b"\xff\xfe", b'"X"\n1'])
-        raw.send_multipart([b"P1", b"zoe", b"no newline"])
+        raw.send(b"garbage")
+        raw.send(b'P1\0\xff\xfe\0"X"\n1')
+        raw.send(b"P1\0zoe\0no newline")
+        raw.send_multipart([b"P1\0zoe\0", b'"X"\n1'])
         raw.close(linger=5000)
         context.term()
         pipe.publisher().push("zoe", "AFTER", 1)
@@ -165,7 +166,7 @@ def test_malformed_push_is_logged_and_others_still_flow(pipe):
         await ws.close()
 
     asyncio.run(run())
-    wait_until(lambda: pipe.proxy.log().count("dropped a malformed push") == 3, 5,
-               message="three warnings")
+    wait_until(lambda: pipe.proxy.log().count("dropped a malformed push") == 4, 5,
+               message="four warnings")
     assert "Traceback" not in pipe.proxy.log()
     assert pipe.proxy.alive()
