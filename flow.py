@@ -61,7 +61,7 @@ class Flow:
         self.max_message = max_message or settings.max_message
         self.queue_size = queue_size or settings.push_queue
         self.linger = settings.push_linger if linger is None else linger
-        self._serializer = serializer or protocol.dumps
+        self._serializer = serializer or protocol.fast_dumps
         self._lock = threading.Lock()
         self._context: zmq.Context | None = None
         self._socket: zmq.Socket | None = None
@@ -87,8 +87,6 @@ class Flow:
 
     def _send(self, frame: bytes) -> None:
         with self._lock:
-            if self._closed:
-                raise RuntimeError("this Flow publisher is closed")
             sock = self._socket or self._open()
             try:
                 sock.send(frame, _NOBLOCK)
@@ -99,6 +97,8 @@ class Flow:
                 ) from None
 
     def _open(self) -> zmq.Socket:
+        if self._closed:
+            raise RuntimeError("this Flow publisher is closed")
         self._context = zmq.Context()
         sock = self._context.socket(zmq.PUSH)
         sock.setsockopt(zmq.SNDHWM, self.queue_size)

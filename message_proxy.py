@@ -34,6 +34,7 @@ log = logging.getLogger("flow.proxy")
 BATCH = 512
 # A plain int: pyzmq's flag enums cost more than the send itself on this path.
 NOBLOCK = int(zmq.NOBLOCK)
+RCVMORE = int(zmq.RCVMORE)
 SWEEP_INTERVAL = 30.0
 
 
@@ -68,7 +69,8 @@ class MessageLog:
             history.append((stream.seq, now, frame))
             if len(history) > self.history_size:
                 history.popleft()
-        return protocol.message_frame(push.stream, stream.seq, self.epoch, frame)
+        # Published already framed for WebSocket: every server writes these bytes as they are.
+        return protocol.message_frame(push.stream, stream.seq, self.epoch, protocol.encode_text_frame(frame))
 
     def position(self, name: str) -> int:
         stream = self.streams.get(name)
@@ -154,9 +156,9 @@ class Proxy:
                 raw = recv(NOBLOCK)
             except zmq.Again:
                 return
-            if self.pull.rcvmore:
+            if self.pull.getsockopt(RCVMORE):
                 parts = 1
-                while self.pull.rcvmore:
+                while self.pull.getsockopt(RCVMORE):
                     self.pull.recv()
                     parts += 1
                 log.warning("dropped a malformed push: %d frames, expected one", parts)

@@ -216,7 +216,7 @@ class Hub:
             state.seq = seq
         if not state.synced:
             state.mark_synced()
-        wire = protocol.encode_text_frame(delivery.frame)
+        wire = delivery.frame  # the proxy framed it for WebSocket once, for every server
         if state is self.broadcast:
             for sock in self.authenticated:
                 sock.deliver(True, seq, wire)

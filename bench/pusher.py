@@ -110,7 +110,7 @@ def run_ref(config: dict) -> dict:
 
 
 def run_pushcost(config: dict) -> dict:
-    """Seconds per call: flow.Flow.push vs a raw PUSH send_multipart of the same frames."""
+    """Seconds per call: flow.Flow.push vs a raw PUSH send of the same bytes."""
     settings = load_settings(config["env"])
     n, repeats = config["count"], config.get("repeats", 5)
     publisher = flow.Flow(settings=settings)
@@ -120,15 +120,15 @@ def run_pushcost(config: dict) -> dict:
     raw.connect(settings.publish_endpoint)
     data = {"r": "pushcost", "i": 0, "t": time.time(), "p": PAD}
     user = "nobody-listens"
-    frames = protocol.encode_push(user, MESSAGE_ID, data, settings.max_message)
+    frame = protocol.encode_push(user, MESSAGE_ID, data, settings.max_message)
     publisher.push(user, MESSAGE_ID, data)  # open the socket outside the timing
-    raw.send_multipart(frames)
+    raw.send(frame)
     time.sleep(0.2)
     best_flow = best_raw = float("inf")
     for _ in range(repeats):
         t0 = time.perf_counter()
         for _ in range(n):
-            raw.send_multipart(frames, zmq.NOBLOCK)
+            raw.send(frame, zmq.NOBLOCK)
         best_raw = min(best_raw, (time.perf_counter() - t0) / n)
         time.sleep(n / 100_000)  # let the proxy drain: measure the call, not a full queue
         t0 = time.perf_counter()

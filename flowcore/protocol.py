@@ -14,7 +14,8 @@ publisher -> proxy (PUSH -> PULL)::
 
 proxy -> WebSocket servers (XPUB -> SUB), starting with the exact topic::
 
-    topic b"M" seq b" " epoch b" " browser_frame     a message, browser frame fully built
+    topic b"M" seq b" " epoch b" " websocket_frame   a message: the browser frame, already
+                                                     framed as a WebSocket text frame
     topic b"S" seq b" " epoch b" "                   sync: the stream's current position
 
 A topic is ``b"u" + username + b"\\0"`` (``b"*\\0"`` for broadcasts). Usernames may not
@@ -33,6 +34,8 @@ import re
 import struct
 from dataclasses import dataclass, field
 from typing import Any, Callable, Mapping
+
+import orjson
 
 BROADCAST = "*"
 HEARTBEAT = "<3"
@@ -113,11 +116,39 @@ def stream_of_topic(topic_bytes: bytes) -> str:
 # ---------------------------------------------------------------- publishing
 
 
+_STRICT_ENCODER = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False, allow_nan=False)
+
+
 def dumps(value: Any) -> bytes:
     """Compact JSON; refuses NaN/Infinity, which browsers' JSON.parse cannot read."""
-    return json.dumps(value, separators=(",", ":"), ensure_ascii=False, allow_nan=False).encode(
-        "utf-8"
-    )
+    return _STRICT_ENCODER.encode(value).encode("utf-8")
+
+
+# Datetimes, dataclasses and subclasses of builtins go to the standard encoder, which
+# refuses what it cannot encode: orjson would otherwise accept more than dumps does.
+_ORJSON_OPTIONS = (
+    orjson.OPT_PASSTHROUGH_DATETIME | orjson.OPT_PASSTHROUGH_DATACLASS | orjson.OPT_PASSTHROUGH_SUBCLASS
+)
+
+
+def fast_dumps(value: Any) -> bytes:
+    """JSON as :func:`dumps` judges it, about ten times faster for the usual payload.
+
+    orjson encodes; anything it refuses, and any output holding ``null`` (orjson writes
+    NaN and Infinity as null, where dumps refuses them), is encoded again by dumps,
+    which then answers for the value. Beyond dumps, UUIDs and Enums are accepted (as
+    orjson writes them); the text of floats may differ, never their value.
+    """
+    try:
+        out = _orjson_dumps(value, None, _ORJSON_OPTIONS)
+    except TypeError:  # orjson.JSONEncodeError included
+        return dumps(value)
+    if b"null" in out:
+        return dumps(value)
+    return out
+
+
+_orjson_dumps = orjson.dumps
 
 
 def encode_push(
@@ -125,38 +156,47 @@ def encode_push(
     message_id: str,
     data: Any,
     max_message: int,
-    serializer: Callable[[Any], bytes] = dumps,
+    serializer: Callable[[Any], bytes] = fast_dumps,
 ) -> bytes:
     """The one frame of a push. ``username`` is a user or ``"*"``. Raises ProtocolError."""
     # Type checks first: the cached helpers need hashable arguments.
-    user = _push_user(username if isinstance(username, str) else check_username(username))
-    id_json = _id_json(message_id if isinstance(message_id, str) else check_message_id(message_id))
+    head = _push_head(username if isinstance(username, str) else check_username(username))
+    id_part = _id_part(message_id if isinstance(message_id, str) else check_message_id(message_id))
     try:
-        data_json = serializer(data)
+        if serializer is fast_dumps:  # inlined: this is the publisher's hot path
+            try:
+                data_json = _orjson_dumps(data, None, _ORJSON_OPTIONS)
+            except TypeError:
+                data_json = b"null"
+            if b"null" in data_json:
+                data_json = dumps(data)
+        else:
+            data_json = serializer(data)
     except (TypeError, ValueError) as exc:
         raise ProtocolError(f"data is not JSON-serializable: {exc}") from None
-    size = len(id_json) + 1 + len(data_json)
+    size = len(id_part) + len(data_json)
     if size > max_message:
         raise ProtocolError(
             f"message is {size} bytes, over the {max_message}-byte limit (FLOW_MAX_MESSAGE)"
         )
-    return b"".join((PUSH_PREFIX, user, b"\0", id_json, b"\n", data_json))
+    return head + id_part + data_json
 
 
 @functools.lru_cache(maxsize=4096)
-def _push_user(username: str) -> bytes:
+def _push_head(username: str) -> bytes:
     # Cached: a web app pushes to the same users again and again. Errors are not cached.
     if username != BROADCAST:
         check_username(username)
-    return username.encode("utf-8")
+    return PUSH_PREFIX + username.encode("utf-8") + b"\0"
 
 
 @functools.lru_cache(maxsize=1024)
-def _id_json(message_id: str) -> bytes:
-    return dumps(check_message_id(message_id))
+def _id_part(message_id: str) -> bytes:
+    return dumps(check_message_id(message_id)) + b"\n"
 
 
-@dataclass(frozen=True)
+# Plain slotted dataclasses: a frozen one costs a setattr call per field, per message.
+@dataclass(slots=True)
 class Push:
     stream: str
     id_json: bytes
@@ -217,7 +257,7 @@ def build_message_frame(push: Push, seq: int, epoch: str) -> bytes:
 
 
 def message_frame(stream: str, seq: int, epoch: str, frame: bytes) -> bytes:
-    """What the proxy publishes: ``topic M seq SP epoch SP browser_frame``, one frame."""
+    """What the proxy publishes: ``topic M seq SP epoch SP websocket_frame``, one frame."""
     return b"".join((topic(stream), KIND_MESSAGE, str(seq).encode(), b" ", epoch.encode(), b" ", frame))
 
 
@@ -226,7 +266,7 @@ def sync_frame(stream: str, seq: int, epoch: str) -> bytes:
     return b"".join((topic(stream), KIND_SYNC, str(seq).encode(), b" ", epoch.encode(), b" "))
 
 
-@dataclass(frozen=True)
+@dataclass(slots=True)
 class Delivery:
     topic: bytes
     kind: bytes

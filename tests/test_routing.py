@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import random
 import subprocess
 
@@ -82,6 +83,9 @@ def test_topics_are_exact_at_the_zeromq_level(pipe):
         assert sub.poll(10000)
         delivery = protocol.decode_delivery(sub.recv())
         assert (delivery.stream, delivery.seq) == ("1", 1)
+        # Published as a ready WebSocket text frame (FIN + text, short length, unmasked).
+        assert delivery.frame[0] == 0x81 and delivery.frame[1] == len(delivery.frame) - 2
+        assert json.loads(delivery.frame[2:])["data"] == 2
         assert not sub.poll(0)
     finally:
         sub.close(0)
