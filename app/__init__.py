@@ -1,0 +1,54 @@
+"""The Flow demo app: log in, get a socket token, and watch background work push back.
+
+It is the example users copy from: a Flask app built by ``create_app`` with blueprints,
+that answers HTTP requests at once and lets background tasks tell the browser later
+through ``flow.push``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import logging
+from pathlib import Path
+from typing import Any, Mapping
+
+from flask import Flask
+
+from flowcore.settings import Settings, load_settings
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def create_app(test_config: Mapping[str, Any] | None = None) -> Flask:
+    """Build the demo app.
+
+    ``test_config`` may set ``FLOW_SETTINGS`` (a Settings object), ``PUSH`` (a callable
+    ``push(username, id, data)`` used instead of ``flow.push``), ``TASK_DELAY`` (seconds
+    before background results are pushed) and any Flask setting.
+    """
+    app = Flask(__name__, static_folder=str(ROOT / "static"), static_url_path="/static")
+    config = dict(test_config or {})
+    settings: Settings = config.pop("FLOW_SETTINGS", None) or load_settings()
+    app.config.update(
+        FLOW_SETTINGS=settings,
+        # Sessions are signed with a key derived from the Flow secret, never the secret itself.
+        SECRET_KEY=hmac.new(settings.secret.encode(), b"flow-demo-session", hashlib.sha256).hexdigest(),
+        SESSION_COOKIE_HTTPONLY=True,
+        SESSION_COOKIE_SAMESITE="Lax",
+        TASK_DELAY=1.0,
+        PUSH=None,
+    )
+    app.config.update(config)
+    if app.config["PUSH"] is None:
+        import flow
+
+        app.config["PUSH"] = flow.push
+
+    from . import auth, demo
+
+    app.register_blueprint(auth.bp)
+    app.register_blueprint(demo.bp)
+    app.extensions["flow_tasks"] = demo.Tasks(app)
+    logging.getLogger("flow.app").debug("demo app created")
+    return app

@@ -1,0 +1,148 @@
+"""The demo pages and the work they start: a message echoed back, a card checked."""
+
+from __future__ import annotations
+
+import collections
+import logging
+import threading
+import time
+from typing import Any, Callable, Deque
+
+from flask import Blueprint, Flask, current_app, jsonify, render_template, request
+
+from .auth import bad_request, current_user
+
+bp = Blueprint("demo", __name__)
+log = logging.getLogger("flow.app")
+
+MAX_MESSAGE_CHARS = 1000
+RECENT = 20
+
+
+class Tasks:
+    """Background work of one app process, and what it last told each user.
+
+    The recent list backs /api/state, which a page reads when its socket reports
+    ``recovered: false``. It lives in this process only: a demo, not a store.
+    """
+
+    def __init__(self, app: Flask) -> None:
+        self.push: Callable[[str, str, Any], None] = app.config["PUSH"]
+        self.delay: float = app.config["TASK_DELAY"]
+        self.recent: dict[str, Deque[dict[str, Any]]] = collections.defaultdict(
+            lambda: collections.deque(maxlen=RECENT)
+        )
+        self.lock = threading.Lock()
+
+    def start(self, work: Callable[[], None]) -> None:
+        threading.Thread(target=self._run, args=(work,), daemon=True).start()
+
+    def _run(self, work: Callable[[], None]) -> None:
+        try:
+            work()
+        except Exception:
+            log.exception("background task failed")
+
+    def tell(self, username: str, message_id: str, data: Any) -> None:
+        with self.lock:
+            self.recent[username].append({"id": message_id, "data": data})
+        self.push(username, message_id, data)
+
+    def wait(self) -> None:
+        # The demo's "a moment later": the work itself, not synchronisation.
+        time.sleep(self.delay)
+
+
+def tasks() -> Tasks:
+    return current_app.extensions["flow_tasks"]
+
+
+def login_required() -> tuple[Any, int] | None:
+    if current_user() is None:
+        return jsonify(error="not logged in"), 401
+    return None
+
+
+@bp.get("/")
+def index():
+    return render_template("index.html", username=current_user())
+
+
+@bp.post("/send")
+def send():
+    refused = login_required()
+    if refused:
+        return refused
+    message = request.form.get("message")
+    if message is None or not message.strip():
+        return bad_request("message: missing or empty")
+    if len(message) > MAX_MESSAGE_CHARS:
+        return bad_request(f"message: longer than {MAX_MESSAGE_CHARS} characters")
+    username, work = current_user(), tasks()
+
+    def later() -> None:
+        work.wait()
+        work.tell(username, "TASK DONE", message)
+
+    work.start(later)
+    return jsonify(status="OK", data=message)
+
+
+@bp.post("/cards/check")
+def check_card():
+    refused = login_required()
+    if refused:
+        return refused
+    number = "".join((request.form.get("number") or "").split())
+    if not number.isdigit() or not 12 <= len(number) <= 19:
+        return bad_request("number: 12 to 19 digits expected")
+    username, work, masked = current_user(), tasks(), mask(number)
+
+    def later() -> None:
+        for percent in (25, 50, 75):
+            work.wait()
+            work.tell(username, "CARD PROGRESS", {"card": masked, "percent": percent})
+        work.wait()
+        work.tell(username, "CARD RESULT", {"card": masked, "valid": luhn_valid(number),
+                                            "brand": brand(number)})
+
+    work.start(later)
+    return jsonify(status="OK", data={"card": masked})
+
+
+@bp.get("/api/state")
+def state():
+    refused = login_required()
+    if refused:
+        return refused
+    work = tasks()
+    with work.lock:
+        recent = list(work.recent.get(current_user(), ()))
+    return jsonify(username=current_user(), recent=recent)
+
+
+def mask(number: str) -> str:
+    return "•" * (len(number) - 4) + number[-4:]
+
+
+def luhn_valid(number: str) -> bool:
+    total = 0
+    for i, digit in enumerate(int(d) for d in reversed(number)):
+        if i % 2:
+            digit *= 2
+            if digit > 9:
+                digit -= 9
+        total += digit
+    return total % 10 == 0
+
+
+def brand(number: str) -> str:
+    if number.startswith("4"):
+        return "Visa"
+    if number[:2] in {"51", "52", "53", "54", "55"} or 2221 <= int(number[:4]) <= 2720:
+        return "Mastercard"
+    if number[:2] in {"34", "37"}:
+        return "American Express"
+    if number.startswith("6011") or number.startswith("65"):
+        return "Discover"
+    return "unknown"
