@@ -35,7 +35,9 @@ class Tasks:
         self.lock = threading.Lock()
 
     def start(self, work: Callable[[], None]) -> None:
-        threading.Thread(target=self._run, args=(work,), daemon=True).start()
+        # Not a daemon: a worker that is restarted finishes its tasks (and flow.push
+        # flushes at exit) before it goes, so an answered request's push is not lost.
+        threading.Thread(target=self._run, args=(work,)).start()
 
     def _run(self, work: Callable[[], None]) -> None:
         try:
