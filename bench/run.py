@@ -41,6 +41,9 @@ sys.path.insert(0, str(ROOT))
 from flowcore.settings import load_settings  # noqa: E402
 from flowcore.tokens import issue_token  # noqa: E402
 
+sys.path.insert(0, str(ROOT / "tests"))
+from support import free_port, port_open, wait_until  # noqa: E402  (the tests' process helpers)
+
 PYTHON = sys.executable
 WORKLOADS = ("W1", "W1off", "W2", "W3", "W4", "PUSH")
 TICKS = os.sysconf("SC_CLK_TCK")
@@ -68,23 +71,6 @@ def log(msg: str) -> None:
 
 
 # ------------------------------------------------------------------ processes
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def wait_until(condition: Callable[[], Any], timeout: float, what: str) -> Any:
-    deadline = time.monotonic() + timeout
-    while True:
-        value = condition()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise RuntimeError(f"timed out after {timeout}s waiting for {what}")
-        time.sleep(0.05)
 
 
 class Proc:
@@ -172,7 +158,7 @@ class Reference(System):
         self.procs.append(Proc([PYTHON, script, "server", "--port", str(port), "--xpub", xpub,
                                 "--secret", self.secret], env, self.workdir / "ref-server.log"))
         self.url = f"ws://127.0.0.1:{port}/websocket"
-        wait_until(lambda: port_open(port), 15, "the reference server")
+        wait_until(lambda: port_open(port), 15, message="the reference server")
         self.check_alive()
         return self
 
@@ -207,27 +193,19 @@ class Flow(System):
         env = {k: v for k, v in os.environ.items() if not k.startswith("FLOW_")}
         env.update(self.flow_env, PYTHONUNBUFFERED="1")
         self.procs.append(Proc([PYTHON, "message_proxy.py"], env, self.logdir / "proxy.log"))
-        wait_until(lambda: "proxy up" in self.procs[0].log(), 15, "the Flow proxy")
+        wait_until(lambda: "proxy up" in self.procs[0].log(), 15, message="the Flow proxy")
         port = self.settings.ws_port
         for i in range(self.servers):
             self.procs.append(Proc([PYTHON, "websocket_server.py", "--port", str(port)], env,
                                    self.logdir / f"websocket-{i}.log"))
         for proc in self.procs[1:]:
-            wait_until(lambda: "websocket server up" in proc.log(), 15, f"Flow {proc.log_path.name}")
+            wait_until(lambda: "websocket server up" in proc.log(), 15, message=f"Flow {proc.log_path.name}")
         self.url = f"ws://127.0.0.1:{port}/websocket"
         self.check_alive()
         return self
 
     def pusher(self) -> dict[str, Any]:
         return {"kind": "flow", "env": self.flow_env}
-
-
-def port_open(port: int) -> bool:
-    try:
-        with socket.create_connection(("127.0.0.1", port), timeout=0.2):
-            return True
-    except OSError:
-        return False
 
 
 # ------------------------------------------------------------------ load clients
