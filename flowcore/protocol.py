@@ -92,7 +92,9 @@ def check_message_id(message_id: object) -> str:
     return message_id
 
 
-@functools.lru_cache(maxsize=65536)
+# The caches below are for the hot users of the moment; bounded small so that many
+# idle users cost no memory here.
+@functools.lru_cache(maxsize=2048)
 def topic(stream: str) -> bytes:
     """The exact ZeroMQ topic of a stream (a username, or ``"*"``)."""
     if stream == BROADCAST:
@@ -218,7 +220,7 @@ def decode_push(raw: bytes) -> Push:
     return Push(stream, id_json, data_json)
 
 
-@functools.lru_cache(maxsize=65536)
+@functools.lru_cache(maxsize=2048)
 def _stream_name(user: bytes) -> str:
     try:
         stream = user.decode("utf-8")
@@ -229,7 +231,7 @@ def _stream_name(user: bytes) -> str:
     return stream
 
 
-@functools.lru_cache(maxsize=65536)
+@functools.lru_cache(maxsize=2048)
 def _json_string(text: str) -> bytes:
     return dumps(text)
 
