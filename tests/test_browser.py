@@ -1,0 +1,157 @@
+"""A real browser (Playwright driving Debian's chromium) against the supervised stack."""
+
+from __future__ import annotations
+
+import os
+import signal
+from pathlib import Path
+
+import pytest
+
+import flow
+
+CHROMIUM = Path("/usr/bin/chromium")
+playwright_sync = pytest.importorskip(
+    "playwright.sync_api", reason="optional dependency missing: playwright (pip)"
+)
+if not CHROMIUM.exists():
+    pytest.skip("optional dependency missing: chromium (Debian: apt-get install chromium)",
+                allow_module_level=True)
+
+pytestmark = [pytest.mark.browser, pytest.mark.stack]
+expect = playwright_sync.expect
+WAIT_MS = 30_000
+
+ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking",
+        "--disable-component-update", "--disable-sync", "--no-first-run", "--disable-quic",
+        # Pages fulfilled by Playwright count as public; let them reach the loopback stack.
+        "--disable-features=LocalNetworkAccessChecks"]
+
+# A page written the message_flow way: a global messageHandler switching on data.id.
+MESSAGE_FLOW_PAGE = """<!doctype html>
+<html><body>
+<span id="connected"></span> <span id="authenticated"></span>
+<ul id="got"></ul>
+<script src="/static/js/websocket.js"></script>
+<script>
+function messageHandler(data) {
+  switch (data.id) {
+    case "HELLO":
+      var li = document.createElement("li");
+      li.textContent = data.id + " " + data.data.n;
+      document.getElementById("got").appendChild(li);
+      break;
+    default:
+      break;
+  }
+}
+createSocket("/websocket", messageHandler);
+</script>
+</body></html>"""
+
+MODULE_PAGE = """<!doctype html>
+<html><body>
+<p id="state">none</p><p id="got"></p>
+<script src="/static/js/flow-redux.js"></script>
+<script type="module">
+import { FlowSocket } from "/static/js/websocket.mjs";
+window.actions = [];
+const socket = new FlowSocket("/websocket");
+socket.onState((state) => { document.getElementById("state").textContent = state; });
+socket.on("HELLO", (data) => { document.getElementById("got").textContent = "n=" + data.n; });
+connectStore(socket, { dispatch: (action) => window.actions.push(action) });
+</script>
+</body></html>"""
+
+
+@pytest.fixture
+def browser():
+    with playwright_sync.sync_playwright() as p:
+        chromium = p.chromium.launch(executable_path=str(CHROMIUM), args=ARGS)
+        yield chromium
+        chromium.close()
+
+
+def log_in(page, stack, username: str) -> None:
+    page.goto(stack.base_url + "/")
+    page.fill("#username", username)
+    page.click("button[type=submit]")
+    expect(page.locator("#user")).to_have_text(username, timeout=WAIT_MS)
+    expect(page.locator("#authenticated")).to_have_text("true", timeout=WAIT_MS)
+
+
+def test_demo_logs_in_authenticates_and_gets_task_done(stack, browser, tmp_path):
+    page = browser.new_page()
+    log_in(page, stack, "alice")
+    expect(page.locator("#connected")).to_have_text("true")
+    page.fill("#message", "hello flow")
+    page.click("#send")
+    expect(page.locator("#messages li").first).to_have_text('TASK DONE: "hello flow"', timeout=WAIT_MS)
+
+    page.fill("#card", "4111 1111 1111 1111")
+    page.click("#check")
+    expect(page.locator("#card-result")).to_contain_text("valid (Visa)", timeout=WAIT_MS)
+    shown = page.locator("#card-result").inner_text() + page.locator("#messages").inner_text()
+    assert "1111" in shown and "4111111111111111" not in shown.replace(" ", "")
+    page.screenshot(path=str(tmp_path / "demo.png"))
+
+
+def test_message_flow_page_and_module_page(stack, browser):
+    context = browser.new_context()
+    page = context.new_page()
+    log_in(page, stack, "bob")
+    # Same origin as far as the browser knows: the pages are served for stack URLs.
+    context.route(stack.base_url + "/compat", lambda route: route.fulfill(
+        status=200, content_type="text/html", body=MESSAGE_FLOW_PAGE))
+    context.route(stack.base_url + "/module", lambda route: route.fulfill(
+        status=200, content_type="text/html", body=MODULE_PAGE))
+    compat = context.new_page()
+    compat.goto(stack.base_url + "/compat")
+    expect(compat.locator("#authenticated")).to_have_text("true", timeout=WAIT_MS)
+    module = context.new_page()
+    module.goto(stack.base_url + "/module")
+    expect(module.locator("#state")).to_have_text("authenticated", timeout=WAIT_MS)
+
+    publisher = flow.Flow(settings=stack.settings)
+    try:
+        publisher.push("bob", "HELLO", {"n": 1})
+        expect(compat.locator("#got li")).to_have_text(["HELLO 1"], timeout=WAIT_MS)
+        expect(module.locator("#got")).to_have_text("n=1", timeout=WAIT_MS)
+        actions = module.evaluate("window.actions")
+        assert {"type": "HELLO", "payload": {"n": 1}} in actions
+    finally:
+        publisher.close()
+    context.close()
+
+
+def test_client_reconnects_and_resumes_after_servers_are_killed(stack, browser):
+    page = browser.new_page()
+    log_in(page, stack, "carol")
+    publisher = flow.Flow(settings=stack.settings)
+    try:
+        publisher.push("carol", "BEFORE", 1)
+        expect(page.locator("#messages li")).to_have_count(1, timeout=WAIT_MS)
+        for pid in stack.pids("websocket"):
+            os.kill(pid, signal.SIGKILL)
+        # Missed while no server was up: must be replayed on resume.
+        publisher.push("carol", "WHILE DOWN", 2)
+        expect(page.locator("#authenticated")).to_have_text("false", timeout=WAIT_MS)
+        expect(page.locator("#authenticated")).to_have_text("true", timeout=WAIT_MS)
+        publisher.push("carol", "AFTER", 3)
+        expect(page.locator("#messages li")).to_have_text(
+            ["AFTER: 3", "WHILE DOWN: 2", "BEFORE: 1"], timeout=WAIT_MS)
+        assert page.locator("#resync").is_hidden()
+    finally:
+        publisher.close()
+
+
+def test_proxy_restart_makes_the_page_reload_its_state(stack, browser):
+    page = browser.new_page()
+    log_in(page, stack, "dave")
+    page.fill("#message", "kept by the app")
+    page.click("#send")
+    expect(page.locator("#messages li")).to_have_count(1, timeout=WAIT_MS)
+    stack.ctl("restart", "proxy")
+    expect(page.locator("#resync")).to_be_visible(timeout=WAIT_MS)
+    # Reloaded from /api/state, which the app kept.
+    expect(page.locator("#messages li")).to_have_text(['TASK DONE: "kept by the app"'], timeout=WAIT_MS)
