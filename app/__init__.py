@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import hmac
 import logging
+import os
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -38,6 +39,8 @@ def create_app(test_config: Mapping[str, Any] | None = None) -> Flask:
         SESSION_COOKIE_SAMESITE="Lax",
         TASK_DELAY=1.0,
         PUSH=None,
+        # What the demo told each user, shared by all workers (see demo.Tasks).
+        STATE_DB=os.path.join(os.environ.get("FLOW_RUN_DIR") or app.instance_path, "demo-state.sqlite3"),
     )
     app.config.update(config)
     if app.config["PUSH"] is None:

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
-import collections
+import json
 import logging
+import sqlite3
 import threading
 import time
-from typing import Any, Callable, Deque
+from pathlib import Path
+from typing import Any, Callable
 
 from flask import Blueprint, Flask, current_app, jsonify, render_template, request
 
@@ -20,19 +22,26 @@ RECENT = 20
 
 
 class Tasks:
-    """Background work of one app process, and what it last told each user.
+    """Background work of the app, and what it last told each user.
 
     The recent list backs /api/state, which a page reads when its socket reports
-    ``recovered: false``. It lives in this process only: a demo, not a store.
+    ``recovered: false``. It is kept in SQLite so that every gunicorn worker sees the
+    same list, whichever worker ran the task and whichever answers the page.
     """
 
     def __init__(self, app: Flask) -> None:
         self.push: Callable[[str, str, Any], None] = app.config["PUSH"]
         self.delay: float = app.config["TASK_DELAY"]
-        self.recent: dict[str, Deque[dict[str, Any]]] = collections.defaultdict(
-            lambda: collections.deque(maxlen=RECENT)
-        )
-        self.lock = threading.Lock()
+        self.db_path: str = app.config["STATE_DB"]
+        Path(self.db_path).parent.mkdir(parents=True, exist_ok=True)
+        with self._db() as db:
+            db.execute("PRAGMA journal_mode=WAL")
+            db.execute(
+                "CREATE TABLE IF NOT EXISTS told (username TEXT, id TEXT, data TEXT, at REAL)"
+            )
+
+    def _db(self) -> sqlite3.Connection:
+        return sqlite3.connect(self.db_path, timeout=5)
 
     def start(self, work: Callable[[], None]) -> None:
         # Not a daemon: a worker that is restarted finishes its tasks (and flow.push
@@ -46,9 +55,18 @@ class Tasks:
             log.exception("background task failed")
 
     def tell(self, username: str, message_id: str, data: Any) -> None:
-        with self.lock:
-            self.recent[username].append({"id": message_id, "data": data})
+        with self._db() as db:
+            db.execute("INSERT INTO told VALUES (?, ?, ?, ?)",
+                       (username, message_id, json.dumps(data), time.time()))
         self.push(username, message_id, data)
+
+    def recent(self, username: str) -> list[dict[str, Any]]:
+        with self._db() as db:
+            rows = db.execute(
+                "SELECT id, data FROM told WHERE username = ? ORDER BY rowid DESC LIMIT ?",
+                (username, RECENT),
+            ).fetchall()
+        return [{"id": message_id, "data": json.loads(data)} for message_id, data in reversed(rows)]
 
     def wait(self) -> None:
         # The demo's "a moment later": the work itself, not synchronisation.
@@ -117,10 +135,7 @@ def state():
     refused = login_required()
     if refused:
         return refused
-    work = tasks()
-    with work.lock:
-        recent = list(work.recent.get(current_user(), ()))
-    return jsonify(username=current_user(), recent=recent)
+    return jsonify(username=current_user(), recent=tasks().recent(current_user()))
 
 
 def mask(number: str) -> str:

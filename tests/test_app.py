@@ -34,8 +34,9 @@ def pushes():
 
 
 @pytest.fixture
-def client(settings, pushes):
-    app = create_app({"FLOW_SETTINGS": settings, "PUSH": pushes, "TASK_DELAY": 0, "TESTING": True})
+def client(settings, pushes, tmp_path):
+    app = create_app({"FLOW_SETTINGS": settings, "PUSH": pushes, "TASK_DELAY": 0, "TESTING": True,
+                      "STATE_DB": str(tmp_path / "state.sqlite3")})
     return app.test_client()
 
 
@@ -137,3 +138,15 @@ def test_card_helpers():
 
 def test_state_needs_login(client):
     assert client.get("/api/state").status_code == 401
+
+
+def test_state_is_shared_by_every_app_process(settings, pushes, tmp_path):
+    """gunicorn runs several workers: what one told a user, another can report."""
+    config = {"FLOW_SETTINGS": settings, "PUSH": pushes, "TASK_DELAY": 0, "TESTING": True,
+              "STATE_DB": str(tmp_path / "state.sqlite3")}
+    first, second = create_app(config).test_client(), create_app(config).test_client()
+    login(first, "erin")
+    login(second, "erin")
+    first.post("/send", data={"message": "from worker one"})
+    wait_until(lambda: pushes.pushes, 5, message="the push")
+    assert second.get("/api/state").json["recent"] == [{"id": "TASK DONE", "data": "from worker one"}]
