@@ -17,6 +17,7 @@ import time
 from typing import Any, Awaitable, Callable
 
 import tornado.httpserver
+import tornado.httputil
 import tornado.iostream
 import tornado.netutil
 import tornado.web
@@ -39,6 +40,9 @@ ZMQ_BATCH = 1000
 ERROR_COST = 5
 NOBLOCK = int(zmq.NOBLOCK)  # a plain int: pyzmq's flag enums are slow on the hot path
 HEARTBEAT_FRAME = protocol.encode_text_frame(protocol.HEARTBEAT.encode())
+# Handshake headers are not read again once the socket is open; every open socket shares
+# this empty set instead of keeping its own (about 1.5 KiB of dicts and lists each).
+NO_HEADERS = tornado.httputil.HTTPHeaders()
 
 
 class ZmqReader:
@@ -79,11 +83,12 @@ class StreamState:
 
     __slots__ = ("name", "topic", "sockets", "epoch", "seq", "synced", "waiters")
 
-    def __init__(self, name: str) -> None:
+    def __init__(self, name: str, topic: bytes) -> None:
         self.name = name
-        self.topic = protocol.topic(name)
-        # A list: a user has a few tabs, and a list of one costs a quarter of a set.
-        self.sockets: list[FlowSocket] = []
+        self.topic = topic
+        # A tuple, rebuilt on join and leave: a user has a few tabs and joins are rare
+        # next to deliveries; a tuple of one is half a list of one and a fifth of a set.
+        self.sockets: tuple[FlowSocket, ...] = ()
         self.epoch = ""
         self.seq = 0
         self.synced = False
@@ -102,9 +107,11 @@ class Hub:
 
     def __init__(self, settings: Settings, context: zmq.Context) -> None:
         self.settings = settings
-        self.streams: dict[str, StreamState] = {}
-        self.by_topic: dict[bytes, StreamState] = {}
-        self.authenticated: set[FlowSocket] = set()
+        # Keyed by topic only: deliveries look up by topic, and joins derive it (cached).
+        self.streams: dict[bytes, StreamState] = {}
+        # Dicts used as ordered sets: at thousands of entries a dict costs about 30 bytes
+        # an entry where a set costs about 50.
+        self.authenticated: dict[FlowSocket, None] = {}
         self.sub = context.socket(zmq.SUB)
         self.sub.setsockopt(zmq.RCVHWM, settings.zmq_hwm)
         self.sub.setsockopt(zmq.LINGER, 0)
@@ -136,7 +143,8 @@ class Hub:
     # -- subscriptions
 
     def _subscribe(self, name: str) -> StreamState:
-        state = self.streams[name] = self.by_topic[protocol.topic(name)] = StreamState(name)
+        topic = protocol.topic(name)
+        state = self.streams[topic] = StreamState(name, topic)
         self.sub.setsockopt(zmq.SUBSCRIBE, state.topic)
         # Changing subscriptions can consume the FD's edge: look again.
         asyncio.get_running_loop().call_soon(self.readers[0].drain)
@@ -144,9 +152,9 @@ class Hub:
 
     async def join(self, sock: "FlowSocket", username: str) -> StreamState:
         """Register ``sock`` for ``username``; wait (bounded) until the stream is synced."""
-        state = self.streams.get(username) or self._subscribe(username)
+        state = self.streams.get(protocol.topic(username)) or self._subscribe(username)
         if sock not in state.sockets:
-            state.sockets.append(sock)
+            state.sockets += (sock,)
         await self.wait_synced(state)
         return state
 
@@ -162,15 +170,13 @@ class Hub:
                 log.error("proxy did not confirm the subscription to %r in %ss", state.name, UPSTREAM_TIMEOUT)
 
     def leave(self, sock: "FlowSocket", username: str) -> None:
-        self.authenticated.discard(sock)
-        state = self.streams.get(username)
+        self.authenticated.pop(sock, None)
+        state = self.streams.get(protocol.topic(username))
         if state is None:
             return
-        if sock in state.sockets:
-            state.sockets.remove(sock)
+        state.sockets = tuple(s for s in state.sockets if s is not sock)
         if not state.sockets:
-            del self.streams[username]
-            del self.by_topic[state.topic]
+            del self.streams[state.topic]
             self.sub.setsockopt(zmq.UNSUBSCRIBE, state.topic)
             asyncio.get_running_loop().call_soon(self.readers[0].drain)
 
@@ -194,7 +200,7 @@ class Hub:
         except protocol.ProtocolError as exc:
             log.error("malformed message from the proxy: %s", exc)
             return
-        state = self.by_topic.get(delivery.topic)
+        state = self.streams.get(delivery.topic)
         is_message = delivery.kind == protocol.KIND_MESSAGE
         if is_message and state is not self.broadcast:
             self.upstream_messages += 1
@@ -276,7 +282,7 @@ class FlowSocket(tornado.websocket.WebSocketHandler):
     # instances, which costs ~1.5 KiB per connection.
     __slots__ = (
         "server", "settings_", "username", "attempts", "authenticating", "resuming",
-        "seq_own", "seq_all", "outbox", "outbox_bytes", "tokens", "last_refill", "closing",
+        "seq_own", "seq_all", "outbox", "outbox_bytes", "allowance_at", "closing",
     )
 
     def initialize(self, server: "Server") -> None:
@@ -289,10 +295,13 @@ class FlowSocket(tornado.websocket.WebSocketHandler):
         # Last seq written on the user's own stream and on broadcasts: later copies are dropped.
         self.seq_own = 0
         self.seq_all = 0
-        self.outbox: list[bytes] = []  # message frames waiting for this iteration's flush
+        # Message frames waiting for this iteration's flush; None (not an empty list) while
+        # idle, which is most of a socket's life.
+        self.outbox: list[bytes] | None = None
         self.outbox_bytes = 0
-        self.tokens = float(server.settings.rate_burst)
-        self.last_refill = time.monotonic()
+        # Rate limit as one timestamp (the generic cell rate algorithm): the time at which
+        # the bucket would be full again. A token bucket needs two floats per socket.
+        self.allowance_at = 0.0
         self.closing = False
 
     # -- handshake
@@ -309,7 +318,8 @@ class FlowSocket(tornado.websocket.WebSocketHandler):
         return None  # frames are encoded once and written to every socket as they are
 
     def open(self) -> None:
-        self.server.sockets.add(self)
+        self.server.sockets[self] = None
+        self.request.headers = self._headers = NO_HEADERS
         stream = self.ws_connection.stream  # type: ignore[union-attr]
         stream.set_nodelay(True)
         # Tornado's write buffer has no bound of its own; past this, the tab is closed 4008.
@@ -330,13 +340,13 @@ class FlowSocket(tornado.websocket.WebSocketHandler):
     # -- client frames
 
     def _charge(self, cost: float) -> bool:
+        """Spend ``cost`` frames of the allowance: FLOW_RATE_LIMIT a second, bursts of
+        FLOW_RATE_BURST. False (and the socket closed 4029) when it is spent."""
+        settings = self.settings_
         now = time.monotonic()
-        self.tokens = min(
-            self.settings_.rate_burst, self.tokens + (now - self.last_refill) * self.settings_.rate_limit
-        )
-        self.last_refill = now
-        self.tokens -= cost
-        if self.tokens < 0:
+        self.allowance_at = max(self.allowance_at, now) + cost / settings.rate_limit
+        # The slack absorbs rounding in the sum of many 1/rate steps.
+        if self.allowance_at - now > (settings.rate_burst + 1e-6) / settings.rate_limit:
             client_log.warning("%s (%s): too many frames, closing 4029", self.peer, self.username)
             self.close(protocol.CLOSE_RATE_LIMITED, "rate limit")
             return False
@@ -391,7 +401,7 @@ class FlowSocket(tornado.websocket.WebSocketHandler):
             return
         self.server.awaiting_auth.pop(self, None)
         self.username = username
-        hub.authenticated.add(self)
+        hub.authenticated[self] = None
         recovered, backlog = False, []
         if wanted:
             await hub.wait_synced(hub.broadcast)
@@ -432,20 +442,22 @@ class FlowSocket(tornado.websocket.WebSocketHandler):
             self.seq_own = seq
         if self.closing:
             return
-        if not self.outbox:
+        if self.outbox is None:
+            self.outbox = [wire]
             self.server.hub.mark_dirty(self)
-        self.outbox.append(wire)
+        else:
+            self.outbox.append(wire)
         self.outbox_bytes += len(wire)
         if self.outbox_bytes > self.settings_.send_backlog:
             self.flush_outbox()  # keeps one write, and so the backlog, under the bound
 
     def flush_outbox(self) -> None:
         """Write everything queued by this loop iteration in one call (one syscall)."""
-        if self.outbox:
-            wire = self.outbox[0] if len(self.outbox) == 1 else b"".join(self.outbox)
-            self.outbox.clear()
+        outbox = self.outbox
+        if outbox is not None:
+            self.outbox = None
             self.outbox_bytes = 0
-            self._write(wire)
+            self._write(outbox[0] if len(outbox) == 1 else b"".join(outbox))
 
     def _write(self, wire: bytes) -> None:
         # Frames are already WebSocket-encoded: tornado's write_message would make a task
@@ -503,7 +515,7 @@ class FlowSocket(tornado.websocket.WebSocketHandler):
     def on_close(self) -> None:
         self.closing = True
         self.server.awaiting_auth.pop(self, None)
-        self.server.sockets.discard(self)
+        self.server.sockets.pop(self, None)
         if self.username is not None:
             self.server.hub.leave(self, self.username)
         elif self.authenticating:
@@ -564,7 +576,7 @@ class StatsHandler(tornado.web.RequestHandler):
             {
                 "sockets": len(self.server.sockets),
                 "authenticated": len(hub.authenticated),
-                "streams": sorted(hub.streams),
+                "streams": sorted(state.name for state in hub.streams.values()),
                 "upstream_messages": hub.upstream_messages,
                 "pid": os.getpid(),
             }
@@ -578,7 +590,7 @@ class Server:
         self.allowed_origins = set(settings.allowed_origins)
         self.context = zmq.Context()
         self.hub = Hub(settings, self.context)
-        self.sockets: set[FlowSocket] = set()
+        self.sockets: dict[FlowSocket, None] = {}  # every open socket (an ordered set)
         self.awaiting_auth: dict[FlowSocket, float] = {}  # socket -> auth deadline
         self.http: tornado.httpserver.HTTPServer | None = None
         self.tasks: list[asyncio.Task[None]] = []

@@ -410,16 +410,21 @@ class Bench:
         warm = self.clients(system, 20, procs=1)  # first-connection imports and caches
         warm.close()
         time.sleep(1.0)
-        before = sum(rss_kib(p) for p in system.server_pids())
+        pids = system.server_pids()
+        before_each = [rss_kib(p) for p in pids]
+        before = sum(before_each)
         n = self.sizes.w3_clients
         t0 = time.monotonic()
         clients = self.clients(system, n)
         connect = time.monotonic() - t0
         time.sleep(2.0)
-        after = sum(rss_kib(p) for p in system.server_pids())
+        after_each = [rss_kib(p) for p in pids]
+        after = sum(after_each)
         clients.close()
         system.check_alive()
         return {"clients": n, "rss_before_kib": before, "rss_after_kib": after,
+                "kib_per_connection_each": {proc.log_path.stem: (a - b) / n for proc, a, b
+                                            in zip(system.procs, after_each, before_each)},
                 "kib_per_connection": (after - before) / n, "connect_seconds": connect}
 
     def measure(self, system: System, wanted: set[str], pushcost: bool) -> dict[str, Any]:

@@ -204,6 +204,24 @@ def test_frame_flood_closes_4029(pipe):
     assert asyncio.run(run()) == 4029
 
 
+def test_rate_limit_allows_exactly_the_burst(tmp_path):
+    # A refill too slow to matter here: the auth frame and four pings spend a burst of
+    # five; the sixth frame is one too many.
+    pipe = Pipeline(tmp_path, servers=1, FLOW_RATE_BURST="5", FLOW_RATE_LIMIT="0.01")
+    try:
+        async def run():
+            ws, _ = await authenticate(pipe.url(), pipe.token("hugo"))
+            for _ in range(4):
+                await ws.send('{"id": "PING"}')
+                assert await recv_json(ws) == {"id": "PONG"}
+            await ws.send('{"id": "PING"}')
+            return await closed_code(ws)
+
+        assert asyncio.run(run()) == 4029
+    finally:
+        pipe.stop()
+
+
 def test_origin_checked_at_handshake(tmp_path):
     pipe = Pipeline(tmp_path, servers=1, FLOW_ALLOWED_ORIGINS="https://app.example")
     try:
