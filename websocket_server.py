@@ -9,12 +9,13 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import itertools
 import logging
 import os
 import signal
 import socket
 import time
-from typing import Any, Awaitable, Callable
+from typing import Any, Callable, Iterator
 
 import tornado.httpserver
 import tornado.httputil
@@ -40,6 +41,10 @@ ZMQ_BATCH = 1000
 ERROR_COST = 5
 NOBLOCK = int(zmq.NOBLOCK)  # a plain int: pyzmq's flag enums are slow on the hot path
 HEARTBEAT_FRAME = protocol.encode_text_frame(protocol.HEARTBEAT.encode())
+# The heartbeat goes out to one of this many groups of sockets at a time, a group every
+# FLOW_HEARTBEAT / HEARTBEAT_GROUPS seconds: with many sockets, writing them all at once
+# stalls the loop (and every message behind it) for a while every interval.
+HEARTBEAT_GROUPS = 32
 # Handshake headers are not read again once the socket is open; every open socket shares
 # this empty set instead of keeping its own (about 1.5 KiB of dicts and lists each).
 NO_HEADERS = tornado.httputil.HTTPHeaders()
@@ -47,32 +52,50 @@ NO_HEADERS = tornado.httputil.HTTPHeaders()
 
 class ZmqReader:
     """Drains a ZeroMQ socket from the asyncio loop, in batches (its FD is edge-triggered,
-    so every wake-up reads until the socket says EAGAIN)."""
+    so every wake-up reads until the socket says EAGAIN). ``batch`` hooks, if given, run
+    before and after each batch: the hub writes what a batch queued when it ends, in the
+    same loop iteration, instead of scheduling one more."""
 
-    def __init__(self, sock: zmq.Socket, handle: Callable[[Any], None], multipart: bool = False) -> None:
+    def __init__(self, sock: zmq.Socket, handle: Callable[[Any], None], multipart: bool = False,
+                 batch: tuple[Callable[[], None], Callable[[], None]] | None = None) -> None:
         self.sock = sock
         self.handle = handle
+        self.batch = batch
         self.receive = sock.recv_multipart if multipart else sock.recv
         self.loop = asyncio.get_running_loop()
         self.loop.add_reader(sock.getsockopt(zmq.FD), self.drain)
         self.loop.call_soon(self.drain)
 
     def drain(self) -> None:
+        if self.batch is None:
+            if self._drain_batch():
+                self.loop.call_soon(self.drain)
+            return
+        start, done = self.batch
+        start()
+        try:
+            if self._drain_batch():
+                self.loop.call_soon(self.drain)
+        finally:
+            done()
+
+    def _drain_batch(self) -> bool:
+        """Handle up to ZMQ_BATCH messages; True when there may be more."""
         receive, handle = self.receive, self.handle
         for _ in range(ZMQ_BATCH):
             try:
                 message = receive(NOBLOCK)
             except zmq.Again:
-                return
+                return False
             except zmq.ZMQError:
                 if self.sock.closed:
-                    return
+                    return False
                 raise
             try:
                 handle(message)
             except Exception:
                 log.exception("failed handling an upstream message")
-        self.loop.call_soon(self.drain)
+        return True
 
     def close(self) -> None:
         self.loop.remove_reader(self.sock.getsockopt(zmq.FD))
@@ -102,6 +125,40 @@ class StreamState:
                 waiter.set_result(None)
 
 
+class SocketRing:
+    """The authenticated sockets, in groups that take turns at the heartbeat. Each socket
+    still gets one every interval; a new one joins the group that just had its turn, since
+    AUTH OK was just written to it."""
+
+    def __init__(self, groups: int) -> None:
+        # Dicts used as ordered sets: at thousands of entries a dict costs about 30 bytes
+        # an entry where a set costs about 50.
+        self.groups: list[dict[FlowSocket, None]] = [{} for _ in range(groups)]
+        self.turn = 0  # the group whose turn is next
+
+    def add(self, sock: "FlowSocket") -> None:
+        group = (self.turn - 1) % len(self.groups)
+        self.groups[group][sock] = None
+        sock.ring_group = group
+
+    def discard(self, sock: "FlowSocket") -> None:
+        if sock.ring_group is not None:
+            self.groups[sock.ring_group].pop(sock, None)
+            sock.ring_group = None
+
+    def take_turn(self) -> list["FlowSocket"]:
+        """The sockets whose heartbeat is due now."""
+        group = self.groups[self.turn]
+        self.turn = (self.turn + 1) % len(self.groups)
+        return list(group)
+
+    def __iter__(self) -> Iterator["FlowSocket"]:
+        return itertools.chain.from_iterable(self.groups)
+
+    def __len__(self) -> int:
+        return sum(map(len, self.groups))
+
+
 class Hub:
     """Upstream side of one server: subscriptions, fan-out, history requests."""
 
@@ -109,9 +166,7 @@ class Hub:
         self.settings = settings
         # Keyed by topic only: deliveries look up by topic, and joins derive it (cached).
         self.streams: dict[bytes, StreamState] = {}
-        # Dicts used as ordered sets: at thousands of entries a dict costs about 30 bytes
-        # an entry where a set costs about 50.
-        self.authenticated: dict[FlowSocket, None] = {}
+        self.authenticated = SocketRing(HEARTBEAT_GROUPS)
         self.sub = context.socket(zmq.SUB)
         self.sub.setsockopt(zmq.RCVHWM, settings.zmq_hwm)
         self.sub.setsockopt(zmq.LINGER, 0)
@@ -125,11 +180,13 @@ class Hub:
         self.upstream_messages = 0  # message frames received for user streams
         # Sockets with frames queued during this loop iteration; written once per batch.
         self.dirty: list[FlowSocket] = []
-        self._flush_scheduled = False
+        # True while a flush is due anyway: scheduled, or the fan-out reader's batch is
+        # running (it flushes when the batch ends).
+        self._flush_due = False
 
     def start(self) -> None:
         self.readers = [
-            ZmqReader(self.sub, self.on_delivery),
+            ZmqReader(self.sub, self.on_delivery, batch=(self.begin_batch, self.flush)),
             ZmqReader(self.control, self.on_reply, multipart=True),
         ]
         self.broadcast = self._subscribe(protocol.BROADCAST)
@@ -170,7 +227,7 @@ class Hub:
                 log.error("proxy did not confirm the subscription to %r in %ss", state.name, UPSTREAM_TIMEOUT)
 
     def leave(self, sock: "FlowSocket", username: str) -> None:
-        self.authenticated.pop(sock, None)
+        self.authenticated.discard(sock)
         state = self.streams.get(protocol.topic(username))
         if state is None:
             return
@@ -184,15 +241,19 @@ class Hub:
 
     def mark_dirty(self, sock: "FlowSocket") -> None:
         self.dirty.append(sock)
-        if not self._flush_scheduled:
-            self._flush_scheduled = True
+        if not self._flush_due:
+            self._flush_due = True
             asyncio.get_running_loop().call_soon(self.flush)
 
+    def begin_batch(self) -> None:
+        self._flush_due = True
+
     def flush(self) -> None:
-        self._flush_scheduled = False
-        dirty, self.dirty = self.dirty, []
-        for sock in dirty:
-            sock.flush_outbox()
+        self._flush_due = False
+        if self.dirty:
+            dirty, self.dirty = self.dirty, []
+            for sock in dirty:
+                sock.flush_outbox()
 
     def on_delivery(self, raw: bytes) -> None:
         try:
@@ -282,7 +343,7 @@ class FlowSocket(tornado.websocket.WebSocketHandler):
     # instances, which costs ~1.5 KiB per connection.
     __slots__ = (
         "server", "settings_", "username", "attempts", "authenticating", "resuming",
-        "seq_own", "seq_all", "outbox", "outbox_bytes", "allowance_at", "closing",
+        "seq_own", "seq_all", "outbox", "outbox_bytes", "allowance_at", "closing", "ring_group",
     )
 
     def initialize(self, server: "Server") -> None:
@@ -303,6 +364,7 @@ class FlowSocket(tornado.websocket.WebSocketHandler):
         # the bucket would be full again. A token bucket needs two floats per socket.
         self.allowance_at = 0.0
         self.closing = False
+        self.ring_group: int | None = None  # see SocketRing
 
     # -- handshake
 
@@ -401,7 +463,7 @@ class FlowSocket(tornado.websocket.WebSocketHandler):
             return
         self.server.awaiting_auth.pop(self, None)
         self.username = username
-        hub.authenticated[self] = None
+        hub.authenticated.add(self)
         recovered, backlog = False, []
         if wanted:
             await hub.wait_synced(hub.broadcast)
@@ -613,9 +675,14 @@ class Server:
         log.info("websocket server up on 127.0.0.1:%d (fan-out %s)", port, self.settings.fanout_endpoint)
 
     async def _heartbeats(self) -> None:
+        ring = self.hub.authenticated
+        tick = self.settings.heartbeat / len(ring.groups)
+        due = time.monotonic()
         while True:
-            await asyncio.sleep(self.settings.heartbeat)
-            for sock in list(self.hub.authenticated):
+            # Paced from a fixed start, so a group's interval does not creep past FLOW_HEARTBEAT.
+            due += tick
+            await asyncio.sleep(max(0.0, due - time.monotonic()))
+            for sock in ring.take_turn():
                 sock.send_heartbeat()
 
     async def _auth_deadlines(self) -> None:

@@ -57,6 +57,10 @@ class Sizes:
     w3_clients: int = 5000
     w4_count: int = 50_000
     w4_rate: int = 3000
+    # W4 runs in rounds that alternate the reference and Flow (ABBA...), both stacks up at
+    # once: a tail percentile is what a noisy machine moves most, and drift over a run
+    # then weighs on both alike instead of on whichever went second.
+    w4_rounds: int = 4
     push_count: int = 50_000
     idle: float = 5.0  # a run ends when nothing arrived for this long...
     deadline: float = 180.0  # ...or at the latest this long after the pusher ends
@@ -356,7 +360,7 @@ class Bench:
                 "clients": sum(cpu_of(p) for p in clients.pids())}
 
     def push_run(self, system: System, clients: Clients, run: str, count: int, users: int,
-                 rate: int = 0, broadcast: bool = False) -> dict[str, Any]:
+                 rate: int = 0, broadcast: bool = False, keep_latencies: bool = False) -> dict[str, Any]:
         """Push ``count`` messages from a separate process; collect what the clients got."""
         config = {**system.pusher(), "run": run, "count": count, "users": users, "rate": rate,
                   "broadcast": broadcast, "deadline": self.sizes.deadline, "seed": hash(run) & 0xFFFF}
@@ -397,13 +401,37 @@ class Bench:
             "delivered_ratio": final["received"] / max(1, pushed["sent"] * (clients.authed if broadcast else 1)),
             "push_seconds": pushed["t_end"] - pushed["t_start"], "queue_full": pushed["queue_full"],
             "span_seconds": span, "rate": final["received"] / span if span > 0 else 0.0,
-            "p50_ms": percentile(lat, 0.50), "p99_ms": percentile(lat, 0.99),
+            "p50_ms": percentile(lat, 0.50), "p90_ms": percentile(lat, 0.90),
+            "p99_ms": percentile(lat, 0.99), "p999_ms": percentile(lat, 0.999),
             "max_ms": lat[-1] if lat else None,
             "missing": len(missing), "missing_first": missing[:20],
             "missing_deciles": [sum(1 for m in missing if m * 10 // max(1, pushed["sent"]) == d) for d in range(10)],
             "cpu_servers": cpu1["servers"] - cpu0["servers"], "cpu_clients": cpu1["clients"] - cpu0["clients"],
             "cpu_pusher": pushed["cpu"],
+            **({"lat": lat} if keep_latencies else {}),
         }
+
+    def latency_rounds(self, systems: dict[str, System]) -> dict[str, dict[str, Any]]:
+        """W4 for every system, in alternating rounds; figures from the pooled latencies."""
+        s = self.sizes
+        per_round = -(-s.w4_count // s.w4_rounds)
+        clients = {}
+        try:
+            for key, system in systems.items():
+                log(f"{system.name}: connecting {s.clients} clients")
+                clients[key] = self.clients(system, s.clients)
+            rounds: dict[str, list[dict[str, Any]]] = {key: [] for key in systems}
+            order = list(systems)
+            for r in range(s.w4_rounds):
+                for key in (order if r % 2 == 0 else order[::-1]):
+                    log(f"{systems[key].name}: W4 round {r + 1} of {s.w4_rounds}, "
+                        f"{per_round} pushes paced at {s.w4_rate}/s")
+                    rounds[key].append(self.push_run(systems[key], clients[key], f"W4r{r}", per_round,
+                                                     s.clients, rate=s.w4_rate, keep_latencies=True))
+        finally:
+            for c in clients.values():
+                c.close()
+        return {key: pool_rounds(parts) for key, parts in rounds.items()}
 
     def memory(self, system: System) -> dict[str, Any]:
         """W3: RSS of every server process, before and with ``w3_clients`` idle sockets."""
@@ -433,7 +461,7 @@ class Bench:
         if "W3" in wanted:
             log(f"{system.name}: W3, {s.w3_clients} idle clients")
             out["W3"] = self.memory(system)
-        if wanted & {"W1", "W2", "W4"}:
+        if wanted & {"W1", "W2"}:
             log(f"{system.name}: connecting {s.clients} clients")
             clients = self.clients(system, s.clients)
             try:
@@ -443,9 +471,6 @@ class Bench:
                 if "W2" in wanted:
                     log(f"{system.name}: W2, {s.w2_count} broadcasts to {s.clients} clients")
                     out["W2"] = self.push_run(system, clients, "W2", s.w2_count, s.clients, broadcast=True)
-                if "W4" in wanted:
-                    log(f"{system.name}: W4, {s.w4_count} pushes paced at {s.w4_rate}/s")
-                    out["W4"] = self.push_run(system, clients, "W4", s.w4_count, s.clients, rate=s.w4_rate)
             finally:
                 clients.close()
         if pushcost:
@@ -471,12 +496,25 @@ class Bench:
                          {"W1"}, False))
         started = time.monotonic()
         for key, make, workloads, pushcost in plan:
+            if not (workloads - {"W4"}) and not pushcost:
+                continue
             system = make().start()
             try:
                 self.results[key] = self.measure(system, workloads, pushcost)
             finally:
                 codes = system.stop()
                 log(f"{system.name}: stopped (exit codes {codes})")
+        if "W4" in wanted:
+            systems: dict[str, System] = {}
+            try:
+                (self.workdir / "w4").mkdir(exist_ok=True)
+                systems["reference"] = Reference(self.workdir / "w4", self.secret).start()
+                systems["flow"] = Flow(self.workdir / "w4", self.secret).start()
+                for key, result in self.latency_rounds(systems).items():
+                    self.results.setdefault(key, {})["W4"] = result
+            finally:
+                for system in systems.values():
+                    log(f"{system.name}: stopped (exit codes {system.stop()})")
         self.results["meta"] = self.meta(time.monotonic() - started)
         print(render(self.results, self.args))
         if self.args.json:
@@ -505,6 +543,22 @@ class Bench:
                 "quick": self.args.quick, "client": self.args.client, "client_procs": self.args.client_procs,
                 "nproc": os.cpu_count(), "cpu": cpu, "python": platform.python_version(), "node": node,
                 "seconds": round(seconds, 1), "sizes": vars(self.sizes)}
+
+
+def pool_rounds(parts: list[dict[str, Any]]) -> dict[str, Any]:
+    """One W4 result from its rounds: counts and CPU summed, percentiles of all latencies."""
+    lat = sorted(x for p in parts for x in p.pop("lat"))
+    summed = ("sent", "pushed", "expected", "delivered", "dups", "closed_sockets", "queue_full",
+              "missing", "push_seconds", "span_seconds", "cpu_servers", "cpu_clients", "cpu_pusher")
+    out: dict[str, Any] = {k: sum(p[k] for p in parts) for k in summed}
+    out.update(
+        delivered_ratio=out["delivered"] / max(1, out["sent"]),
+        rate=out["delivered"] / out["span_seconds"] if out["span_seconds"] > 0 else 0.0,
+        p50_ms=percentile(lat, 0.50), p90_ms=percentile(lat, 0.90),
+        p99_ms=percentile(lat, 0.99), p999_ms=percentile(lat, 0.999), max_ms=lat[-1] if lat else None,
+        rounds=[{k: p[k] for k in ("delivered", "sent", "p50_ms", "p99_ms")} for p in parts],
+    )
+    return out
 
 
 def flow_losses(results: dict[str, Any]) -> list[str]:
@@ -594,11 +648,19 @@ def render(results: dict[str, Any], args: argparse.Namespace) -> str:
             None if not f4 else f4["delivered"] == f4["sent"] and not f4["dups"])
         row("W4 p50 ms", fmt(get(ref, "W4", "p50_ms"), ".2f"), fmt(get(fl, "W4", "p50_ms"), ".2f"),
             ratio(get(fl, "W4", "p50_ms"), get(ref, "W4", "p50_ms")))
+        row("W4 p90 ms", fmt(get(ref, "W4", "p90_ms"), ".2f"), fmt(get(fl, "W4", "p90_ms"), ".2f"),
+            ratio(get(fl, "W4", "p90_ms"), get(ref, "W4", "p90_ms")))
+        row("W4 p99.9 ms", fmt(get(ref, "W4", "p999_ms"), ".2f"), fmt(get(fl, "W4", "p999_ms"), ".2f"),
+            ratio(get(fl, "W4", "p999_ms"), get(ref, "W4", "p999_ms")))
         row("W4 server CPU us/msg", fmt(per_msg(r4), ".1f"), fmt(per_msg(f4), ".1f"),
             ratio(per_msg(f4), per_msg(r4)))
         rp, fp = get(ref, "W4", "p99_ms"), get(fl, "W4", "p99_ms")
         row("W4 p99 ms", fmt(rp, ".2f"), fmt(fp, ".2f"), ratio(fp, rp), "<= ref, < 5 ms",
             None if rp is None or fp is None else fp <= rp and fp < 5)
+        if r4 and f4 and r4.get("rounds") and f4.get("rounds"):
+            by_round = [f["p99_ms"] / r["p99_ms"] for r, f in zip(r4["rounds"], f4["rounds"])
+                        if f["p99_ms"] and r["p99_ms"]]
+            row("W4 p99 ratio, round by round", "", "", " ".join(f"{x:.2f}" for x in by_round))
     if "PUSH" in fl:
         p = fl["PUSH"]
         row("flow.push us/call (raw send | flow)", fmt(p["raw_send"] * 1e6, ".2f"),
