@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import collections
 import itertools
 import logging
 import os
@@ -48,6 +49,58 @@ HEARTBEAT_GROUPS = 32
 # Handshake headers are not read again once the socket is open; every open socket shares
 # this empty set instead of keeping its own (about 1.5 KiB of dicts and lists each).
 NO_HEADERS = tornado.httputil.HTTPHeaders()
+
+
+class LazyDeque:
+    """The part of collections.deque that tornado's IOStream uses for its write queue and
+    write futures, holding nothing while empty. An empty deque keeps a 64-slot block
+    (about 760 bytes with the object); every IOStream has two, and an idle socket's are
+    empty nearly always, since frames go straight to the socket (FlowSocket._write)."""
+
+    __slots__ = ("_items",)
+
+    def __init__(self) -> None:
+        self._items: collections.deque[Any] | None = None
+
+    def append(self, item: Any) -> None:
+        if self._items is None:
+            self._items = collections.deque()
+        self._items.append(item)
+
+    def popleft(self) -> Any:
+        if self._items is None:
+            raise IndexError("pop from an empty deque")
+        item = self._items.popleft()
+        if not self._items:
+            self._items = None
+        return item
+
+    def clear(self) -> None:
+        self._items = None
+
+    def __getitem__(self, index: int) -> Any:
+        if self._items is None:
+            raise IndexError("deque index out of range")
+        return self._items[index]
+
+    def __len__(self) -> int:
+        return 0 if self._items is None else len(self._items)
+
+    def __bool__(self) -> bool:
+        return self._items is not None
+
+    def __iter__(self) -> Iterator[Any]:
+        return iter(()) if self._items is None else iter(self._items)
+
+
+def slim_stream(stream: tornado.iostream.IOStream) -> None:
+    """Swap the stream's two (empty) deques for LazyDeques. Tornado 6.6 internals: a
+    tornado without them is left as it is (tests/test_heartbeat_ring.py checks the swap)."""
+    buffer = getattr(stream, "_write_buffer", None)
+    if isinstance(getattr(buffer, "_buffers", None), collections.deque) and not buffer._buffers:
+        buffer._buffers = LazyDeque()
+    if isinstance(getattr(stream, "_write_futures", None), collections.deque) and not stream._write_futures:
+        stream._write_futures = LazyDeque()
 
 
 class ZmqReader:
@@ -384,6 +437,7 @@ class FlowSocket(tornado.websocket.WebSocketHandler):
         self.request.headers = self._headers = NO_HEADERS
         stream = self.ws_connection.stream  # type: ignore[union-attr]
         stream.set_nodelay(True)
+        slim_stream(stream)
         # Tornado's write buffer has no bound of its own; past this, the tab is closed 4008.
         stream.max_write_buffer_size = self.settings_.send_backlog
         self._send(protocol.auth_request())

@@ -5,6 +5,8 @@
 // {"event": "ready", "authed": n, "failed": n, "seconds": s} once every socket is
 // authenticated or has failed (or the timeout passed). Then, one command a line:
 //   {"cmd": "report", "run": R, "latencies": bool, "ids": bool}  -> {"event": "report", ...}
+//   {"cmd": "forget", "run": R}                     -> drops R's figures, collects garbage
+//                                                      (when run with --expose-gc), {"event": "forgot"}
 //   {"cmd": "close"}                                -> closes everything, {"event": "closed"}, exit
 // Pushed messages carry data = {"r": run, "i": index, "t": push time (s since epoch)};
 // per run it counts them, their distinct indexes per socket, and push-to-receive latency.
@@ -22,7 +24,7 @@ const runs = new Map();
 function runState(r) {
   let s = runs.get(r);
   if (!s) {
-    s = { received: 0, dups: 0, first: 0, last: 0, lat: [], ids: [] };
+    s = { received: 0, dups: 0, first: 0, last: 0, lat: [], ids: [], seen: new Map() };
     runs.set(r, s);
   }
   return s;
@@ -43,7 +45,7 @@ function maybeReady(force) {
 
 function openOne(token, done) {
   const ws = new WebSocket(config.url, { perMessageDeflate: false });
-  const seen = new Map(); // run -> Set of indexes this socket got
+  const index = sockets.length;
   let state = "connecting";
   let finished = false;
   const finish = () => { if (!finished) { finished = true; done(); } };
@@ -60,8 +62,8 @@ function openOne(token, done) {
     if (!d || d.r === undefined) return;
     const t = nowMs();
     const s = runState(d.r);
-    let ids = seen.get(d.r);
-    if (!ids) { ids = new Set(); seen.set(d.r, ids); }
+    let ids = s.seen.get(index); // the indexes this socket got in this run
+    if (!ids) { ids = new Set(); s.seen.set(index, ids); }
     if (ids.has(d.i)) { s.dups++; return; }
     ids.add(d.i);
     s.received++;
@@ -103,6 +105,13 @@ function report(cmd) {
   out(reply);
 }
 
+// Between rounds: the next one should not pay for this one's garbage.
+function forget(cmd) {
+  runs.delete(cmd.run);
+  if (global.gc) global.gc();
+  out({ event: "forgot", run: cmd.run });
+}
+
 function closeAll() {
   let open = sockets.filter((ws) => ws.readyState !== WebSocket.CLOSED);
   if (!open.length) { out({ event: "closed" }); process.exit(0); }
@@ -121,6 +130,7 @@ rl.on("line", (line) => {
   const msg = JSON.parse(line);
   if (!config) { config = msg; start(); return; }
   if (msg.cmd === "report") report(msg);
+  else if (msg.cmd === "forget") forget(msg);
   else if (msg.cmd === "close") closeAll();
 });
 rl.on("close", () => process.exit(0)); // the bench went away: never linger

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import gc
 import json
 import os
 import struct
@@ -162,6 +163,10 @@ async def main() -> None:
             if cmd.get("ids"):
                 reply["ids"] = s["ids"]
             out(reply)
+        elif cmd.get("cmd") == "forget":
+            runs.pop(cmd["run"], None)
+            gc.collect()
+            out({"event": "forgot", "run": cmd["run"]})
         elif cmd.get("cmd") == "close":
             for writer in writers:
                 if not writer.is_closing():

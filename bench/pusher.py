@@ -124,22 +124,34 @@ def run_pushcost(config: dict) -> dict:
     publisher.push(user, MESSAGE_ID, data)  # open the socket outside the timing
     raw.send(frame)
     time.sleep(0.2)
-    best_flow = best_raw = float("inf")
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        for _ in range(n):
-            raw.send(frame, zmq.NOBLOCK)
-        best_raw = min(best_raw, (time.perf_counter() - t0) / n)
-        time.sleep(n / 100_000)  # let the proxy drain: measure the call, not a full queue
-        t0 = time.perf_counter()
-        for _ in range(n):
-            publisher.push(user, MESSAGE_ID, data)
-        best_flow = min(best_flow, (time.perf_counter() - t0) / n)
-        time.sleep(n / 100_000)
+    # Short bursts, raw and Flow taking turns, timed in this thread's CPU time: on a
+    # 2-core machine the proxy draining the last burst competes for the CPU, and wall time
+    # would charge that to whichever burst it overlaps. Best burst of each kind.
+    best = {"flow": float("inf"), "raw": float("inf")}
+    best_wall = dict(best)
+    burst = max(1, n // 5)
+
+    def time_burst(kind: str) -> None:
+        w0, t0 = time.perf_counter(), time.thread_time()
+        if kind == "raw":
+            for _ in range(burst):
+                raw.send(frame, zmq.NOBLOCK)
+        else:
+            for _ in range(burst):
+                publisher.push(user, MESSAGE_ID, data)
+        best[kind] = min(best[kind], (time.thread_time() - t0) / burst)
+        best_wall[kind] = min(best_wall[kind], (time.perf_counter() - w0) / burst)
+        time.sleep(burst / 100_000)  # let the proxy drain: measure the call, not a full queue
+
+    for r in range(repeats * 5):
+        for kind in (("raw", "flow") if r % 2 == 0 else ("flow", "raw")):
+            time_burst(kind)
+    best_flow, best_raw = best["flow"], best["raw"]
     publisher.close()
     raw.close(linger=5000)
     context.term()
-    return {"flow_push": best_flow, "raw_send": best_raw, "n": n, "repeats": repeats}
+    return {"flow_push": best_flow, "raw_send": best_raw, "flow_push_wall": best_wall["flow"],
+            "raw_send_wall": best_wall["raw"], "burst": burst, "bursts": repeats * 5}
 
 
 def main() -> None:

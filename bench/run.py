@@ -236,7 +236,8 @@ class Clients:
     """``procs`` load-client processes holding one authenticated socket per token."""
 
     def __init__(self, kind: str, url: str, tokens: list[str], procs: int, timeout: float) -> None:
-        command = ["node", str(BENCH / "client.js")] if kind == "node" else [PYTHON, str(BENCH / "client.py")]
+        command = ["node", "--expose-gc", str(BENCH / "client.js")] if kind == "node" \
+            else [PYTHON, str(BENCH / "client.py")]
         procs = max(1, min(procs, len(tokens)))
         self.procs: list[subprocess.Popen] = []
         self.lines: list[queue.Queue] = []
@@ -297,6 +298,14 @@ class Clients:
         if ids:
             total["ids"] = [x for p in parts for x in p["ids"]]
         return total
+
+    def forget(self, run: str) -> None:
+        """Drop ``run``'s figures in the clients and let them collect garbage: the next
+        run starts from the same state, whatever the last one left behind."""
+        for i in range(len(self.procs)):
+            self._send(i, {"cmd": "forget", "run": run})
+        for i in range(len(self.procs)):
+            self._expect(i, "forgot", 30)
 
     def pids(self) -> list[int]:
         return [p.pid for p in self.procs]
@@ -389,6 +398,7 @@ class Bench:
             time.sleep(0.1)
         final = clients.report(run, latencies=True, ids=not broadcast)
         cpu1 = self.cpu_snapshot(system, clients)
+        clients.forget(run)
         system.check_alive()
         lat = final.pop("lat")
         # Which pushes never arrived (user messages only): where in the run the losses were.

@@ -55,3 +55,68 @@ def test_discard_removes_and_is_idempotent():
     ring.discard(Sock("never added"))
     assert list(ring) == [b] and len(ring) == 1
     assert all(a not in group for group in turns(ring, 3))
+
+
+def test_lazy_deque_behaves_as_tornado_uses_a_deque():
+    import collections
+
+    from websocket_server import LazyDeque
+
+    lazy, real = LazyDeque(), collections.deque()
+    for q in (lazy, real):
+        assert not q and len(q) == 0 and list(q) == []
+        q.append((1, b"a"))
+        q.append((2, b"b"))
+    for q in (lazy, real):
+        assert q and len(q) == 2 and q[0] == (1, b"a") and q[-1] == (2, b"b")
+        assert list(q) == [(1, b"a"), (2, b"b")]
+        assert q.popleft() == (1, b"a") and q.popleft() == (2, b"b")
+        assert not q
+    for q in (lazy, real):
+        for op in (q.popleft, lambda: q[0]):
+            try:
+                op()
+            except IndexError:
+                pass
+            else:
+                raise AssertionError("an empty deque raises IndexError")
+    lazy.append(1)
+    lazy.clear()
+    assert not lazy and lazy._items is None  # holds nothing once empty
+
+
+def test_open_sockets_get_lazy_deques():
+    # The swap leans on tornado internals: if an upgrade renames them, this fails
+    # instead of W3 quietly growing.
+    import socket
+
+    import tornado.iostream
+
+    from websocket_server import LazyDeque, slim_stream
+
+    a, b = socket.socketpair()
+    try:
+        async def run():
+            stream = tornado.iostream.IOStream(a)
+            slim_stream(stream)
+            assert isinstance(stream._write_futures, LazyDeque)
+            assert isinstance(stream._write_buffer._buffers, LazyDeque)
+            await stream.write(b"x" * 100_000)  # buffered writes still work
+            stream.close()
+
+        import asyncio
+
+        received = bytearray()
+        b.setblocking(False)
+
+        async def main():
+            task = asyncio.ensure_future(run())
+            while len(received) < 100_000:
+                received.extend(await asyncio.get_running_loop().sock_recv(b, 65536))
+            await task
+
+        asyncio.run(asyncio.wait_for(main(), 10))
+        assert bytes(received) == b"x" * 100_000
+    finally:
+        a.close()
+        b.close()

@@ -709,3 +709,21 @@ class TestHistory:
     def test_malformed_reply(self, raw):
         with pytest.raises(ProtocolError):
             parse_history_reply(raw)
+
+
+def test_push_caches_stay_bounded_and_hold_only_valid_values():
+    for i in range(protocol.PUSH_CACHE_SIZE + 10):
+        protocol.encode_push(f"cache-user-{i}", f"ID {i}", None, 1000)
+    assert len(protocol._push_heads) <= protocol.PUSH_CACHE_SIZE
+    assert len(protocol._id_parts) <= protocol.PUSH_CACHE_SIZE
+    for bad_user in ("", "a\0b", "x" * 1000):
+        with pytest.raises(protocol.ProtocolError):
+            protocol.encode_push(bad_user, "ID", None, 1000)
+        assert bad_user not in protocol._push_heads
+    with pytest.raises(protocol.ProtocolError):
+        protocol.encode_push("alice", "", None, 1000)
+    assert "" not in protocol._id_parts
+    # A cached head is the same bytes as a fresh one.
+    first = protocol.encode_push("alice", "TASK DONE", {"a": 1}, 1000)
+    assert protocol.encode_push("alice", "TASK DONE", {"a": 1}, 1000) == first
+    assert protocol.decode_push(first).stream == "alice"
