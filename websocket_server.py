@@ -95,12 +95,16 @@ class LazyDeque:
 
 def slim_stream(stream: tornado.iostream.IOStream) -> None:
     """Swap the stream's two (empty) deques for LazyDeques. Tornado 6.6 internals: a
-    tornado without them is left as it is (tests/test_heartbeat_ring.py checks the swap)."""
+    tornado without them is left as it is (tests/test_server_parts.py checks the swap)."""
     buffer = getattr(stream, "_write_buffer", None)
     if isinstance(getattr(buffer, "_buffers", None), collections.deque) and not buffer._buffers:
         buffer._buffers = LazyDeque()
     if isinstance(getattr(stream, "_write_futures", None), collections.deque) and not stream._write_futures:
         stream._write_futures = LazyDeque()
+
+
+def _nothing() -> None:
+    pass
 
 
 class ZmqReader:
@@ -113,24 +117,19 @@ class ZmqReader:
                  batch: tuple[Callable[[], None], Callable[[], None]] | None = None) -> None:
         self.sock = sock
         self.handle = handle
-        self.batch = batch
+        self.batch_start, self.batch_done = batch or (_nothing, _nothing)
         self.receive = sock.recv_multipart if multipart else sock.recv
         self.loop = asyncio.get_running_loop()
         self.loop.add_reader(sock.getsockopt(zmq.FD), self.drain)
         self.loop.call_soon(self.drain)
 
     def drain(self) -> None:
-        if self.batch is None:
-            if self._drain_batch():
-                self.loop.call_soon(self.drain)
-            return
-        start, done = self.batch
-        start()
+        self.batch_start()
         try:
             if self._drain_batch():
                 self.loop.call_soon(self.drain)
         finally:
-            done()
+            self.batch_done()
 
     def _drain_batch(self) -> bool:
         """Handle up to ZMQ_BATCH messages; True when there may be more."""

@@ -1,5 +1,5 @@
-"""SocketRing (websocket_server): the heartbeat reaches every socket once an interval,
-a group at a time. No I/O."""
+"""Parts of websocket_server that need no running server: SocketRing (the heartbeat
+reaches every socket once an interval, a group at a time) and LazyDeque."""
 
 from __future__ import annotations
 
