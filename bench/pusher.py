@@ -146,11 +146,10 @@ def run_pushcost(config: dict) -> dict:
     for r in range(repeats * 5):
         for kind in (("raw", "flow") if r % 2 == 0 else ("flow", "raw")):
             time_burst(kind)
-    best_flow, best_raw = best["flow"], best["raw"]
     publisher.close()
     raw.close(linger=5000)
     context.term()
-    return {"flow_push": best_flow, "raw_send": best_raw, "flow_push_wall": best_wall["flow"],
+    return {"flow_push": best["flow"], "raw_send": best["raw"], "flow_push_wall": best_wall["flow"],
             "raw_send_wall": best_wall["raw"], "burst": burst, "bursts": repeats * 5}
 
 

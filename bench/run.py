@@ -411,9 +411,7 @@ class Bench:
             "delivered_ratio": final["received"] / max(1, pushed["sent"] * (clients.authed if broadcast else 1)),
             "push_seconds": pushed["t_end"] - pushed["t_start"], "queue_full": pushed["queue_full"],
             "span_seconds": span, "rate": final["received"] / span if span > 0 else 0.0,
-            "p50_ms": percentile(lat, 0.50), "p90_ms": percentile(lat, 0.90),
-            "p99_ms": percentile(lat, 0.99), "p999_ms": percentile(lat, 0.999),
-            "max_ms": lat[-1] if lat else None,
+            **latency_figures(lat),
             "missing": len(missing), "missing_first": missing[:20],
             "missing_deciles": [sum(1 for m in missing if m * 10 // max(1, pushed["sent"]) == d) for d in range(10)],
             "cpu_servers": cpu1["servers"] - cpu0["servers"], "cpu_clients": cpu1["clients"] - cpu0["clients"],
@@ -555,6 +553,13 @@ class Bench:
                 "seconds": round(seconds, 1), "sizes": vars(self.sizes)}
 
 
+def latency_figures(lat: list[float]) -> dict[str, float | None]:
+    """The percentiles every latency row reads, from sorted milliseconds."""
+    return {"p50_ms": percentile(lat, 0.50), "p90_ms": percentile(lat, 0.90),
+            "p99_ms": percentile(lat, 0.99), "p999_ms": percentile(lat, 0.999),
+            "max_ms": lat[-1] if lat else None}
+
+
 def pool_rounds(parts: list[dict[str, Any]]) -> dict[str, Any]:
     """One W4 result from its rounds: counts and CPU summed, percentiles of all latencies."""
     lat = sorted(x for p in parts for x in p.pop("lat"))
@@ -564,8 +569,7 @@ def pool_rounds(parts: list[dict[str, Any]]) -> dict[str, Any]:
     out.update(
         delivered_ratio=out["delivered"] / max(1, out["sent"]),
         rate=out["delivered"] / out["span_seconds"] if out["span_seconds"] > 0 else 0.0,
-        p50_ms=percentile(lat, 0.50), p90_ms=percentile(lat, 0.90),
-        p99_ms=percentile(lat, 0.99), p999_ms=percentile(lat, 0.999), max_ms=lat[-1] if lat else None,
+        **latency_figures(lat),
         rounds=[{k: p[k] for k in ("delivered", "sent", "p50_ms", "p99_ms")} for p in parts],
     )
     return out
