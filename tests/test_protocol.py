@@ -711,19 +711,48 @@ class TestHistory:
             parse_history_reply(raw)
 
 
-def test_push_caches_stay_bounded_and_hold_only_valid_values():
+def cached_prefixes() -> dict:
+    return {(user, id_): prefix for user, by_id in protocol.push_prefixes.items()
+            for id_, prefix in by_id.items()}
+
+
+def test_push_prefix_cache_stays_bounded_and_holds_only_valid_values():
     for i in range(protocol.PUSH_CACHE_SIZE + 10):
         protocol.encode_push(f"cache-user-{i}", f"ID {i}", None, 1000)
-    assert len(protocol._push_heads) <= protocol.PUSH_CACHE_SIZE
-    assert len(protocol._id_parts) <= protocol.PUSH_CACHE_SIZE
-    for bad_user in ("", "a\0b", "x" * 1000):
+    assert 0 < len(cached_prefixes()) <= protocol.PUSH_CACHE_SIZE
+    for bad_user in ("", "a\0b", "x" * 1000, 7, None):
         with pytest.raises(protocol.ProtocolError):
             protocol.encode_push(bad_user, "ID", None, 1000)
-        assert bad_user not in protocol._push_heads
+        assert all(user != bad_user for user, _ in cached_prefixes())
     with pytest.raises(protocol.ProtocolError):
         protocol.encode_push("alice", "", None, 1000)
-    assert "" not in protocol._id_parts
-    # A cached head is the same bytes as a fresh one.
+    assert all(id_ != "" for _, id_ in cached_prefixes())
+    # A cached prefix is the same bytes as a fresh one.
     first = protocol.encode_push("alice", "TASK DONE", {"a": 1}, 1000)
     assert protocol.encode_push("alice", "TASK DONE", {"a": 1}, 1000) == first
     assert protocol.decode_push(first).stream == "alice"
+
+
+def test_broadcast_prefixes_are_not_found_by_username():
+    protocol.encode_push("*", "NEWS", 1, 1000)
+    # flow.Flow.push looks prefixes up by username directly: "*" must not be a key.
+    assert "*" not in protocol.push_prefixes
+    assert protocol.decode_push(protocol.encode_push("*", "NEWS", 1, 1000)).stream == "*"
+
+
+@pytest.mark.parametrize("user", [["alice"], {"a": 1}])
+def test_unhashable_user_or_id_is_a_protocol_error(user):
+    with pytest.raises(protocol.ProtocolError, match="string"):
+        protocol.encode_push(user, "ID", 1, 1000)
+    with pytest.raises(protocol.ProtocolError, match="string"):
+        protocol.encode_push("alice", user, 1, 1000)
+
+
+def test_size_limit_is_exact_with_a_long_username():
+    # The quick check (whole prefix + data) fails here; the exact one (id + data) passes.
+    user = "u" * 200
+    limit = 100
+    exact = encode_push(user, "x", "a" * (limit - 6), limit)
+    assert protocol.decode_push(exact).stream == user
+    with pytest.raises(ProtocolError, match="101 bytes, over the 100-byte limit"):
+        encode_push(user, "x", "a" * (limit - 5), limit)

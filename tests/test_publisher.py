@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 import asyncio
+import datetime
 import math
 import subprocess
 import threading
 
 import pytest
+import zmq
 
 import flow
+from flowcore import protocol
 from flowcore.settings import load_settings
 from pipeline import Pipeline, authenticate, collect
 from support import PYTHON, ROOT, base_env, free_port
@@ -52,6 +55,66 @@ def test_bad_input_refused_in_caller_and_nothing_sent(pipe, args, message):
         await ws.close()
 
     asyncio.run(run())
+
+
+@pytest.fixture
+def pull(tmp_path):
+    """A publisher and the PULL socket it sends to, for checking frames byte for byte."""
+    context = zmq.Context()
+    sock = context.socket(zmq.PULL)
+    sock.setsockopt(zmq.RCVTIMEO, 10_000)  # a deadline for each receive
+    port = sock.bind_to_random_port("tcp://127.0.0.1")
+    settings = load_settings({"FLOW_SECRET": "s" * 32, "FLOW_ENV_FILE": str(tmp_path / "none")})
+    publisher = flow.Flow(f"tcp://127.0.0.1:{port}", settings=settings, max_message=1024, linger=0)
+    yield publisher, sock
+    publisher.close()
+    sock.close(linger=0)
+    context.term()
+
+
+FRAME_CASES = [
+    ("alice", "ID", {"a": 1}),
+    ("alice", "ID", {"a": 1}),  # the second time from the prefix cache
+    ("alice", "OTHER", [1, 2.5, "three"]),
+    ("bob", "ID", None),
+    ("bob", "ID", {"text": "null", "x": None}),  # "null" in the output: the strict encoder
+    ("ünïcødé ✓", "ÏD \"quoted\"", "✓" * 10),
+    ("u" * 200, "x", "a" * 1018),  # id + data exactly 1024 bytes; the prefix is longer
+]
+
+
+def test_push_sends_exactly_what_encode_push_builds(pull):
+    publisher, sock = pull
+    for user, message_id, data in FRAME_CASES:
+        publisher.push(user, message_id, data)
+        assert sock.recv() == protocol.encode_push(user, message_id, data, 1024)
+    publisher.push_all("NEWS", {"n": 1})
+    assert sock.recv() == protocol.encode_push("*", "NEWS", {"n": 1}, 1024)
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (("*", "NEWS", 1), "reserved"),  # even with the broadcast prefix cached
+        ((["alice"], "ID", 1), "string"),
+        (({"a": 1}, "ID", 1), "string"),
+        (("alice", ["ID"], 1), "string"),
+        (("alice", "ID", datetime.datetime(2026, 1, 1)), "JSON"),
+        (("alice", "ID", math.inf), "JSON"),
+        (("u" * 200, "x", "a" * 1019), "1025 bytes, over the 1024-byte limit"),
+    ],
+)
+def test_bad_input_on_the_fast_path_refused_and_nothing_sent(pull, args, message):
+    publisher, sock = pull
+    # Warm the prefix cache, so that refusals are checked on the cached path too.
+    publisher.push_all("NEWS", 0)
+    publisher.push("u" * 200, "x", 0)
+    publisher.push("alice", "ID", 0)
+    with pytest.raises(flow.InvalidMessage, match=message):
+        publisher.push(*args)
+    publisher.push("alice", "OK", 1)
+    frames = [sock.recv() for _ in range(4)]
+    assert frames[-1] == protocol.encode_push("alice", "OK", 1, 1024)
 
 
 def test_invalid_message_is_a_value_error():
