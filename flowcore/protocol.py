@@ -162,14 +162,13 @@ def encode_push(
 ) -> bytes:
     """The one frame of a push. ``username`` is a user or ``"*"``. Raises ProtocolError.
 
-    The frame is :func:`push_prefix` + :func:`encode_data`, within :func:`check_push_size`;
-    ``flow.Flow.push`` inlines the same three steps on its fast path.
+    The frame is :func:`push_parts` + :func:`encode_data`, within :func:`check_push_size`;
+    ``flow.Flow.push`` inlines the same steps on its fast path.
     """
-    prefix = push_prefix(username, message_id)
+    head, id_part = push_parts(username, message_id)
     data_json = encode_data(data, serializer)
-    if len(prefix) + len(data_json) > max_message:
-        check_push_size(prefix, data_json, max_message)
-    return prefix + data_json
+    check_push_size(id_part, data_json, max_message)
+    return head + id_part + data_json
 
 
 def encode_data(data: Any, serializer: Callable[[Any], bytes] = fast_dumps) -> bytes:
@@ -180,60 +179,53 @@ def encode_data(data: Any, serializer: Callable[[Any], bytes] = fast_dumps) -> b
         raise ProtocolError(f"data is not JSON-serializable: {exc}") from None
 
 
-def check_push_size(prefix: bytes, data_json: bytes, max_message: int) -> None:
-    """Raise ProtocolError if the id and data of a push exceed ``max_message`` bytes.
-
-    The limit counts what the browser receives (id and data), not the username; since
-    the prefix holds more than the id, ``len(prefix) + len(data_json) <= max_message``
-    is enough to pass, and callers only call this when that quick test fails.
-    """
-    size = len(prefix) - prefix.index(b"\0", len(PUSH_PREFIX)) - 1 + len(data_json)
+def check_push_size(id_part: bytes, data_json: bytes, max_message: int) -> None:
+    """Raise ProtocolError if a push's id and data (what the browser gets) are too big."""
+    size = len(id_part) + len(data_json)
     if size > max_message:
         raise ProtocolError(
             f"message is {size} bytes, over the {max_message}-byte limit (FLOW_MAX_MESSAGE)"
         )
 
 
-def push_prefix(stream: str, message_id: str) -> bytes:
-    """The bytes of a push frame before its data: ``stream`` is a user or ``"*"``.
+def push_parts(stream: str, message_id: str) -> tuple[bytes, bytes]:
+    """The two parts of a push frame before its data: the head, which names ``stream``
+    (a user or ``"*"``), and the id. Cached. Raises ProtocolError."""
+    if type(stream) is str and stream == BROADCAST:
+        head = BROADCAST_HEAD
+    else:
+        head = (push_heads.get(stream) if type(stream) is str else None) or _new_push_head(stream)
+    id_part = (id_parts.get(message_id) if type(message_id) is str else None) or _new_id_part(message_id)
+    return head, id_part
 
-    Cached. Raises ProtocolError.
-    """
-    if type(stream) is str and type(message_id) is str:
-        by_id = push_prefixes.get(_BROADCAST_KEY if stream == BROADCAST else stream)
-        if by_id is not None:
-            prefix = by_id.get(message_id)
-            if prefix is not None:
-                return prefix
-    return _new_push_prefix(stream, message_id)
 
+BROADCAST_HEAD = PUSH_PREFIX + b"*\0"
 
 # Cached: a web app pushes the same kinds of message to the same users again and again.
-# stream -> message id -> prefix, holding only valid names. Broadcasts are filed under a
-# key no caller can pass, so a lookup by username never finds the "*" stream's prefixes
-# (flow.Flow.push reads this dict directly). A full cache starts over: cheaper than
-# tracking recency, and refilling costs one validation per entry.
-_BROADCAST_KEY = object()
-push_prefixes: dict[object, dict[str, bytes]] = {}
+# Valid values only, and never the broadcast head: flow.Flow.push reads these dicts
+# directly, so a user found here is a valid user. A full cache starts over: cheaper
+# than tracking recency, and refilling costs one validation per entry.
+push_heads: dict[str, bytes] = {}
+id_parts: dict[str, bytes] = {}
 PUSH_CACHE_SIZE = 4096
-_push_prefix_count = 0
 
 
-def _new_push_prefix(stream: object, message_id: object) -> bytes:
-    global _push_prefix_count
-    if type(stream) is str and stream == BROADCAST:
-        key: object = _BROADCAST_KEY
-        name = BROADCAST
-    else:
-        key = name = check_username(stream)
-    checked_id = check_message_id(message_id)
-    prefix = PUSH_PREFIX + name.encode("utf-8") + b"\0" + dumps(checked_id) + b"\n"
-    if _push_prefix_count >= PUSH_CACHE_SIZE:
-        push_prefixes.clear()
-        _push_prefix_count = 0
-    push_prefixes.setdefault(key, {})[checked_id] = prefix
-    _push_prefix_count += 1
-    return prefix
+def _new_push_head(username: object) -> bytes:
+    name = check_username(username)
+    head = PUSH_PREFIX + name.encode("utf-8") + b"\0"
+    if len(push_heads) >= PUSH_CACHE_SIZE:
+        push_heads.clear()
+    push_heads[name] = head
+    return head
+
+
+def _new_id_part(message_id: object) -> bytes:
+    checked = check_message_id(message_id)
+    part = dumps(checked) + b"\n"
+    if len(id_parts) >= PUSH_CACHE_SIZE:
+        id_parts.clear()
+    id_parts[checked] = part
+    return part
 
 
 # Plain slotted dataclasses: a frozen one costs a setattr call per field, per message.

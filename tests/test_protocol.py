@@ -711,32 +711,28 @@ class TestHistory:
             parse_history_reply(raw)
 
 
-def cached_prefixes() -> dict:
-    return {(user, id_): prefix for user, by_id in protocol.push_prefixes.items()
-            for id_, prefix in by_id.items()}
-
-
-def test_push_prefix_cache_stays_bounded_and_holds_only_valid_values():
+def test_push_caches_stay_bounded_and_hold_only_valid_values():
     for i in range(protocol.PUSH_CACHE_SIZE + 10):
         protocol.encode_push(f"cache-user-{i}", f"ID {i}", None, 1000)
-    assert 0 < len(cached_prefixes()) <= protocol.PUSH_CACHE_SIZE
+    assert 0 < len(protocol.push_heads) <= protocol.PUSH_CACHE_SIZE
+    assert 0 < len(protocol.id_parts) <= protocol.PUSH_CACHE_SIZE
     for bad_user in ("", "a\0b", "x" * 1000, 7, None):
         with pytest.raises(protocol.ProtocolError):
             protocol.encode_push(bad_user, "ID", None, 1000)
-        assert all(user != bad_user for user, _ in cached_prefixes())
+        assert bad_user not in protocol.push_heads
     with pytest.raises(protocol.ProtocolError):
         protocol.encode_push("alice", "", None, 1000)
-    assert all(id_ != "" for _, id_ in cached_prefixes())
-    # A cached prefix is the same bytes as a fresh one.
+    assert "" not in protocol.id_parts
+    # A cached part is the same bytes as a fresh one.
     first = protocol.encode_push("alice", "TASK DONE", {"a": 1}, 1000)
     assert protocol.encode_push("alice", "TASK DONE", {"a": 1}, 1000) == first
     assert protocol.decode_push(first).stream == "alice"
 
 
-def test_broadcast_prefixes_are_not_found_by_username():
+def test_broadcast_head_is_not_found_by_username():
     protocol.encode_push("*", "NEWS", 1, 1000)
-    # flow.Flow.push looks prefixes up by username directly: "*" must not be a key.
-    assert "*" not in protocol.push_prefixes
+    # flow.Flow.push looks heads up by username directly: "*" must not be a key.
+    assert "*" not in protocol.push_heads
     assert protocol.decode_push(protocol.encode_push("*", "NEWS", 1, 1000)).stream == "*"
 
 
