@@ -745,7 +745,7 @@ def test_unhashable_user_or_id_is_a_protocol_error(user):
 
 
 def test_size_limit_is_exact_with_a_long_username():
-    # The quick check (whole prefix + data) fails here; the exact one (id + data) passes.
+    # The limit counts id + data, what the browser gets, never the username.
     user = "u" * 200
     limit = 100
     exact = encode_push(user, "x", "a" * (limit - 6), limit)

@@ -74,12 +74,12 @@ def pull(tmp_path):
 
 FRAME_CASES = [
     ("alice", "ID", {"a": 1}),
-    ("alice", "ID", {"a": 1}),  # the second time from the prefix cache
+    ("alice", "ID", {"a": 1}),  # the second time from the caches
     ("alice", "OTHER", [1, 2.5, "three"]),
     ("bob", "ID", None),
     ("bob", "ID", {"text": "null", "x": None}),  # "null" in the output: the strict encoder
     ("ünïcødé ✓", "ÏD \"quoted\"", "✓" * 10),
-    ("u" * 200, "x", "a" * 1018),  # id + data exactly 1024 bytes; the prefix is longer
+    ("u" * 200, "x", "a" * 1018),  # id + data exactly 1024 bytes; the username is not counted
 ]
 
 
@@ -95,7 +95,7 @@ def test_push_sends_exactly_what_encode_push_builds(pull):
 @pytest.mark.parametrize(
     "args, message",
     [
-        (("*", "NEWS", 1), "reserved"),  # even with the broadcast prefix cached
+        (("*", "NEWS", 1), "reserved"),  # even with the broadcast head and this id cached
         ((["alice"], "ID", 1), "string"),
         (({"a": 1}, "ID", 1), "string"),
         (("alice", ["ID"], 1), "string"),
@@ -106,7 +106,7 @@ def test_push_sends_exactly_what_encode_push_builds(pull):
 )
 def test_bad_input_on_the_fast_path_refused_and_nothing_sent(pull, args, message):
     publisher, sock = pull
-    # Warm the prefix cache, so that refusals are checked on the cached path too.
+    # Warm the head and id caches, so that refusals are checked on the cached path too.
     publisher.push_all("NEWS", 0)
     publisher.push("u" * 200, "x", 0)
     publisher.push("alice", "ID", 0)
