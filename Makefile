@@ -49,7 +49,7 @@ help:
 	@echo "make stop       stop a running stack (supervisorctl shutdown)"
 	@echo "make status     show the supervised processes"
 	@echo "make logs       tail every process log"
-	@echo "make test       install test dependencies, run pytest"
+	@echo "make test       install test dependencies, run mypy and pytest"
 	@echo "make config     print the resolved configuration"
 	@echo "make bench      run bench/run.py"
 	@echo "make secret     generate the JWT secret (.flow_secret) if missing"
@@ -140,8 +140,10 @@ deps-test: $(STAMP_TEST)
 	  command -v chromium >/dev/null || missing="$$missing chromium"; \
 	  if [ -n "$$missing" ]; then $(MAKE) --no-print-directory _apt PACKAGES="$${missing# }"; fi
 
-# pytest's own exit status is the result (5, "no tests collected", fails too).
+# Types first (mypy.ini), then pytest; pytest's own exit status is the result (5, "no
+# tests collected", fails too).
 test: deps-test
+	cd "$(ROOT)" && "$(PYTHON)" -m mypy
 	cd "$(ROOT)" && "$(PYTHON)" -m pytest $(PYTEST_ARGS)
 
 # --- cleaning ----------------------------------------------------------------------------

@@ -4,12 +4,13 @@
     flow.push("alice", "TASK DONE", {"card": "ok"})   # every open tab of alice
     flow.push_all("NEWS", {"headline": "..."})         # every authenticated socket
 
-``push`` validates and encodes in the caller, then hands the bytes to a ZeroMQ PUSH
-socket without waiting on the network. That socket queues before its connection is
-up and is flushed at exit, so a message pushed right after start or right before exit
-is delivered. It is bounded (FLOW_PUSH_QUEUE): when the proxy is unreachable and the
-queue is full, ``QueueFull`` is raised in the caller instead of a silent drop.
-Safe from many threads, and in pre-forked workers: a forked child opens its own socket.
+``push`` validates and encodes in the caller, then hands the bytes to the engine
+FLOW_ENGINE names (:func:`flowcore.engine.publisher_engine`) without waiting on the
+network. The engine queues before its link is up and is flushed at exit, so a message
+pushed right after start or right before exit is delivered. It is bounded
+(FLOW_PUSH_QUEUE): when the engine is unreachable and the queue is full, ``QueueFull`` is
+raised in the caller instead of a silent drop. Safe from many threads, and in pre-forked
+workers: a forked child opens its own link.
 """
 
 from __future__ import annotations
@@ -21,9 +22,9 @@ import threading
 import weakref
 from typing import Any, Callable, Mapping
 
-import zmq
-
 from flowcore import protocol
+from flowcore.engine import PublisherEngine, QueueFull, publisher_engine
+from flowcore.engines import zmq as _zmq_engine
 from flowcore.settings import Settings, load_settings
 
 __all__ = ["Flow", "QueueFull", "InvalidMessage", "push", "push_all", "configure"]
@@ -32,20 +33,16 @@ log = logging.getLogger("flow.publisher")
 
 InvalidMessage = protocol.ProtocolError
 
-# Plain ints: pyzmq's flag enums cost more than a small send itself.
-_NOBLOCK = int(zmq.NOBLOCK)
-# The compiled send under pyzmq's Python wrapper (which only adds routing-id/group
-# handling we never use): a third of the cost of a small send.
-_backend_send = zmq.backend.Socket.send
+# The ZeroMQ engine's fast path (see flowcore.engines.zmq): push sends on the engine's
+# socket itself, with no Python call between it and the compiled send.
+_zmq_send = _zmq_engine.FAST_SEND
+_ZMQ_NOBLOCK = _zmq_engine.NOBLOCK
+_ZmqRefused = _zmq_engine.FAST_REFUSED
 _orjson_dumps = protocol._orjson_dumps
 _ORJSON_OPTIONS = protocol._ORJSON_OPTIONS
 # Read directly on push's fast path: a dict lookup where a call would cost more.
 _push_heads = protocol.push_heads
 _id_parts = protocol.id_parts
-
-
-class QueueFull(Exception):
-    """The proxy is not taking messages and the outbound queue is full: nothing was sent."""
 
 
 _instances: "weakref.WeakSet[Flow]" = weakref.WeakSet()
@@ -65,15 +62,20 @@ class Flow:
         serializer: Callable[[Any], bytes] | None = None,  # must produce JSON
     ) -> None:
         settings = settings or load_settings()
-        self.endpoint = endpoint or settings.publish_endpoint
         self.max_message = max_message or settings.max_message
         self.queue_size = queue_size or settings.push_queue
         self.linger = settings.push_linger if linger is None else linger
+        options: dict[str, object] = {"queue_size": self.queue_size, "linger": self.linger}
+        if endpoint:
+            options["endpoint"] = endpoint
+        self._engine: PublisherEngine = publisher_engine(settings, **options)
+        self.endpoint = getattr(self._engine, "endpoint", endpoint)
+        # ZeroMQ fast path: the engine's socket once it is open, else None (and always None
+        # with another engine): push then hands its frame to the engine (_hand_over).
+        self._zmq_socket: Any = None
         # None: protocol.fast_dumps, which push inlines.
         self._serializer = None if serializer is protocol.fast_dumps else serializer
         self._lock = threading.Lock()
-        self._context: zmq.Context | None = None
-        self._socket: zmq.Socket | None = None
         self._closed = False
         _instances.add(self)
 
@@ -105,12 +107,18 @@ class Flow:
             data_json = protocol.encode_data(data, self._serializer)
         if len(id_part) + len(data_json) > self.max_message:
             protocol.check_push_size(id_part, data_json, self.max_message)
+        frame = head + id_part + data_json
         lock = self._lock
         lock.acquire()
         try:
-            _backend_send(self._socket or self._open(), head + id_part + data_json, _NOBLOCK)
-        except zmq.Again:
-            raise self._queue_full() from None
+            sock = self._zmq_socket
+            if sock is not None:  # ZeroMQ fast path (_hand_over, inlined)
+                try:
+                    _zmq_send(sock, frame, _ZMQ_NOBLOCK)
+                    return
+                except _ZmqRefused:
+                    pass  # the engine tries once more, and raises QueueFull
+            self._hand_over_slowly(frame)
         finally:
             lock.release()
 
@@ -120,10 +128,26 @@ class Flow:
             protocol.BROADCAST, message_id, data, self.max_message, self._serializer or protocol.fast_dumps
         )
         with self._lock:
+            self._hand_over(frame)
+
+    def _hand_over(self, frame: bytes) -> None:
+        """Give one push frame to the engine; the caller holds the lock."""
+        sock = self._zmq_socket
+        if sock is not None:
             try:
-                _backend_send(self._socket or self._open(), frame, _NOBLOCK)
-            except zmq.Again:
-                raise self._queue_full() from None
+                _zmq_send(sock, frame, _ZMQ_NOBLOCK)
+                return
+            except _ZmqRefused:
+                pass
+        self._hand_over_slowly(frame)
+
+    def _hand_over_slowly(self, frame: bytes) -> None:
+        if self._closed:
+            raise RuntimeError("this Flow publisher is closed")
+        engine = self._engine
+        engine.send(frame)  # opens the engine's link at the first push; may raise QueueFull
+        if type(engine) is _zmq_engine.ZmqPublisherEngine:
+            self._zmq_socket = engine.socket
 
     @staticmethod
     def _user_parts(username: object, message_id: object) -> tuple[bytes, bytes]:
@@ -131,44 +155,23 @@ class Flow:
             raise InvalidMessage('username "*" is reserved: use push_all for broadcasts')
         return protocol.push_parts(username, message_id)  # type: ignore[arg-type]
 
-    def _queue_full(self) -> QueueFull:
-        return QueueFull(
-            f"proxy at {self.endpoint} is not taking messages and "
-            f"{self.queue_size} are queued; message not sent"
-        )
-
-    def _open(self) -> zmq.Socket:
-        if self._closed:
-            raise RuntimeError("this Flow publisher is closed")
-        self._context = zmq.Context()
-        sock = self._context.socket(zmq.PUSH)
-        sock.setsockopt(zmq.SNDHWM, self.queue_size)
-        sock.setsockopt(zmq.LINGER, int(self.linger * 1000))
-        sock.connect(self.endpoint)
-        self._socket = sock
-        return sock
-
     def close(self) -> None:
-        """Flush what is queued (up to the linger time) and release the socket."""
+        """Flush what is queued (up to the linger time) and release the engine's link."""
         with self._lock:
+            if self._closed:
+                return
             self._closed = True
-            sock, context = self._socket, self._context
-            self._socket = self._context = None
-        if sock is not None:
-            sock.close()
-        if context is not None:
-            context.term()
+            self._zmq_socket = None
+        # Outside the lock: a push from another thread meanwhile is refused at once
+        # (closed) instead of waiting for the flush.
+        self._engine.close()
 
     def _forget_after_fork(self) -> None:
-        # The parent's socket and context belong to the parent: never touch or close
-        # them here. Keep references so their finalizers do not run in this child.
-        if self._socket is not None:
-            _abandoned.append((self._socket, self._context))
-        self._socket = self._context = None
+        # The parent's link belongs to the parent: the engine drops it without touching it,
+        # and the child opens its own at its first push.
+        self._engine.forget_after_fork()
+        self._zmq_socket = None
         self._lock = threading.Lock()
-
-
-_abandoned: list[tuple[Any, Any]] = []
 
 
 def _after_fork_in_child() -> None:

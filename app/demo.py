@@ -77,6 +77,14 @@ def tasks() -> Tasks:
     return current_app.extensions["flow_tasks"]
 
 
+def signed_in_user() -> str:
+    """The session's user, in a view that has passed login_required()."""
+    username = current_user()
+    if username is None:
+        raise RuntimeError("signed_in_user() called before login_required()")
+    return username
+
+
 def login_required() -> tuple[Any, int] | None:
     if current_user() is None:
         return jsonify(error="not logged in"), 401
@@ -98,7 +106,7 @@ def send():
         return bad_request("message: missing or empty")
     if len(message) > MAX_MESSAGE_CHARS:
         return bad_request(f"message: longer than {MAX_MESSAGE_CHARS} characters")
-    username, work = current_user(), tasks()
+    username, work = signed_in_user(), tasks()
 
     def later() -> None:
         work.wait()
@@ -116,7 +124,7 @@ def check_card():
     number = "".join((request.form.get("number") or "").split())
     if not number.isdigit() or not 12 <= len(number) <= 19:
         return bad_request("number: 12 to 19 digits expected")
-    username, work, masked = current_user(), tasks(), mask(number)
+    username, work, masked = signed_in_user(), tasks(), mask(number)
 
     def later() -> None:
         for percent in (25, 50, 75):
@@ -135,7 +143,8 @@ def state():
     refused = login_required()
     if refused:
         return refused
-    return jsonify(username=current_user(), recent=tasks().recent(current_user()))
+    username = signed_in_user()
+    return jsonify(username=username, recent=tasks().recent(username))
 
 
 def mask(number: str) -> str:

@@ -189,6 +189,7 @@ class Flow(System):
             "FLOW_CONTROL_ENDPOINT": f"tcp://127.0.0.1:{free_port()}",
             "FLOW_WS_PORT": str(free_port()),
             "FLOW_LOG_DIR": str(self.logdir),
+            "FLOW_RUN_DIR": str(self.logdir / "run"),  # the proxy saves its state here at stop
             **overrides,
         }
         self.settings = load_settings(self.flow_env)

@@ -22,8 +22,7 @@ A topic is ``b"u" + username + b"\\0"`` (``b"*\\0"`` for broadcasts). Usernames 
 contain NUL, so ZeroMQ's prefix matching is exact: ``u1\\0`` is no prefix of ``u12\\0``,
 and epochs hold no space.
 
-server <-> proxy control (DEALER -> ROUTER), one JSON frame each way: see
-:func:`build_history_request` and :func:`parse_history_reply`.
+server <-> proxy control (DEALER -> ROUTER): see the history section below.
 """
 
 from __future__ import annotations
@@ -37,14 +36,21 @@ from typing import Any, Callable, Mapping
 
 import orjson
 
+from .engine import StreamHistory
+
 BROADCAST = "*"
 HEARTBEAT = "<3"
 
 # Close codes (PROTOCOL.md section 3).
 CLOSE_GOING_AWAY = 1001
+CLOSE_PROTOCOL_ERROR = 1002
 CLOSE_TOO_BIG = 1009
+CLOSE_ENGINE_GAP = 1012  # the engine lost messages for the socket's streams: resume
+CLOSE_TRY_AGAIN = 1013  # the engine is away: come back later
 CLOSE_AUTH_FAILED = 4001
 CLOSE_AUTH_TIMEOUT = 4002
+CLOSE_TOKEN_EXPIRED = 4003
+CLOSE_DISCONNECTED = 4004
 CLOSE_SLOW_CONSUMER = 4008
 CLOSE_RATE_LIMITED = 4029
 
@@ -82,13 +88,49 @@ def check_username(username: object) -> str:
     return username
 
 
+# The ids of the protocol's own frames (PROTOCOL.md sections 3, 5 and 9). A push may not
+# carry one: a page switches on data["id"], so a pushed "AUTH FAILED" would pass for the
+# server's own frame.
+RESERVED_IDS: frozenset[str] = frozenset(
+    {
+        "AUTH REQUEST",
+        "AUTH OK",
+        "AUTH FAILED",
+        "PONG",
+        "ERROR",
+        "AUTH",
+        "PING",
+        "SUBSCRIBE",
+        "SUBSCRIBE OK",
+        "SUBSCRIBE FAILED",
+        "UNSUBSCRIBE",
+        "UNSUBSCRIBE OK",
+        "UNSUBSCRIBED",
+        "PRESENCE",
+        "JOIN",
+        "LEAVE",
+        "REFRESH",
+    }
+)
+
+
 def check_message_id(message_id: object) -> str:
+    """Return ``message_id`` (as a plain str) if a push may carry it, else raise ProtocolError."""
     if not isinstance(message_id, str):
         raise ProtocolError(f"message id must be a string, not {type(message_id).__name__}")
+    if type(message_id) is not str:
+        # A subclass could hash or compare unlike its text and slip past the reserved set.
+        message_id = str.__str__(message_id)
     if not message_id:
         raise ProtocolError("message id must not be empty")
     if len(message_id) > MAX_ID_CHARS:
         raise ProtocolError(f"message id longer than {MAX_ID_CHARS} characters")
+    if message_id in RESERVED_IDS:
+        raise ProtocolError(f"message id {message_id!r} is reserved for the protocol's own frames")
+    try:
+        message_id.encode("utf-8")
+    except UnicodeEncodeError:
+        raise ProtocolError("message id is not valid Unicode text (lone surrogate)") from None
     return message_id
 
 
@@ -151,6 +193,7 @@ def fast_dumps(value: Any) -> bytes:
 
 
 _orjson_dumps = orjson.dumps
+_orjson_loads = orjson.loads
 
 
 def encode_push(
@@ -172,11 +215,42 @@ def encode_push(
 
 
 def encode_data(data: Any, serializer: Callable[[Any], bytes] = fast_dumps) -> bytes:
-    """The data of a push as JSON bytes. Raises ProtocolError."""
+    """The data of a push as JSON bytes. Raises ProtocolError, and nothing else.
+
+    :func:`fast_dumps` and :func:`dumps` are trusted. Any other serializer's output is
+    spliced unparsed into every browser frame, so it must be exactly one JSON value in
+    UTF-8: bytes, or a str (taken as its UTF-8 encoding); anything else is refused.
+    """
+    builtin = serializer is fast_dumps or serializer is dumps
     try:
-        return serializer(data)
+        out = serializer(data)
+    except RecursionError:
+        raise ProtocolError("data is not JSON-serializable: it nests too deep") from None
     except (TypeError, ValueError) as exc:
-        raise ProtocolError(f"data is not JSON-serializable: {exc}") from None
+        error = ProtocolError(f"data is not JSON-serializable: {exc}")
+        raise error from (None if builtin else exc)
+    except Exception as exc:
+        raise ProtocolError(f"the serializer failed: {type(exc).__name__}: {exc}") from exc
+    return out if builtin else check_serialized(out)
+
+
+def check_serialized(out: object) -> bytes:
+    """A custom serializer's output as bytes, if it is exactly one UTF-8 JSON value."""
+    data_json: bytes
+    if isinstance(out, bytes):
+        data_json = out if type(out) is bytes else bytes(out)
+    elif isinstance(out, str):
+        try:
+            data_json = out.encode("utf-8")
+        except UnicodeEncodeError:
+            raise ProtocolError("serializer output is not valid Unicode text") from None
+    else:
+        raise ProtocolError(f"serializer must return bytes, not {type(out).__name__}")
+    try:
+        _orjson_loads(data_json)
+    except (orjson.JSONDecodeError, RecursionError) as exc:
+        raise ProtocolError(f"serializer output is not one UTF-8 JSON value: {exc}") from None
+    return data_json
 
 
 def check_push_size(id_part: bytes, data_json: bytes, max_message: int) -> None:
@@ -246,9 +320,36 @@ def decode_push(raw: bytes) -> Push:
     stream = _stream_name(raw[len(PUSH_PREFIX) : end])
     id_json, sep, data_json = raw[end + 1 :].partition(b"\n")
     # id_json is a JSON string, which never holds a raw newline, so the split is exact.
-    if not sep or len(id_json) < 2 or id_json[:1] != b'"' or id_json[-1:] != b'"' or not data_json:
+    if not sep or not data_json:
         raise ProtocolError("body is not id_json NEWLINE data_json")
+    # Any local process can push: what is spliced into browser frames unparsed must be
+    # exactly one JSON value each, or one push could forge fields or break the frame.
+    if id_json not in _good_id_json:
+        _check_id_json(id_json)
+    try:
+        _orjson_loads(data_json)
+    except (orjson.JSONDecodeError, RecursionError) as exc:
+        raise ProtocolError(f"data_json is not one UTF-8 JSON value: {exc}") from None
     return Push(stream, id_json, data_json)
+
+
+# The id_json values already found good, bounded like the push caches.
+_good_id_json: set[bytes] = set()
+
+
+def _check_id_json(id_json: bytes) -> None:
+    if len(id_json) < 2 or id_json[:1] != b'"' or id_json[-1:] != b'"':
+        raise ProtocolError("body is not id_json NEWLINE data_json: id_json is not a JSON string")
+    try:
+        message_id = _orjson_loads(id_json)
+    except orjson.JSONDecodeError:
+        raise ProtocolError("id_json is not a JSON string") from None
+    if type(message_id) is not str:
+        raise ProtocolError("id_json is not a JSON string")
+    check_message_id(message_id)
+    if len(_good_id_json) >= PUSH_CACHE_SIZE:
+        _good_id_json.clear()
+    _good_id_json.add(id_json)
 
 
 @functools.lru_cache(maxsize=2048)
@@ -331,75 +432,144 @@ def decode_delivery(raw: bytes) -> Delivery:
 
 
 # ---------------------------------------------------------------- history (control channel)
+#
+# server -> proxy (DEALER -> ROUTER): one JSON frame (after the DEALER's empty delimiter)
+#     {"op": "history", "rid": n, "max_bytes": m, "streams": {name: {"seq": s, "epoch": e}}}
+#     {"op": "ping", "rid": n}
+# proxy -> server: the empty delimiter, one JSON header frame, then the message frames:
+#     {"rid": n, "streams": {name: {"epoch": e, "seq": head, "messages": [s1, s2, ...] | null}}}
+#     followed by one frame per listed message, streams in header order, each the
+#     message's complete WebSocket text frame (binary-safe: nothing is decoded as text).
+#     A ping is answered with {"rid": n, "streams": {}} and no further frames.
+#     {"op": "stats", "rid": n} is answered with {"rid": n, "streams": {}, "stats": {...}}
+#     (for operators and tests: "streams" held, "subscribed", "history_messages",
+#     "numbered", "dropped" per kind, "run_epoch"); it costs a pass over every stream.
+#
+# What the proxy answers, per stream asked (every stream asked is in the header):
+#   "epoch" and "seq" are the stream's own (a stream the proxy does not know is created:
+#   seq 0, a fresh epoch). "messages" lists the messages after the asked seq, contiguous:
+#   at least one when any is owed and max_bytes > 0, and no more once their frames reach
+#   max_bytes (the rest is asked for again from the last one); [] for max_bytes 0. It is
+#   null when what is owed cannot all be given: another epoch, a seq beyond the head, the
+#   next message evicted (FLOW_HISTORY_SIZE) or older than FLOW_HISTORY_TTL.
+# Stream names are usernames or "*". A request that breaks these rules, or is over 8 MiB,
+# gets no answer (the proxy logs it). A subscription to a topic is answered with a sync
+# frame on the fan-out; subscribe each topic once per SUB socket (libzmq passes a repeat
+# but sends one unsubscription for both, so the proxy would think the topic still held),
+# and ask positions with max_bytes 0 instead of subscribing again.
 
 
-def build_history_request(request_id: int, streams: Mapping[str, tuple[int, str]]) -> bytes:
-    """Ask the proxy for the messages after ``seq`` in ``epoch``, per stream."""
+def build_history_request(request_id: int, streams: Mapping[str, tuple[int, str]], max_bytes: int) -> bytes:
+    """Ask for the messages after ``seq`` in ``epoch``, per stream, up to about
+    ``max_bytes`` of frames each (0: positions only)."""
     return dumps(
         {
             "op": "history",
             "rid": request_id,
+            "max_bytes": max_bytes,
             "streams": {name: {"seq": seq, "epoch": epoch} for name, (seq, epoch) in streams.items()},
         }
     )
+
+
+def build_ping_request(request_id: int) -> bytes:
+    return dumps({"op": "ping", "rid": request_id})
+
+
+def build_stats_request(request_id: int) -> bytes:
+    return dumps({"op": "stats", "rid": request_id})
 
 
 @dataclass(frozen=True)
 class HistoryRequest:
     request_id: int
     streams: dict[str, tuple[int, str]]
+    max_bytes: int = 0
+    op: str = "history"
 
 
 def parse_history_request(raw: bytes) -> HistoryRequest:
+    """Inverse of :func:`build_history_request`, :func:`build_ping_request` and
+    :func:`build_stats_request`; any other bytes raise ProtocolError."""
     try:
         obj = json.loads(raw)
-        if obj.get("op") != "history":
+        if not isinstance(obj, dict):
+            raise ProtocolError("not an object")
+        op = obj.get("op")
+        request_id = obj["rid"]
+        if type(request_id) is not int:
+            raise ProtocolError("rid is not an integer")
+        if op == "ping" or op == "stats":
+            return HistoryRequest(request_id, {}, 0, op)
+        if op != "history":
             raise ProtocolError("unknown op")
-        streams = {
-            str(name): (int(pos["seq"]), str(pos["epoch"])) for name, pos in obj["streams"].items()
-        }
-        return HistoryRequest(int(obj["rid"]), streams)
-    except (ValueError, KeyError, TypeError, AttributeError) as exc:
+        max_bytes = obj.get("max_bytes", 0)
+        if type(max_bytes) is not int or max_bytes < 0:
+            raise ProtocolError("max_bytes is not a non-negative integer")
+        streams = {}
+        for name, pos in obj["streams"].items():
+            seq, epoch = pos["seq"], pos["epoch"]
+            if type(seq) is not int or seq < 0 or not isinstance(epoch, str) or not isinstance(name, str):
+                raise ProtocolError("bad stream position")
+            if name != BROADCAST:
+                check_username(name)
+            streams[name] = (seq, epoch)
+        return HistoryRequest(request_id, streams, max_bytes)
+    except ProtocolError as exc:
         raise ProtocolError(f"bad history request: {exc}") from None
+    except (ValueError, KeyError, TypeError, AttributeError, RecursionError) as exc:
+        raise ProtocolError(f"bad history request: {exc!r}") from None
 
 
 def build_history_reply(
     request_id: int, streams: Mapping[str, tuple[str, int, list[tuple[int, bytes]] | None]]
-) -> bytes:
-    """Per stream: (epoch, current seq, messages after the asked seq or None if lost)."""
-    out = {}
-    for name, (epoch, current, messages) in streams.items():
-        out[name] = {
+) -> list[bytes]:
+    """Per stream: (epoch, head seq, [(seq, wire), ...] or None). The frames to send after
+    the routing id and the empty delimiter."""
+    header = {}
+    frames: list[bytes] = []
+    for name, (epoch, head, messages) in streams.items():
+        header[name] = {
             "epoch": epoch,
-            "seq": current,
-            "messages": None
-            if messages is None
-            else [[seq, frame.decode("utf-8")] for seq, frame in messages],
+            "seq": head,
+            "messages": None if messages is None else [seq for seq, _ in messages],
         }
-    return dumps({"rid": request_id, "streams": out})
+        if messages:
+            frames.extend(wire for _, wire in messages)
+    return [dumps({"rid": request_id, "streams": header}), *frames]
 
 
-@dataclass
-class StreamHistory:
-    epoch: str
-    seq: int
-    messages: list[tuple[int, bytes]] | None
-
-
-def parse_history_reply(raw: bytes) -> tuple[int, dict[str, StreamHistory]]:
+def parse_history_reply(frames: list[bytes]) -> tuple[int, dict[str, StreamHistory]]:
+    """Inverse of :func:`build_history_reply` (the frames after the empty delimiter)."""
     try:
-        obj = json.loads(raw)
+        obj = json.loads(frames[0])
+        if not isinstance(obj, dict):
+            raise ProtocolError("not an object")
+        request_id = obj["rid"]
+        if type(request_id) is not int:
+            raise ProtocolError("rid is not an integer")
         streams = {}
+        at = 1
         for name, entry in obj["streams"].items():
-            messages = entry["messages"]
-            streams[name] = StreamHistory(
-                str(entry["epoch"]),
-                int(entry["seq"]),
-                None if messages is None else [(int(s), f.encode("utf-8")) for s, f in messages],
-            )
-        return int(obj["rid"]), streams
-    except (ValueError, KeyError, TypeError, AttributeError) as exc:
+            epoch, head, seqs = entry["epoch"], entry["seq"], entry["messages"]
+            if not isinstance(epoch, str) or type(head) is not int:
+                raise ProtocolError("bad stream position")
+            messages = None
+            if seqs is not None:
+                messages = []
+                for seq in seqs:
+                    if type(seq) is not int:
+                        raise ProtocolError("message seq is not an integer")
+                    messages.append((seq, frames[at]))
+                    at += 1
+            streams[name] = StreamHistory(epoch, head, messages)
+        if at != len(frames):
+            raise ProtocolError(f"{len(frames) - at} frames more than the header lists")
+        return request_id, streams
+    except ProtocolError as exc:
         raise ProtocolError(f"bad history reply: {exc}") from None
+    except (ValueError, KeyError, TypeError, AttributeError, IndexError, RecursionError, OverflowError) as exc:
+        raise ProtocolError(f"bad history reply: {exc!r}") from None
 
 
 # ---------------------------------------------------------------- browser <-> server
@@ -426,12 +596,18 @@ def parse_client_frame(text: str) -> Authenticate | Ping:
     """
     if text == HEARTBEAT:
         return Ping(heartbeat=True)
+    if not isinstance(text, str):
+        raise ProtocolError("a client frame is text")
     stripped = text.strip()
     if not stripped.startswith(("{", "[")):
         return Authenticate(stripped)
+    # orjson, not json: it stops at a nesting depth instead of recursing into a
+    # RecursionError, and refuses lone surrogates, NaN and Infinity, which no client sends.
     try:
-        obj = json.loads(stripped)
-    except ValueError:
+        obj = orjson.loads(stripped)
+    except (orjson.JSONDecodeError, RecursionError) as exc:
+        if isinstance(exc, RecursionError) or "depth" in str(exc) or "recursion" in str(exc):
+            raise ProtocolError("frame nests too deep") from None
         raise ProtocolError("frame is not valid JSON") from None
     if not isinstance(obj, dict):
         raise ProtocolError("frame is not a JSON object")
@@ -443,7 +619,19 @@ def parse_client_frame(text: str) -> Authenticate | Ping:
         if not isinstance(token, str):
             raise ProtocolError("AUTH needs a string token")
         return Authenticate(token, _parse_resume(obj.get("resume")))
-    raise ProtocolError(f"unknown frame id {frame_id!r}" if frame_id is not None else "frame has no id")
+    if frame_id is None:
+        raise ProtocolError("frame has no id")
+    raise ProtocolError(f"unknown frame id {_shown(frame_id)}")
+
+
+def _shown(value: object) -> str:
+    """``value`` for an error message that goes back to the client and into the log:
+    short, and never the repr of a deep structure (which could itself recurse too deep)."""
+    if isinstance(value, str):
+        return repr(value[:40]) + ("..." if len(value) > 40 else "")
+    if isinstance(value, (bool, float)) or (isinstance(value, int) and abs(value) < 10**20):
+        return repr(value)
+    return f"of type {type(value).__name__}"
 
 
 def _parse_resume(resume: object) -> dict[str, tuple[int, str]]:
@@ -454,12 +642,12 @@ def _parse_resume(resume: object) -> dict[str, tuple[int, str]]:
     out = {}
     for name, position in resume.items():
         if not isinstance(position, dict):
-            raise ProtocolError(f"resume[{name!r}] must be an object with seq and epoch")
+            raise ProtocolError(f"resume[{_shown(name)}] must be an object with seq and epoch")
         seq, epoch = position.get("seq"), position.get("epoch")
-        if isinstance(seq, bool) or not isinstance(seq, int) or seq < 0:
-            raise ProtocolError(f"resume[{name!r}].seq must be a non-negative integer")
+        if type(seq) is not int or seq < 0:
+            raise ProtocolError(f"resume[{_shown(name)}].seq must be a non-negative integer")
         if not isinstance(epoch, str):
-            raise ProtocolError(f"resume[{name!r}].epoch must be a string")
+            raise ProtocolError(f"resume[{_shown(name)}].epoch must be a string")
         out[name] = (seq, epoch)
     return out
 
@@ -484,21 +672,46 @@ def encode_text_frame(payload: bytes) -> bytes:
     return header + payload
 
 
-def auth_request() -> str:
-    return '{"id":"AUTH REQUEST"}'
+def auth_request(reason: str | None = None) -> str:
+    if reason is None:
+        return '{"id":"AUTH REQUEST"}'
+    return dumps({"id": "AUTH REQUEST", "reason": reason}).decode("utf-8")
 
 
-def auth_ok(username: str, epoch: str, heartbeat: float, recovered: bool, missed: int) -> str:
-    return dumps(
-        {
-            "id": "AUTH OK",
-            "username": username,
-            "epoch": epoch,
-            "heartbeat": int(heartbeat) if heartbeat == int(heartbeat) else heartbeat,
-            "recovered": recovered,
-            "missed": missed,
-        }
-    ).decode("utf-8")
+def auth_ok(
+    username: str,
+    epoch: str,
+    heartbeat: float,
+    recovered: bool,
+    missed: int,
+    streams: Mapping[str, tuple[int, str]] | None = None,
+    expires_in: float | None = None,
+    refreshed: bool = False,
+) -> str:
+    """AUTH OK (PROTOCOL.md section 3): ``streams`` maps every stream the socket receives to
+    the (seq, epoch) after which its delivery continues."""
+    frame: dict[str, Any] = {
+        "id": "AUTH OK",
+        "username": username,
+        "epoch": epoch,
+        "heartbeat": int(heartbeat) if heartbeat == int(heartbeat) else heartbeat,
+        "recovered": recovered,
+        "missed": missed,
+    }
+    if streams is not None:
+        frame["streams"] = {name: {"seq": seq, "epoch": ep} for name, (seq, ep) in streams.items()}
+    if expires_in is not None:
+        frame["expires_in"] = max(0, int(expires_in))
+    if refreshed:
+        frame["refreshed"] = True
+    return dumps(frame).decode("utf-8")
+
+
+def reconnect_reason(text: str, window: float) -> str:
+    """A close reason telling clients over how many seconds to spread their reconnects
+    (``static/js/websocket.js`` reads ``reconnect_within=``). At most 123 bytes."""
+    hint = f"; reconnect_within={window:.1f}"
+    return text.encode("utf-8")[: 123 - len(hint)].decode("utf-8", "ignore") + hint
 
 
 def auth_failed(reason: str) -> str:

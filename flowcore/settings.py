@@ -51,6 +51,11 @@ class Settings:
     history_size: int = 100
     history_ttl: float = 300.0
     allowed_origins: tuple[str, ...] = ()
+    # Seconds a socket keeps receiving after its token's exp while it fetches a new one.
+    expire_grace: float = 25.0
+
+    # How messages travel between publishers and the WebSocket pool (PROTOCOL section 11).
+    engine: str = "zmq"
 
     publish_endpoint: str = "tcp://127.0.0.1:5561"
     fanout_endpoint: str = "tcp://127.0.0.1:5562"
@@ -66,6 +71,7 @@ class Settings:
 
     log_level: str = "INFO"
     log_dir: str = str(PROJECT_ROOT / "log")
+    run_dir: str = str(PROJECT_ROOT / "run")  # the proxy keeps its state here across a graceful restart
 
     def as_env(self) -> dict[str, str]:
         """The settings as FLOW_ variables, so a child process resolves the same values."""
@@ -166,6 +172,17 @@ def _text(raw: str) -> str:
     return raw.strip()
 
 
+# Engines this version ships; the Redis engine is the next one (PROTOCOL section 11).
+ENGINES = ("zmq",)
+
+
+def _engine(raw: str) -> str:
+    name = raw.strip().lower()
+    if name not in ENGINES:
+        raise ValueError(f"unknown engine (available: {', '.join(ENGINES)})")
+    return name
+
+
 _PARSERS: dict[str, Callable[[str], Any]] = {
     "secret": _text,
     "jwt_algorithms": _algorithms,
@@ -186,6 +203,8 @@ _PARSERS: dict[str, Callable[[str], Any]] = {
     "history_size": _int(0),
     "history_ttl": _float(0),
     "allowed_origins": _csv,
+    "expire_grace": _float(0),
+    "engine": _engine,
     "publish_endpoint": _endpoint,
     "fanout_endpoint": _endpoint,
     "control_endpoint": _endpoint,
@@ -198,6 +217,7 @@ _PARSERS: dict[str, Callable[[str], Any]] = {
     "drain_timeout": _float(0),
     "log_level": _log_level,
     "log_dir": _text,
+    "run_dir": _text,
 }
 
 

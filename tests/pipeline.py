@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
+import signal
 import socket
 import urllib.request
 from pathlib import Path
-from typing import Any
+from typing import Any, AsyncIterator
 
 from websockets.asyncio.client import ClientConnection, connect
+from websockets.exceptions import ConnectionClosed
 
 import flow
 from flowcore.settings import load_settings
@@ -45,7 +48,19 @@ class Pipeline:
         wait_until(lambda: port_open(self.ports[i]), 15, message=f"server {i} listening")
 
     def restart_proxy(self) -> None:
+        """A graceful restart (SIGTERM): the proxy saves its state and the next one goes on."""
+        self.stop_proxy()
+        self.start_proxy()
+
+    def stop_proxy(self) -> None:
         self.proxy.stop()
+
+    def kill_proxy(self) -> None:
+        """kill -9: its in-memory history and numbering are gone with it."""
+        self.proxy.signal(signal.SIGKILL)
+        self.proxy.stop()
+
+    def start_proxy(self) -> None:
         self.proxy = self._start_proxy()
 
     def restart_server(self, i: int) -> None:
@@ -77,6 +92,29 @@ class Pipeline:
         codes = [server.stop() for server in self.servers]
         codes.append(self.proxy.stop())
         return codes
+
+
+@contextlib.asynccontextmanager
+async def opened(url: str, token: str, **connect_kwargs: Any) -> AsyncIterator[tuple[Any, dict[str, Any]]]:
+    """An authenticated socket (raw token, as message_flow sends it), closed on the way out
+    even when the test fails."""
+    async with connect(url, **connect_kwargs) as ws:
+        assert await asyncio.wait_for(recv_json(ws), 10) == {"id": "AUTH REQUEST"}
+        await ws.send(token)
+        ok = await asyncio.wait_for(recv_json(ws), 10)
+        assert ok["id"] == "AUTH OK", ok
+        yield ws, ok
+
+
+async def closed_with(ws: ClientConnection, timeout: float = 15.0) -> Any:
+    """Read until the server closes the socket; the close frame it sent (code, reason)."""
+    try:
+        async with asyncio.timeout(timeout):
+            while True:
+                await ws.recv()
+    except ConnectionClosed as closed:
+        assert closed.rcvd is not None, "connection dropped without a close frame"
+        return closed.rcvd
 
 
 async def recv_json(ws: ClientConnection, timeout: float = 10.0) -> dict[str, Any]:

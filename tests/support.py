@@ -17,11 +17,21 @@ PYTHON = sys.executable
 T = TypeVar("T")
 
 
+_handed_out: set[int] = set()
+
+
 def free_port() -> int:
-    """An ephemeral loopback port that was free a moment ago."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+    """An ephemeral loopback port that was free a moment ago, and that this process has
+    not handed out before: the kernel may offer a just-closed port again, and two parts of
+    one stack on the same port fail in confusing ways (nginx talking to a ZeroMQ socket)."""
+    for _ in range(100):
+        with socket.socket() as sock:
+            sock.bind(("127.0.0.1", 0))
+            port = sock.getsockname()[1]
+        if port not in _handed_out:
+            _handed_out.add(port)
+            return port
+    raise RuntimeError("no fresh ephemeral port in 100 tries")
 
 
 def wait_until(condition: Callable[[], T], timeout: float = 10.0, interval: float = 0.02,
@@ -59,6 +69,7 @@ def base_env(tmp_path: Path, **overrides: object) -> dict[str, str]:
         FLOW_WS_PORT=str(free_port()),
         FLOW_APP_PORT=str(free_port()),
         FLOW_LOG_DIR=str(tmp_path / "log"),
+        FLOW_RUN_DIR=str(tmp_path / "run"),
         PYTHONUNBUFFERED="1",
     )
     env.update({k: str(v) for k, v in overrides.items()})

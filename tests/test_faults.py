@@ -1,7 +1,11 @@
 """Nothing lost: the faults production brings, through nginx, with the supervised stack.
 
-Each test ends with every client holding every message exactly once, in order, or
-(for a proxy restart, whose history is in memory) having been told recovered: false.
+Every stream a client receives is checked, its own and the broadcasts, and some users
+never get a message of their own (only broadcasts), so that a client holding no message
+on one of its streams is always among those that resume. Each test ends with every client
+holding every message of each of its streams exactly once, in order, or, where a restart
+really loses history (kill -9 of the proxy), having been told recovered: false and having
+seen no silent gap.
 """
 
 from __future__ import annotations
@@ -16,26 +20,74 @@ import time
 import urllib.error
 import urllib.parse
 import urllib.request
+from dataclasses import dataclass
+from typing import Callable
 
 import pytest
 
+import flow
 from resuming import ResumingClient
 from support import PYTHON, ROOT
 from flowcore.tokens import issue_token
 
 pytestmark = pytest.mark.stack
 
+# Phase A: user messages only, round by round. Then it waits for a line on stdin (the test
+# writes it once the fault is in), so that at the fault no client holds a broadcast
+# position. Phase B: user messages with a broadcast after every `every`-th one. Then an
+# END on every active user's stream and on the broadcast stream. Users whose number is a
+# multiple of `quiet` get no message of their own, ever.
 STREAMER = """
 import sys, time
 import flow
-users, per_user, pace = int(sys.argv[1]), int(sys.argv[2]), float(sys.argv[3])
-for i in range(per_user):
-    for u in range(users):
-        flow.push(f"user{u}", "MSG", i)
+users, per_user, pace, quiet, split, every, gated = sys.argv[1:8]
+users, per_user, split, every, quiet = int(users), int(per_user), int(split), int(every), int(quiet)
+pace, prefix = float(pace), sys.argv[8]
+active = [u for u in range(users) if u % quiet]
+for i in range(split):
+    for u in active:
+        flow.push(f"user{u}", prefix + "MSG", i)
         time.sleep(pace)  # load pacing, so the fault lands mid-stream
-for u in range(users):
-    flow.push(f"user{u}", "END", None)
+if gated == "1":
+    sys.stdin.readline()
+k = 0
+for i in range(split, per_user):
+    for n, u in enumerate(active):
+        flow.push(f"user{u}", prefix + "MSG", i)
+        if n % every == 0:
+            flow.push_all(prefix + "BCAST", k)
+            k += 1
+        time.sleep(pace)
+for u in active:
+    flow.push(f"user{u}", prefix + "END", None)
+flow.push_all(prefix + "END", None)
 """
+
+
+@dataclass(frozen=True)
+class Load:
+    users: int = 100
+    per_user: int = 10
+    split: int = 5  # rounds before broadcasts begin (and before the gate)
+    every: int = 15  # a broadcast after every this many user messages, in phase B
+    quiet: int = 4  # users 0, 4, 8, ... get broadcasts only
+    pace: float = 0.0005
+    prefix: str = ""
+
+    def is_quiet(self, user: int) -> bool:
+        return user % self.quiet == 0
+
+    @property
+    def active(self) -> int:
+        return sum(1 for u in range(self.users) if not self.is_quiet(u))
+
+    @property
+    def broadcasts(self) -> int:
+        return (self.per_user - self.split) * len(range(0, self.active, self.every))
+
+    def args(self, gated: bool) -> list[str]:
+        return [str(v) for v in (self.users, self.per_user, self.pace, self.quiet, self.split, self.every,
+                                 int(gated), self.prefix)]
 
 
 async def wait_for(condition, timeout: float, message: str) -> None:
@@ -55,34 +107,93 @@ def clients_for(stack, users: int, **kwargs) -> list[ResumingClient]:
     ]
 
 
-def assert_exactly_once_in_order(clients: list[ResumingClient], per_user: int) -> None:
+def user_of(client: ResumingClient) -> int:
+    return int(client.ledger.auth_oks[0]["username"].removeprefix("user"))
+
+
+def stream_ids(client: ResumingClient, stream: str, prefix: str = "") -> list[tuple[str, object]]:
+    """(id, data) of the messages of one stream whose id starts with ``prefix``."""
+    return [(m["id"], m["data"]) for m in client.ledger.messages
+            if m["username"] == stream and m["id"].startswith(prefix)]
+
+
+def expected(load: Load, user: int) -> dict[str, list[tuple[str, object]]]:
+    p = load.prefix
+    own = [] if load.is_quiet(user) else [(p + "MSG", i) for i in range(load.per_user)] + [(p + "END", None)]
+    return {
+        f"user{user}": own,
+        "*": [(p + "BCAST", k) for k in range(load.broadcasts)] + [(p + "END", None)],
+    }
+
+
+def has_the_ends(client: ResumingClient, load: Load) -> bool:
+    if not client.ledger.auth_oks:
+        return False
+    ends = {(m["username"], m["id"]) for m in client.ledger.messages if m["id"] == load.prefix + "END"}
+    user = user_of(client)
+    wanted = {("*", load.prefix + "END")} | (set() if load.is_quiet(user) else {(f"user{user}", load.prefix + "END")})
+    return wanted <= ends
+
+
+def assert_no_silent_gap(client: ResumingClient) -> None:
+    ledger = client.ledger
+    assert ledger.gaps == [] and ledger.duplicates == 0, ledger
+    assert ledger.problems == [], ledger.problems
+
+
+def assert_exactly_once_in_order(clients: list[ResumingClient], load: Load) -> None:
     for client in clients:
-        assert client.ids("MSG") == list(range(per_user)), client.ledger
-        assert client.ids("END") == [None]
-        assert client.ledger.gaps == [] and client.ledger.duplicates == 0
-        assert all(ok["recovered"] for ok in client.ledger.auth_oks[1:]), client.ledger.auth_oks
+        assert_no_silent_gap(client)
+        want = expected(load, user_of(client))
+        for stream, ids in want.items():
+            assert stream_ids(client, stream, load.prefix) == ids, (stream, client.ledger)
+        assert client.ledger.resyncs == [], client.ledger.auth_oks
 
 
-def streamer(stack, users: int, per_user: int, pace: float) -> subprocess.Popen:
-    return subprocess.Popen([PYTHON, "-c", STREAMER, str(users), str(per_user), str(pace)],
-                            env=stack.env, cwd=ROOT)
+def streamer(stack, load: Load, gated: bool) -> subprocess.Popen:
+    return subprocess.Popen([PYTHON, "-c", STREAMER, *load.args(gated)], env=stack.env, cwd=ROOT,
+                            stdin=subprocess.PIPE if gated else subprocess.DEVNULL)
 
 
-def run_fault(stack, users: int, per_user: int, fault, pace: float = 0.0005,
-              fault_after: int = 300) -> list[ResumingClient]:
+def end(proc: subprocess.Popen) -> None:
+    """Kill a streamer a failed test left running, and close its pipe."""
+    if proc.poll() is None:
+        proc.kill()
+        proc.wait()
+    if proc.stdin is not None and not proc.stdin.closed:
+        try:
+            proc.stdin.close()
+        except BrokenPipeError:
+            pass
+
+
+async def start_clients(stack, load: Load) -> list[ResumingClient]:
+    clients = clients_for(stack, load.users)
+    for client in clients:
+        client.start()
+    await wait_for(lambda: all(c.authenticated.is_set() for c in clients), 30, "all authenticated")
+    return clients
+
+
+def run_fault(stack, load: Load, fault: Callable[[], object], fault_after: int = 200) -> list[ResumingClient]:
+    """Stream ``load`` to every user; ``fault`` after ``fault_after`` deliveries (in phase A),
+    then broadcasts begin; returns the clients once each holds its streams' ENDs."""
     async def run():
-        clients = clients_for(stack, users)
-        for client in clients:
-            client.start()
-        await wait_for(lambda: all(c.authenticated.is_set() for c in clients), 30, "all authenticated")
-        proc = streamer(stack, users, per_user, pace)
-        total = lambda: sum(len(c.ledger.messages) for c in clients)  # noqa: E731
-        await wait_for(lambda: total() >= fault_after, 60, f"{fault_after} deliveries")
-        fault()
-        await wait_for(lambda: all(c.ids("END") for c in clients), 90, "every END")
-        assert await asyncio.get_running_loop().run_in_executor(None, proc.wait, 60) == 0
-        for client in clients:
-            await client.stop()
+        loop = asyncio.get_running_loop()
+        clients = await start_clients(stack, load)
+        proc = streamer(stack, load, gated=True)
+        try:
+            total = lambda: sum(len(c.ledger.messages) for c in clients)  # noqa: E731
+            await wait_for(lambda: total() >= fault_after, 60, f"{fault_after} deliveries")
+            await loop.run_in_executor(None, fault)
+            proc.stdin.write(b"go\n")
+            proc.stdin.close()
+            await wait_for(lambda: all(has_the_ends(c, load) for c in clients), 90, "every END")
+            assert await loop.run_in_executor(None, proc.wait, 60) == 0
+        finally:
+            end(proc)
+            for client in clients:
+                await client.stop()
         return clients
 
     return asyncio.run(run())
@@ -91,86 +202,80 @@ def run_fault(stack, users: int, per_user: int, fault, pace: float = 0.0005,
 @pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGTERM], ids=["kill-9", "sigterm"])
 def test_websocket_server_stopped_mid_stream(make_stack, sig):
     """kill -9: clients see the connection drop; SIGTERM: the server drains with 1001.
-    Either way its clients move to the rest of the pool and resume."""
+    Either way its clients move to the rest of the pool and resume every stream, the ones
+    that have no message on a stream yet (no broadcast has been sent; quiet users have
+    none of their own) from the position AUTH OK gave them."""
     stack = make_stack(FLOW_WS_PROCESSES=2)
     victim = stack.pids("websocket")[0]
-    clients = run_fault(stack, 100, 10, lambda: os.kill(victim, sig))
-    assert_exactly_once_in_order(clients, 10)
+    load = Load()
+    clients = run_fault(stack, load, lambda: os.kill(victim, sig))
+    assert_exactly_once_in_order(clients, load)
     moved = [c for c in clients if c.ledger.connects > 1]
     assert moved, "no client was on the stopped server"
+    assert any(load.is_quiet(user_of(c)) for c in moved), "no quiet user was on the stopped server"
     assert all(c.ledger.auth_oks[-1]["recovered"] for c in moved)
     if sig == signal.SIGTERM:
         assert all(c.ledger.close_codes[0] == 1001 for c in moved)
 
 
 def test_slow_consumer_closed_4008_comes_back_and_resumes(make_stack):
+    """Two frozen tabs: one receives its own messages and broadcasts, one only broadcasts.
+    Each is closed 4008, comes back and resumes both of its streams."""
     COUNT = 800  # noqa: N806
     stack = make_stack(FLOW_SEND_BACKLOG="65536", FLOW_HISTORY_SIZE=str(COUNT + 10))
 
     async def run():
         pause = asyncio.Event()
-        slow = ResumingClient(stack.ws_url, lambda: issue_token(stack.settings, "slow"),
-                              origin=stack.base_url, pause=pause)
-        slow.start()
-        await wait_for(slow.authenticated.is_set, 30, "authenticated")
-        publisher_env = dict(stack.env)
+        tabs = [ResumingClient(stack.ws_url, lambda u=u: issue_token(stack.settings, u),
+                               origin=stack.base_url, pause=pause) for u in ("slow", "hush")]
+        for tab in tabs:
+            tab.start()
+        await wait_for(lambda: all(t.authenticated.is_set() for t in tabs), 30, "authenticated")
         pause.set()
-        # Enough to fill every buffer between the server and the frozen tab: the kernel's
+        # Enough to fill every buffer between the server and each frozen tab: the kernel's
         # on both sides of nginx (autotuned to megabytes) and nginx's own.
         script = (
             "import flow\n"
+            "pad = 'p' * 32000\n"
             "for i in range(COUNT):\n"
-            "    flow.push('slow', 'MSG', {'i': i, 'pad': 'p' * 32000})\n"
+            "    flow.push('slow', 'MSG', {'i': i, 'pad': pad})\n"
+            "    flow.push_all('BCAST', {'i': i, 'pad': pad})\n"
             "flow.push('slow', 'END', None)\n"
+            "flow.push_all('END', None)\n"
         ).replace("COUNT", str(COUNT))
-        proc = subprocess.run([PYTHON, "-c", script], env=publisher_env, cwd=ROOT, timeout=60)
+        proc = subprocess.run([PYTHON, "-c", script], env=stack.env, cwd=ROOT, timeout=60)
         assert proc.returncode == 0
-        # The frozen tab cannot see the close frame behind its backlog: watch the server.
-        logs = lambda: "".join(p.read_text() for p in stack.log_dir.glob("websocket*.log"))  # noqa: E731
-        await wait_for(lambda: "closing 4008" in logs(), 60, "the server's 4008")
+
+        # A frozen tab cannot see the close frame behind its backlog: watch the server.
+        def closed_4008(name: str) -> bool:
+            text = "".join(p.read_text() for p in stack.log_dir.glob("websocket*.log"))
+            return any(f"({name}):" in line and "closing 4008" in line for line in text.splitlines())
+
+        await wait_for(lambda: closed_4008("slow") and closed_4008("hush"), 60, "the server's 4008s")
         pause.clear()
-        await wait_for(lambda: slow.ledger.connects > 1, 60, "the reconnect")
-        await wait_for(lambda: slow.ids("END"), 60, "END after resuming")
-        await slow.stop()
-        return slow
+        await wait_for(lambda: all(t.ledger.connects > 1 for t in tabs), 60, "the reconnects")
+        slow = tabs[0]
+        await wait_for(lambda: slow.ids("END", "slow") and all(t.ids("END", "*") for t in tabs), 60,
+                       "END after resuming")
+        for tab in tabs:
+            await tab.stop()
+        return tabs
 
-    slow = asyncio.run(run())
-    assert 4008 in slow.ledger.close_codes
-    assert [d["i"] for d in slow.ids("MSG")] == list(range(COUNT))
-    assert slow.ledger.gaps == [] and slow.ledger.duplicates == 0
-    assert slow.ledger.auth_oks[-1]["recovered"] is True
-
-
-def test_proxy_restart_tells_every_client(make_stack):
-    stack = make_stack()
-
-    async def run():
-        clients = clients_for(stack, 20)
-        for client in clients:
-            client.start()
-        await wait_for(lambda: all(c.authenticated.is_set() for c in clients), 30, "all authenticated")
-        proc = streamer(stack, 20, 5, 0)
-        assert await asyncio.get_running_loop().run_in_executor(None, proc.wait, 60) == 0
-        await wait_for(lambda: all(c.ids("END") for c in clients), 60, "every END")
-        stack.ctl("restart", "proxy")
-        # Every client is closed (1001) and comes back told recovered: false.
-        await wait_for(lambda: all(len(c.ledger.auth_oks) >= 2 for c in clients), 60, "re-auth")
-        proc = streamer(stack, 20, 3, 0)
-        assert await asyncio.get_running_loop().run_in_executor(None, proc.wait, 60) == 0
-        await wait_for(lambda: all(len(c.ids("END")) == 2 for c in clients), 60, "second END")
-        for client in clients:
-            await client.stop()
-        return clients
-
-    for client in asyncio.run(run()):
-        assert 1001 in client.ledger.close_codes
-        assert client.ledger.auth_oks[-1]["recovered"] is False
-        assert client.ledger.gaps == [] and client.ledger.duplicates == 0
-        assert client.ids("MSG") == [0, 1, 2, 3, 4, 0, 1, 2]
+    slow, hush = asyncio.run(run())
+    for tab in (slow, hush):
+        assert 4008 in tab.ledger.close_codes, tab.ledger.close_codes
+        assert_no_silent_gap(tab)
+        assert tab.ledger.resyncs == [] and tab.ledger.auth_oks[-1]["recovered"] is True
+        assert [d["i"] for d in tab.ids("BCAST", "*")] == list(range(COUNT))
+        assert tab.ids("END", "*") == [None]
+    assert [d["i"] for d in slow.ids("MSG", "slow")] == list(range(COUNT))
+    assert slow.ids("END", "slow") == [None]
+    assert hush.ids("MSG") == []
 
 
 def test_app_workers_restarted_mid_stream(make_stack):
-    """Pushes come from gunicorn's forked workers; reload and restart them mid-stream."""
+    """Pushes come from gunicorn's forked workers; reload and restart them mid-stream.
+    Broadcasts come in between, and a second user gets only those."""
     stack = make_stack()
     cookies = http.cookiejar.CookieJar()
     opener = urllib.request.build_opener(urllib.request.ProxyHandler({}),
@@ -190,17 +295,23 @@ def test_app_workers_restarted_mid_stream(make_stack):
                     raise
 
     call("/login", {"username": "worker-test"})
+    broadcaster = flow.Flow(settings=stack.settings)
 
     async def run():
         loop = asyncio.get_running_loop()
         client = ResumingClient(stack.ws_url, lambda: call("/socket_auth_token").decode(),
                                 origin=stack.base_url)
-        client.start()
-        await wait_for(client.authenticated.is_set, 30, "authenticated")
+        watcher = ResumingClient(stack.ws_url, lambda: issue_token(stack.settings, "watcher"),
+                                 origin=stack.base_url)
+        for c in (client, watcher):
+            c.start()
+        await wait_for(lambda: client.authenticated.is_set() and watcher.authenticated.is_set(), 30,
+                       "authenticated")
 
         async def send(n: int) -> None:
             reply = await loop.run_in_executor(None, call, "/send", {"message": f"m{n}"})
             assert json.loads(reply) == {"status": "OK", "data": f"m{n}"}
+            broadcaster.push_all("BCAST", n)
 
         for n in range(10):
             await send(n)
@@ -211,10 +322,79 @@ def test_app_workers_restarted_mid_stream(make_stack):
         await loop.run_in_executor(None, stack.ctl, "restart", "app")
         for n in range(20, 30):
             await send(n)
-        await wait_for(lambda: len(client.ids("TASK DONE")) >= 30, 60, "30 TASK DONE")
-        await client.stop()
-        return client
+        broadcaster.push_all("END", None)
+        await wait_for(lambda: len(client.ids("TASK DONE")) >= 30 and client.ids("END", "*")
+                       and watcher.ids("END", "*"), 60, "30 TASK DONE and both ENDs")
+        for c in (client, watcher):
+            await c.stop()
+        return client, watcher
 
-    client = asyncio.run(run())
+    try:
+        client, watcher = asyncio.run(run())
+    finally:
+        broadcaster.close()
     assert sorted(client.ids("TASK DONE"), key=lambda m: int(m[1:])) == [f"m{n}" for n in range(30)]
-    assert client.ledger.duplicates == 0 and client.ledger.gaps == []
+    for c in (client, watcher):
+        assert_no_silent_gap(c)
+        assert c.ids("BCAST", "*") == list(range(30)) and c.ids("END", "*") == [None]
+    assert [m for m in watcher.ledger.messages if m["username"] != "*"] == []
+
+
+def test_proxy_graceful_restart_loses_nothing(make_stack):
+    """supervisorctl restart (SIGTERM): the proxy keeps its numbering and history across
+    the restart; what was pushed meanwhile reaches the open sockets, nobody is closed."""
+    stack = make_stack()
+    load = Load()
+    clients = run_fault(stack, load, lambda: stack.ctl("restart", "proxy"))
+    assert_exactly_once_in_order(clients, load)
+    for client in clients:
+        assert client.ledger.connects == 1 and client.ledger.close_codes == [], client.ledger
+        first = client.ledger.auth_oks[0]["streams"]
+        assert all(m["epoch"] == first[m["username"]]["epoch"] for m in client.ledger.messages)
+
+
+def test_proxy_killed_tells_every_client(make_stack):
+    """kill -9: the proxy's history and numbering are gone. Every client is closed 1012,
+    told recovered: false on its resume, and sees no silent gap; what is pushed once the
+    pool is on the new epochs arrives exactly once, in order."""
+    stack = make_stack()
+    load = Load(users=40)
+    after = Load(users=40, per_user=4, split=0, every=10, prefix="N")
+
+    async def run():
+        loop = asyncio.get_running_loop()
+        clients = await start_clients(stack, load)
+        proc = streamer(stack, load, gated=True)
+        try:
+            total = lambda: sum(len(c.ledger.messages) for c in clients)  # noqa: E731
+            await wait_for(lambda: total() >= 60, 60, "60 deliveries")
+            os.kill(stack.pids("proxy")[0], signal.SIGKILL)
+            proc.stdin.write(b"go\n")
+            proc.stdin.close()
+            # What was in the dead proxy is lost, END included: wait for the streamer to end.
+            assert await loop.run_in_executor(None, proc.wait, 60) == 0
+
+            def on_new_epochs(c: ResumingClient) -> bool:
+                oks = c.ledger.auth_oks
+                return (c.authenticated.is_set() and c.resynced
+                        and oks[-1]["streams"]["*"]["epoch"] != oks[0]["streams"]["*"]["epoch"])
+
+            await wait_for(lambda: all(on_new_epochs(c) for c in clients), 60, "every client on the new epochs")
+            proc = streamer(stack, after, gated=False)
+            await wait_for(lambda: all(has_the_ends(c, after) for c in clients), 60, "every NEND")
+            assert await loop.run_in_executor(None, proc.wait, 60) == 0
+        finally:
+            end(proc)
+            for client in clients:
+                await client.stop()
+        return clients
+
+    for client in asyncio.run(run()):
+        assert 1012 in client.ledger.close_codes, client.ledger.close_codes
+        assert client.resynced and client.ledger.auth_oks[-1]["recovered"] is False
+        assert_no_silent_gap(client)
+        for stream, ids in expected(after, user_of(client)).items():
+            assert stream_ids(client, stream, "N") == ids
+        for stream in {m["username"] for m in client.ledger.messages}:
+            before = [d for i, d in stream_ids(client, stream) if i in ("MSG", "BCAST")]
+            assert before == sorted(set(before)), before  # what arrived, once and in order

@@ -37,8 +37,11 @@ async def closed_code(ws, timeout: float = 10.0) -> int:
 def test_message_flow_handshake_with_raw_token(pipe):
     async def run():
         ws, ok = await authenticate(pipe.url(), pipe.token("alice"))
-        assert set(ok) == {"id", "username", "epoch", "heartbeat", "recovered", "missed"}
+        assert set(ok) == {"id", "username", "epoch", "heartbeat", "recovered", "missed", "streams",
+                           "expires_in"}
         assert ok["username"] == "alice"
+        assert ok["streams"]["alice"] == {"seq": 0, "epoch": ok["epoch"]} and set(ok["streams"]) == {"alice", "*"}
+        assert 0 < ok["expires_in"] <= pipe.settings.token_ttl
         assert ok["heartbeat"] == 0.3
         assert ok["recovered"] is False and ok["missed"] == 0
         assert isinstance(ok["epoch"], str) and ok["epoch"]

@@ -3,14 +3,20 @@
 from __future__ import annotations
 
 import json
+import random
 import struct
 
+import orjson
 import pytest
 
 from flowcore import protocol
+from flowcore.settings import Settings
+from flowcore.tokens import TokenError, TokenVerifier
 from flowcore.protocol import (
     BROADCAST,
+    RESERVED_IDS,
     Authenticate,
+    HistoryRequest,
     Ping,
     ProtocolError,
     Push,
@@ -21,6 +27,7 @@ from flowcore.protocol import (
     build_history_reply,
     build_history_request,
     build_message_frame,
+    build_ping_request,
     check_message_id,
     check_username,
     decode_delivery,
@@ -153,6 +160,112 @@ class TestParseClientFrame:
 
     def test_error_messages_are_protocol_errors(self):
         assert issubclass(ProtocolError, ValueError)
+
+    @pytest.mark.parametrize(
+        "text",
+        [
+            "[" * 5000 + "]" * 5000,
+            '{"a":' * 5000 + "1" + "}" * 5000,
+            "[" * 100_000,
+            '{"id":"AUTH","token":"a.b.c","resume":' + '{"a":' * 3000 + "1" + "}" * 3001,
+        ],
+    )
+    def test_deep_nesting_is_refused(self, text):
+        with pytest.raises(ProtocolError, match="nests too deep"):
+            parse_client_frame(text)
+
+    @pytest.mark.parametrize(
+        "text",
+        [
+            '{"id":"AUTH","token":"\\ud800"}',
+            '{"id":"AUTH","token":"a.b.c\\udfff"}',
+            '{"id":"AUTH","token":"a.b.c","resume":{"\\udc80":{"seq":1,"epoch":"e"}}}',
+            '{"id":"AUTH","token":"a.b.c","resume":{"a":{"seq":1,"epoch":"\\ud800x"}}}',
+            '{"id":"PING","x":"\\udfff"}',
+        ],
+    )
+    def test_lone_surrogate_escapes_are_refused(self, text):
+        with pytest.raises(ProtocolError, match="not valid JSON"):
+            parse_client_frame(text)
+
+    @pytest.mark.parametrize("text", ['{"id":"PING","n":NaN}', '{"id":"PING","n":Infinity}', '{"id":-Infinity}'])
+    def test_nan_and_infinity_are_not_json(self, text):
+        with pytest.raises(ProtocolError, match="not valid JSON"):
+            parse_client_frame(text)
+
+    def test_duplicate_keys_the_last_wins(self):
+        assert parse_client_frame('{"id":"AUTH","token":"x.y.z","id":"PING"}') == Ping(heartbeat=False)
+        assert parse_client_frame('{"id":"AUTH","token":5,"token":"x.y.z"}') == Authenticate("x.y.z")
+
+    def test_resume_seq_beyond_64_bits_is_refused(self):
+        text = '{"id":"AUTH","token":"a.b.c","resume":{"a":{"seq":18446744073709551616,"epoch":"e"}}}'
+        with pytest.raises(ProtocolError, match="seq"):
+            parse_client_frame(text)
+
+    @pytest.mark.parametrize("frame_id", ["x" * 60_000, [[[["AUTH"]]]], {"id": "AUTH"}, 10**30])
+    def test_error_messages_stay_short(self, frame_id):
+        with pytest.raises(ProtocolError, match="unknown frame id") as info:
+            parse_client_frame(json.dumps({"id": frame_id}))
+        assert len(str(info.value)) < 100
+
+    def test_deep_id_is_not_repr_ed(self):
+        # Within orjson's depth limit, but deep enough that repr() would recurse too far.
+        text = '{"id":' + "[" * 1020 + "]" * 1020 + "}"
+        with pytest.raises(ProtocolError, match="unknown frame id of type list"):
+            parse_client_frame(text)
+
+    def test_long_resume_name_is_cut_in_the_message(self):
+        text = json.dumps({"id": "AUTH", "token": "a.b.c", "resume": {"n" * 50_000: 1}})
+        with pytest.raises(ProtocolError, match="resume") as info:
+            parse_client_frame(text)
+        assert len(str(info.value)) < 150
+
+    @pytest.mark.parametrize("value", [None, b"<3", b'{"id":"PING"}', 5])
+    def test_non_text_is_refused(self, value):
+        with pytest.raises(ProtocolError, match="text"):
+            parse_client_frame(value)
+
+
+HOSTILE_FRAMES = [
+    "", " ", "\n", "\0", " <3", "<3 ", "<3<3", "{}", "[]", "null", "1", '"AUTH"', "{", "}", "[", "]",
+    "{}}", "[{]", '{"id":null}', '{"id":"AUTH","token":null}', '{"id":"AUTH","token":"a.b.c","resume":[]}',
+    '{"id":"AUTH","token":"a.b.c","resume":{"a":{"seq":' + "9" * 5000 + ',"epoch":"e"}}}',
+    '{"id":"AUTH","token":"a.b.c","resume":{"a":{"seq":1e400,"epoch":"e"}}}',
+    '{"id":"AUTH","token":"a.b.c","resume":{"a":{"seq":-0,"epoch":"e"}}}',
+    '{"id":"AUTH","token":"a.b.c","resume":{"a":{"seq":1E2,"epoch":"e"}}}',
+    '{"id":"AUTH","token":"a.b.c","resume":{"a":{"seq":NaN,"epoch":"e"}}}',
+    '{"id":' + "9" * 5000 + "}", '{"id":1e999}', '{"id":NaN}', "NaN", "Infinity", "-Infinity",
+    '{"id":"PING","id":"AUTH","token":"a.b.c"}', '{"id":"AUTH","token":"a.b.c","token":5}',
+    '{"id":"AUTH","token":"\\ud800"}', '{"id":"AUTH","token":"\\u0000"}', '{"id":"AUTH","token":"a\\u0000.b.c"}',
+    '{"id":"AUTH","token":"' + "A" * 60_000 + '.b.c"}',
+    '{"id":' + "[" * 1000 + "]" * 1000 + "}", '{"id":"' + "x" * 60_000 + '"}',
+    '{"id":{"a":{"b":1}}}', '{"id":["AUTH"]}', '{"id":true}', '{"id":1e308}', '{"id":"AUTH","token":["a.b.c"]}',
+    "\ud800", "a\udfffb", "\ud800.\udc00.x", "é.b.c", "\ufeff{}", '\ufeff{"id":"PING"}', "\x00{}",
+    "\u2028{}", " \t\r\n{}\u3000", "\u3000<3",
+    '{"id":"AUTH","token":"a.b.c"} trailing', '{"id":"AUTH","token":"a.b.c"}{"id":"PING"}',
+    "{'id':'PING'}", '{"id":"PING",}', '{"id":"PING" "x":1}', '{"id":"\\x41"}',
+    '{"id":"AUTH","token":"a.b.c","resume":{"a":{"seq":1,"epoch":"e","x":' + "[" * 900 + "]" * 900 + "}}}",
+    "[" * 5000 + "]" * 5000, '{"a":' * 5000 + "1" + "}" * 5000, "[" * 60_000, '{"' * 30_000, "{" * 60_000,
+    '"' + "\\" * 60_000, '{"id":"' + "\\u" * 10_000 + '"}',
+]
+
+
+@pytest.mark.parametrize("text", HOSTILE_FRAMES, ids=range(len(HOSTILE_FRAMES)))
+def test_hostile_frames_give_a_frame_or_protocol_error(text):
+    """Whatever a client sends ends as a frame the server can act on, or a short ProtocolError."""
+    try:
+        frame = parse_client_frame(text)
+    except ProtocolError as exc:
+        assert len(str(exc)) < 200  # it goes back to the client and into the log
+        return
+    assert isinstance(frame, (Authenticate, Ping))
+    if isinstance(frame, Authenticate):
+        # The token check refuses it cleanly (none of these is a token), whatever it holds.
+        with pytest.raises(TokenError):
+            TokenVerifier(Settings(secret="k" * 32)).verify_claims(frame.token)
+        for name, (seq, epoch) in frame.resume.items():
+            name.encode("utf-8"), epoch.encode("utf-8")
+            assert type(seq) is int and seq >= 0
 
 
 def test_looks_like_jwt():
@@ -332,6 +445,42 @@ class TestCheckMessageId:
         with pytest.raises(ProtocolError, match="longer"):
             check_message_id("x" * 257)
 
+    @pytest.mark.parametrize("mid", sorted(RESERVED_IDS))
+    def test_reserved(self, mid):
+        with pytest.raises(ProtocolError, match="reserved"):
+            check_message_id(mid)
+
+    def test_reserved_ids_are_the_control_frames_ids(self):
+        # PROTOCOL.md sections 3, 5 and 9.
+        assert isinstance(RESERVED_IDS, frozenset)
+        assert RESERVED_IDS == {
+            "AUTH REQUEST", "AUTH OK", "AUTH FAILED", "PONG", "ERROR", "AUTH", "PING",
+            "SUBSCRIBE", "SUBSCRIBE OK", "SUBSCRIBE FAILED", "UNSUBSCRIBE", "UNSUBSCRIBE OK",
+            "UNSUBSCRIBED", "PRESENCE", "JOIN", "LEAVE", "REFRESH",
+        }  # fmt: skip
+
+    @pytest.mark.parametrize("mid", ["auth ok", "AUTH OK ", " PONG", "AUTH  OK", "JOINED", "ERRORS", "PING!"])
+    def test_reserved_is_an_exact_match(self, mid):
+        assert check_message_id(mid) == mid
+
+    @pytest.mark.parametrize("mid", ["\ud800", "a\udfffb", "TASK \udc80", "\ud800" * 256])
+    def test_lone_surrogate(self, mid):
+        with pytest.raises(ProtocolError, match="Unicode"):
+            check_message_id(mid)
+
+    def test_str_subclass_is_judged_by_its_text(self):
+        class Sneaky(str):
+            def __hash__(self):
+                return 0
+
+            def __eq__(self, other):
+                return False
+
+        with pytest.raises(ProtocolError, match="reserved"):
+            check_message_id(Sneaky("AUTH OK"))
+        checked = check_message_id(Sneaky("fine"))
+        assert type(checked) is str and checked == "fine"
+
 
 class TestTopics:
     def test_user_topic(self):
@@ -414,7 +563,8 @@ class TestPush:
 
     @pytest.mark.parametrize(
         "data",
-        [{1, 2}, object(), float("nan"), float("inf"), -float("inf"), {"x": float("nan")}, b"bytes", {("a",): 1}],
+        [{1, 2}, object(), float("nan"), float("inf"), -float("inf"), {"x": float("nan")}, b"bytes", {("a",): 1},
+         "\ud800", {"k\udfff": 1}],
     )
     def test_non_json_data_refused(self, data):
         with pytest.raises(ProtocolError, match="JSON"):
@@ -472,6 +622,114 @@ class TestPush:
         with pytest.raises(ProtocolError, match="limit"):
             encode_push("alice", "x", 1, 100, lambda v: b"1" * 200)
 
+    @pytest.mark.parametrize("mid", sorted(RESERVED_IDS))
+    @pytest.mark.parametrize("user", ["alice", BROADCAST])
+    def test_reserved_id_refused(self, user, mid):
+        with pytest.raises(ProtocolError, match="reserved"):
+            encode_push(user, mid, 1, MAX)
+        assert mid not in protocol.id_parts
+
+    @pytest.mark.parametrize("mid", ["\ud800", "ok \udfff"])
+    def test_lone_surrogate_id_refused(self, mid):
+        with pytest.raises(ProtocolError, match="Unicode"):
+            encode_push("alice", mid, 1, MAX)
+
+    @pytest.mark.parametrize("data", ["\ud800", {"\udc80": 1}, ["ok", "a\udfffb"]])
+    def test_lone_surrogate_data_refused(self, data):
+        with pytest.raises(ProtocolError, match="JSON"):
+            encode_push("alice", "x", data, MAX)
+
+    @pytest.mark.parametrize("kind", ["list", "dict"])
+    def test_deep_data_refused_as_too_deep(self, kind):
+        data: object = 1
+        for _ in range(100_000):
+            data = [data] if kind == "list" else {"a": data}
+        with pytest.raises(ProtocolError, match="nests too deep"):
+            encode_push("alice", "x", data, 10 * MAX)
+
+    def test_data_deeper_than_orjson_goes_but_stays_valid(self):
+        data: object = "leaf"
+        for _ in range(300):  # beyond orjson's 255 levels: the standard encoder's job
+            data = [data]
+        push = decode_push(encode_push("alice", "x", data, MAX))
+        assert json.loads(push.data_json) == data
+
+    @pytest.mark.parametrize(
+        "output",
+        [
+            b"\xff",
+            b'"\xff"',
+            b'"\xed\xa0\x80"',  # an encoded surrogate: not UTF-8
+            b'1,"id":"AUTH FAILED"',  # would splice a second id into the browser frame
+            b'{"a":1},"username":"bob"',
+            b"1}",
+            b"",
+            b" ",
+            b"NaN",
+            b"Infinity",
+            b"1 2",
+            b'{"a":1',
+            b'"\x00"',
+            b"\xef\xbb\xbf1",
+            b"[" * 5000 + b"]" * 5000,
+            b"undefined",
+            "\ud800",
+            '"\\ud800"',
+            None,
+            5,
+            bytearray(b"1"),
+            memoryview(b"1"),
+            [b"1"],
+        ],
+        ids=lambda o: repr(o)[:30],
+    )
+    def test_custom_serializer_output_must_be_one_utf8_json_value(self, output):
+        with pytest.raises(ProtocolError, match="serializer"):
+            encode_push("alice", "x", 1, MAX, lambda v: output)
+
+    class Bytes(bytes):
+        pass
+
+    @pytest.mark.parametrize(
+        "output, data_json",
+        [
+            (b" 1 ", b" 1 "),
+            (b'{"a":\n[1,\t2]}\n', b'{"a":\n[1,\t2]}\n'),
+            (b'{"big":123456789012345678901234567890}', b'{"big":123456789012345678901234567890}'),
+            ('{"a":"zoë"}', '{"a":"zoë"}'.encode()),  # a str is taken as its UTF-8
+            (Bytes(b"[1]"), b"[1]"),
+        ],
+    )
+    def test_custom_serializer_output_accepted(self, output, data_json):
+        push = decode_push(encode_push("alice", "x", 1, MAX, lambda v: output))
+        assert push.data_json == data_json and type(push.data_json) is bytes
+        assert list(json.loads(build_message_frame(push, 1, "e"))) == ["id", "username", "data", "seq", "epoch"]
+
+    @pytest.mark.parametrize("exc", [KeyError("k"), RuntimeError("boom"), AttributeError("a"), OverflowError("o"),
+                                     TypeError("t"), ValueError("v"), UnicodeEncodeError("utf-8", "x", 0, 1, "bad")])
+    def test_custom_serializer_errors_become_protocol_errors_with_the_cause(self, exc):
+        def serializer(value):
+            raise exc
+
+        with pytest.raises(ProtocolError) as info:
+            encode_push("alice", "x", 1, MAX, serializer)
+        assert info.value.__cause__ is exc
+        assert type(exc).__name__ in str(info.value) or str(exc) in str(info.value)
+
+    def test_custom_serializer_recursion_is_too_deep(self):
+        def serializer(value):
+            return serializer(value)
+
+        with pytest.raises(ProtocolError, match="nests too deep"):
+            encode_push("alice", "x", 1, MAX, serializer)
+
+    def test_custom_serializer_does_not_swallow_interrupts(self):
+        def serializer(value):
+            raise KeyboardInterrupt
+
+        with pytest.raises(KeyboardInterrupt):
+            encode_push("alice", "x", 1, MAX, serializer)
+
 
 class TestDecodePush:
     GOOD = b'P1\0alice\0"x"\n{"a":1}'
@@ -514,10 +772,94 @@ class TestDecodePush:
         with pytest.raises(ProtocolError, match="body"):
             decode_push(b"P1\0alice\0" + body)
 
-    def test_data_may_contain_newlines_and_nul(self):
-        push = decode_push(b'P1\0alice\0"x"\n{"a":\n"\0"}')
+    def test_data_may_contain_newlines(self):
+        push = decode_push(b'P1\0alice\0"x"\n{"a":\n"\\u0000"}\n')
         assert push.id_json == b'"x"'
-        assert push.data_json == b'{"a":\n"\0"}'
+        assert push.data_json == b'{"a":\n"\\u0000"}\n'
+
+    @pytest.mark.parametrize(
+        "id_json",
+        [
+            b'"AUTH FAILED"',
+            b'"\\u0041UTH OK"',  # reserved once decoded
+            b'"PONG"',
+            b'"JOIN"',
+            b'""',
+            b'"' + b"x" * 257 + b'"',
+            b'"\\ud800"',
+            b'"\xff"',
+            b'"\xed\xa0\x80"',
+            b'"a","b":"c"',
+            b'"a" "b"',
+            b'"a"  "',
+            b'"\\"',
+            b'"\x00"',
+            b'"\t"',
+            b'"\\x41"',
+        ],
+    )
+    def test_bad_id_json(self, id_json):
+        with pytest.raises(ProtocolError):
+            decode_push(b"P1\0alice\0" + id_json + b"\n1")
+
+    @pytest.mark.parametrize(
+        "data_json",
+        [
+            b"\xff",
+            b'"\xff"',
+            b'"\xed\xa0\x80"',
+            b'"\\ud800"',
+            b'1,"id":"AUTH FAILED"',
+            b'{"a":1},"username":"bob"',
+            b"1}",
+            b" ",
+            b"NaN",
+            b"Infinity",
+            b"-Infinity",
+            b"1 2",
+            b'{"a":1',
+            b'"\x00"',
+            b"[" * 5000 + b"]" * 5000,
+            b'{"a":' * 2000 + b"1" + b"}" * 2000,
+            b"\xef\xbb\xbf1",
+            b"undefined",
+            b"'a'",
+            b"1\x00",
+        ],
+    )
+    def test_bad_data_json(self, data_json):
+        with pytest.raises(ProtocolError, match="data_json"):
+            decode_push(b'P1\0alice\0"x"\n' + data_json)
+
+    @pytest.mark.parametrize(
+        "data_json", [b" 1 ", b"123456789012345678901234567890", b"[" * 1000 + b"]" * 1000, b'"\\ud83d\\ude00"']
+    )
+    def test_odd_but_valid_data_json(self, data_json):
+        assert decode_push(b'P1\0alice\0"x"\n' + data_json).data_json == data_json
+
+    def test_mangled_pushes_give_a_valid_browser_frame_or_protocol_error(self):
+        """Seeded random damage to good pushes: whatever decode_push lets through makes a
+        browser frame that is one JSON object with exactly its five fields."""
+        rng = random.Random(5)
+        goods = [
+            encode_push("alice", "TASK DONE", {"card": "ok", "n": [1, 2.5, None, True], "t": "zoë\n"}, MAX),
+            encode_push("*", "NEWS", ["a", {"b": "c"}], MAX),
+        ]
+        accepted = 0
+        for _ in range(5000):
+            raw = rng.choice(goods)
+            cut = raw.index(b"\0", 3) + 1
+            raw = raw[:cut] + _mangle(rng, raw[cut:])
+            try:
+                push = decode_push(raw)
+            except ProtocolError:
+                continue
+            accepted += 1
+            frame = orjson.loads(build_message_frame(push, 1, "e"))
+            assert list(frame) == ["id", "username", "data", "seq", "epoch"]
+            assert frame["id"] not in RESERVED_IDS and frame["username"] == push.stream
+            assert (frame["seq"], frame["epoch"]) == (1, "e")
+        assert accepted > 0  # some damage is harmless (inside strings): the check is not vacuous
 
 
 # ---------------------------------------------------------------- fan-out
@@ -612,103 +954,231 @@ class TestMessageFrames:
 
 
 class TestHistory:
+    """The control channel (see the history section of flowcore/protocol.py)."""
+
     def test_request_round_trip(self):
-        raw = build_history_request(7, {"alice": (41, "e1"), "*": (0, "e2")})
+        raw = build_history_request(7, {"alice": (41, "e1"), "*": (0, "e2")}, 65536)
         assert isinstance(raw, bytes)
         assert json.loads(raw) == {
             "op": "history",
             "rid": 7,
+            "max_bytes": 65536,
             "streams": {"alice": {"seq": 41, "epoch": "e1"}, "*": {"seq": 0, "epoch": "e2"}},
         }
         request = parse_history_request(raw)
-        assert request.request_id == 7
-        assert request.streams == {"alice": (41, "e1"), "*": (0, "e2")}
+        assert request == HistoryRequest(7, {"alice": (41, "e1"), "*": (0, "e2")}, 65536, "history")
 
     def test_request_round_trip_unicode_and_empty(self):
-        request = parse_history_request(build_history_request(0, {"zoë": (3, "é")}))
+        request = parse_history_request(build_history_request(0, {"zoë": (3, "é")}, 0))
         assert request.streams == {"zoë": (3, "é")}
-        empty = parse_history_request(build_history_request(1, {}))
-        assert empty.request_id == 1 and empty.streams == {}
+        assert request.max_bytes == 0 and request.op == "history"
+        empty = parse_history_request(build_history_request(1, {}, 10))
+        assert (empty.request_id, empty.streams, empty.max_bytes) == (1, {}, 10)
+
+    def test_request_without_max_bytes_asks_for_positions_only(self):
+        request = parse_history_request(b'{"op":"history","rid":3,"streams":{"a":{"seq":1,"epoch":"e"}}}')
+        assert request == HistoryRequest(3, {"a": (1, "e")}, 0, "history")
+
+    def test_ping_round_trip(self):
+        raw = build_ping_request(12)
+        assert json.loads(raw) == {"op": "ping", "rid": 12}
+        assert parse_history_request(raw) == HistoryRequest(12, {}, 0, "ping")
 
     @pytest.mark.parametrize(
         "raw",
         [
             b"",
+            b" ",
             b"not json",
             b"\xff",
+            b'{"op":"ping","rid":1,"x":"\xff"}',  # not UTF-8 inside a string
+            b"\xef\xbb\xbf" + b'{"op":"ping","rid":1}"',
             b"[]",
             b"null",
+            b"1e400",
             b'"history"',
+            b"[" * 100_000 + b"]" * 100_000,
+            b'{"op":"history","rid":1,"streams":' + b'{"a":' * 50_000 + b"1" + b"}" * 50_001,
             b'{"op":"other","rid":1,"streams":{}}',
+            b'{"op":5,"rid":1,"streams":{}}',
             b'{"rid":1,"streams":{}}',
+            b'{"op":"ping"}',
+            b'{"op":"ping","rid":"1"}',
+            b'{"op":"ping","rid":true}',
+            b'{"op":"ping","rid":1.0}',
+            b'{"op":"ping","rid":Infinity}',
             b'{"op":"history","streams":{}}',
             b'{"op":"history","rid":"x","streams":{}}',
             b'{"op":"history","rid":null,"streams":{}}',
+            b'{"op":"history","rid":1e400,"streams":{}}',
             b'{"op":"history","rid":1}',
             b'{"op":"history","rid":1,"streams":[]}',
+            b'{"op":"history","rid":1,"streams":"ab"}',
+            b'{"op":"history","rid":1,"streams":null}',
             b'{"op":"history","rid":1,"streams":{"a":5}}',
+            b'{"op":"history","rid":1,"streams":{"a":"seq"}}',
+            b'{"op":"history","rid":1,"streams":{"a":[1,"e"]}}',
             b'{"op":"history","rid":1,"streams":{"a":{"epoch":"e"}}}',
             b'{"op":"history","rid":1,"streams":{"a":{"seq":1}}}',
             b'{"op":"history","rid":1,"streams":{"a":{"seq":"x","epoch":"e"}}}',
+            b'{"op":"history","rid":1,"streams":{"a":{"seq":"1","epoch":"e"}}}',
+            b'{"op":"history","rid":1,"streams":{"a":{"seq":true,"epoch":"e"}}}',
+            b'{"op":"history","rid":1,"streams":{"a":{"seq":1.5,"epoch":"e"}}}',
+            b'{"op":"history","rid":1,"streams":{"a":{"seq":-1,"epoch":"e"}}}',
+            b'{"op":"history","rid":1,"streams":{"a":{"seq":Infinity,"epoch":"e"}}}',
+            b'{"op":"history","rid":1,"streams":{"a":{"seq":1,"epoch":5}}}',
+            b'{"op":"history","rid":1,"streams":{"a":{"seq":1,"epoch":null}}}',
+            b'{"op":"history","rid":1,"max_bytes":-1,"streams":{}}',
+            b'{"op":"history","rid":1,"max_bytes":"10","streams":{}}',
+            b'{"op":"history","rid":1,"max_bytes":false,"streams":{}}',
+            b'{"op":"history","rid":1,"max_bytes":NaN,"streams":{}}',
         ],
+        ids=lambda raw: repr(raw)[:70],
     )
     def test_malformed_request(self, raw):
         with pytest.raises(ProtocolError):
             parse_history_request(raw)
 
-    def test_reply_round_trip(self):
-        f1 = b'{"id":"x","username":"alice","data":"zo\xc3\xab","seq":42,"epoch":"e1"}'
-        f2 = b'{"id":"y","username":"alice","data":null,"seq":43,"epoch":"e1"}'
-        raw = build_history_reply(
+    def test_reply_round_trip_is_byte_for_byte(self):
+        f1 = encode_text_frame(b'{"id":"x","username":"alice","data":"zo\xc3\xab","seq":42,"epoch":"e1"}')
+        f2 = encode_text_frame(b'{"id":"y","username":"alice","data":null,"seq":43,"epoch":"e1"}')
+        frames = build_history_reply(
             9, {"alice": ("e1", 43, [(42, f1), (43, f2)]), "*": ("e1", 5, []), "bob": ("e2", 100, None)}
         )
-        assert isinstance(raw, bytes)
-        rid, streams = parse_history_reply(raw)
+        assert isinstance(frames, list) and all(isinstance(f, bytes) for f in frames)
+        assert frames[1:] == [f1, f2]  # the message frames travel as they are
+        rid, streams = parse_history_reply(frames)
         assert rid == 9
-        assert set(streams) == {"alice", "*", "bob"}
+        assert list(streams) == ["alice", "*", "bob"]
         assert streams["alice"] == StreamHistory("e1", 43, [(42, f1), (43, f2)])
         assert streams["*"] == StreamHistory("e1", 5, [])
         assert streams["bob"] == StreamHistory("e2", 100, None)
         assert streams["bob"].messages is None
         assert streams["*"].messages == []
 
-    def test_reply_json_shape(self):
-        raw = build_history_reply(1, {"a": ("e", 2, [(2, b"{}")]), "b": ("e", 0, None)})
-        assert json.loads(raw) == {
-            "rid": 1,
-            "streams": {
-                "a": {"epoch": "e", "seq": 2, "messages": [[2, "{}"]]},
-                "b": {"epoch": "e", "seq": 0, "messages": None},
-            },
-        }
-
     @pytest.mark.parametrize(
-        "raw",
+        "wire",
         [
+            b"\xff\xfe\x00\x80",  # no UTF-8 at all
+            b"\x81\x7e\x00\x04\xed\xa0\x80\n",  # a WebSocket header, an encoded surrogate, a newline
             b"",
-            b"{",
-            b"[]",
-            b"null",
-            b'{"streams":{}}',
-            b'{"rid":1}',
-            b'{"rid":"x","streams":{}}',
-            b'{"rid":1,"streams":[]}',
-            b'{"rid":1,"streams":{"a":1}}',
-            b'{"rid":1,"streams":{"a":{"epoch":"e","seq":1}}}',
-            b'{"rid":1,"streams":{"a":{"epoch":"e","messages":null}}}',
-            b'{"rid":1,"streams":{"a":{"seq":1,"messages":null}}}',
-            b'{"rid":1,"streams":{"a":{"epoch":"e","seq":"x","messages":null}}}',
-            b'{"rid":1,"streams":{"a":{"epoch":"e","seq":1,"messages":5}}}',
-            b'{"rid":1,"streams":{"a":{"epoch":"e","seq":1,"messages":[[1]]}}}',
-            b'{"rid":1,"streams":{"a":{"epoch":"e","seq":1,"messages":[[1,"{}",3]]}}}',
-            b'{"rid":1,"streams":{"a":{"epoch":"e","seq":1,"messages":[["x","{}"]]}}}',
-            b'{"rid":1,"streams":{"a":{"epoch":"e","seq":1,"messages":[[1,2]]}}}',
-            b'{"rid":1,"streams":{"a":{"epoch":"e","seq":1,"messages":[5]}}}',
+            b'"\\"',
+            bytes(range(256)),
         ],
     )
-    def test_malformed_reply(self, raw):
+    def test_reply_message_frames_need_not_be_utf8(self, wire):
+        frames = build_history_reply(1, {"a": ("e", 8, [(7, wire), (8, wire + b"!")])})
+        _, streams = parse_history_reply(frames)
+        assert streams["a"].messages == [(7, wire), (8, wire + b"!")]
+        assert all(type(w) is bytes for _, w in streams["a"].messages)
+
+    def test_reply_header_shape(self):
+        frames = build_history_reply(1, {"a": ("e", 2, [(2, b"{}")]), "b": ("e", 0, None), "c": ("e", 4, [])})
+        assert json.loads(frames[0]) == {
+            "rid": 1,
+            "streams": {
+                "a": {"epoch": "e", "seq": 2, "messages": [2]},
+                "b": {"epoch": "e", "seq": 0, "messages": None},
+                "c": {"epoch": "e", "seq": 4, "messages": []},
+            },
+        }
+        assert frames[1:] == [b"{}"]
+
+    def test_ping_reply(self):
+        frames = build_history_reply(5, {})
+        assert len(frames) == 1
+        assert parse_history_reply(frames) == (5, {})
+
+    @pytest.mark.parametrize(
+        "frames",
+        [
+            [],
+            [b""],
+            [b"{"],
+            [b"\xff"],
+            [b'{"rid":1,"streams":{"a":{"epoch":"\xff","seq":1,"messages":null}}}'],
+            [b"[]"],
+            [b"null"],
+            [b"[" * 100_000 + b"]" * 100_000],
+            [b'{"rid":1,"streams":' + b'{"a":' * 50_000 + b"1" + b"}" * 50_001],
+            [b'{"streams":{}}'],
+            [b'{"rid":1}'],
+            [b'{"rid":"x","streams":{}}'],
+            [b'{"rid":"5","streams":{}}'],
+            [b'{"rid":true,"streams":{}}'],
+            [b'{"rid":1.5,"streams":{}}'],
+            [b'{"rid":Infinity,"streams":{}}'],
+            [b'{"rid":NaN,"streams":{}}'],
+            [b'{"rid":1e400,"streams":{}}'],
+            [b'{"rid":1,"streams":[]}'],
+            [b'{"rid":1,"streams":"ab"}'],
+            [b'{"rid":1,"streams":{"a":1}}'],
+            [b'{"rid":1,"streams":{"a":[]}}'],
+            [b'{"rid":1,"streams":{"a":{"epoch":"e","seq":1}}}'],
+            [b'{"rid":1,"streams":{"a":{"epoch":"e","messages":null}}}'],
+            [b'{"rid":1,"streams":{"a":{"seq":1,"messages":null}}}'],
+            [b'{"rid":1,"streams":{"a":{"epoch":"e","seq":"x","messages":null}}}'],
+            [b'{"rid":1,"streams":{"a":{"epoch":"e","seq":"1","messages":null}}}'],
+            [b'{"rid":1,"streams":{"a":{"epoch":"e","seq":Infinity,"messages":null}}}'],
+            [b'{"rid":1,"streams":{"a":{"epoch":"e","seq":1e400,"messages":null}}}'],
+            [b'{"rid":1,"streams":{"a":{"epoch":5,"seq":1,"messages":null}}}'],
+            [b'{"rid":1,"streams":{"a":{"epoch":null,"seq":1,"messages":null}}}'],
+            [b'{"rid":1,"streams":{"a":{"epoch":{"x":1},"seq":1,"messages":null}}}'],
+            [b'{"rid":1,"streams":{"a":{"epoch":"e","seq":1,"messages":5}}}'],
+            [b'{"rid":1,"streams":{"a":{"epoch":"e","seq":1,"messages":"ab"}}}', b"x", b"y"],
+            [b'{"rid":1,"streams":{"a":{"epoch":"e","seq":1,"messages":["1"]}}}', b"x"],
+            [b'{"rid":1,"streams":{"a":{"epoch":"e","seq":1,"messages":[1.5]}}}', b"x"],
+            [b'{"rid":1,"streams":{"a":{"epoch":"e","seq":1,"messages":[true]}}}', b"x"],
+            [b'{"rid":1,"streams":{"a":{"epoch":"e","seq":1,"messages":[[1,"{}"]]}}}', b"x"],
+            # frame counts that do not match the header
+            [b'{"rid":1,"streams":{"a":{"epoch":"e","seq":1,"messages":[1]}}}'],
+            [b'{"rid":1,"streams":{"a":{"epoch":"e","seq":2,"messages":[1,2]}}}', b"x"],
+            [b'{"rid":1,"streams":{"a":{"epoch":"e","seq":1,"messages":[1]}}}', b"x", b"y"],
+            [b'{"rid":1,"streams":{"a":{"epoch":"e","seq":1,"messages":null}}}', b"x"],
+            [b'{"rid":1,"streams":{"a":{"epoch":"e","seq":1,"messages":[]}}}', b"x"],
+            [b'{"rid":1,"streams":{}}', b""],
+        ],
+        ids=lambda frames: repr(frames)[:70],
+    )
+    def test_malformed_reply(self, frames):
         with pytest.raises(ProtocolError):
-            parse_history_reply(raw)
+            parse_history_reply(frames)
+
+    def test_mangled_requests_and_replies_give_a_result_or_protocol_error(self):
+        """Seeded random damage to good control frames: nothing but ProtocolError escapes."""
+        rng = random.Random(20261201)
+        request = build_history_request(3, {"alice": (41, "e1"), "*": (0, "e2")}, 4096)
+        reply = build_history_reply(3, {"alice": ("e1", 43, [(42, b"\x81\x02{}"), (43, b"x")]), "*": ("e2", 0, None)})
+        for _ in range(3000):
+            raw = _mangle(rng, request)
+            try:
+                assert isinstance(parse_history_request(raw), HistoryRequest)
+            except ProtocolError:
+                pass
+            frames = [_mangle(rng, reply[0]), *reply[1:]]
+            if rng.random() < 0.3:
+                frames = frames[: rng.randrange(len(frames) + 1)] + [b"extra"] * rng.randrange(2)
+            try:
+                rid, streams = parse_history_reply(frames)
+            except ProtocolError:
+                continue
+            assert type(rid) is int
+            assert all(isinstance(v, StreamHistory) for v in streams.values())
+
+
+def _mangle(rng: random.Random, raw: bytes) -> bytes:
+    """``raw`` with a few bytes replaced, inserted or deleted at random."""
+    out = bytearray(raw)
+    for _ in range(rng.randrange(1, 4)):
+        at = rng.randrange(len(out) + 1)
+        choice = rng.random()
+        if choice < 0.4 and at < len(out):
+            out[at] = rng.choice(b'{}[]":,0123456789-.eE \\\xff\x00tfnul')
+        elif choice < 0.7:
+            out[at:at] = bytes([rng.randrange(256)])
+        elif at < len(out):
+            del out[at]
+    return bytes(out)
 
 
 def test_push_caches_stay_bounded_and_hold_only_valid_values():

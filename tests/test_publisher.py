@@ -15,7 +15,7 @@ import flow
 from flowcore import protocol
 from flowcore.settings import load_settings
 from pipeline import Pipeline, authenticate, collect
-from support import PYTHON, ROOT, base_env, free_port
+from support import PYTHON, ROOT, base_env, free_port, wait_until
 
 
 @pytest.fixture
@@ -58,18 +58,33 @@ def test_bad_input_refused_in_caller_and_nothing_sent(pipe, args, message):
 
 
 @pytest.fixture
-def pull(tmp_path):
-    """A publisher and the PULL socket it sends to, for checking frames byte for byte."""
+def pull_many(tmp_path):
+    """A factory of publishers and the PULL socket they send to, for checking frames byte
+    for byte."""
     context = zmq.Context()
     sock = context.socket(zmq.PULL)
     sock.setsockopt(zmq.RCVTIMEO, 10_000)  # a deadline for each receive
     port = sock.bind_to_random_port("tcp://127.0.0.1")
     settings = load_settings({"FLOW_SECRET": "s" * 32, "FLOW_ENV_FILE": str(tmp_path / "none")})
-    publisher = flow.Flow(f"tcp://127.0.0.1:{port}", settings=settings, max_message=1024, linger=0)
-    yield publisher, sock
-    publisher.close()
+    publishers: list[flow.Flow] = []
+
+    def make(**kwargs) -> flow.Flow:
+        publisher = flow.Flow(f"tcp://127.0.0.1:{port}", settings=settings, max_message=1024, linger=0, **kwargs)
+        publishers.append(publisher)
+        return publisher
+
+    yield make, sock
+    for publisher in publishers:
+        publisher.close()
     sock.close(linger=0)
     context.term()
+
+
+@pytest.fixture
+def pull(pull_many):
+    """A publisher and the PULL socket it sends to."""
+    make, sock = pull_many
+    return make(), sock
 
 
 FRAME_CASES = [
@@ -231,3 +246,146 @@ def test_bad_settings_stop_every_process_with_one_line(tmp_path):
     proc = subprocess.run([PYTHON, "-c", "import flow; flow.push('a', 'b', 1)"], env=env, cwd=ROOT,
                           capture_output=True, text=True, timeout=30)
     assert proc.returncode != 0 and "FLOW_HEARTBEAT" in proc.stderr
+
+
+# ---------------------------------------------------------------- every refusal is InvalidMessage
+
+
+def _deep(kind: str, depth: int = 100_000) -> object:
+    data: object = 1
+    for _ in range(depth):
+        data = [data] if kind == "list" else {"k": data}
+    return data
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (("alice", "\ud800", 1), "Unicode"),
+        (("alice", "TASK \udfff", 1), "Unicode"),
+        (("\ud800", "ID", 1), "Unicode"),
+        (("alice", "ID", "\ud800"), "JSON"),
+        (("alice", "ID", {"\udc80": 1}), "JSON"),
+        (("alice", "ID", "deep list"), "nests too deep"),
+        (("alice", "ID", "deep dict"), "nests too deep"),
+        (("alice", "AUTH FAILED", {"reason": "invalid"}), "reserved"),
+        (("alice", "AUTH OK", 1), "reserved"),
+        (("alice", "PONG", 1), "reserved"),
+    ],
+)
+def test_every_refusal_is_invalid_message_and_nothing_sent(pull, args, message):
+    publisher, sock = pull
+    publisher.push("alice", "ID", 0)  # warm the caches: refusals are checked on the fast path too
+    user, message_id, data = args
+    if isinstance(data, str) and data.startswith("deep "):
+        data = _deep(data.split()[1])
+    with pytest.raises(flow.InvalidMessage, match=message) as info:
+        publisher.push(user, message_id, data)
+    assert type(info.value) is flow.InvalidMessage
+    publisher.push("alice", "OK", 1)
+    assert sock.recv() == protocol.encode_push("alice", "ID", 0, 1024)
+    assert sock.recv() == protocol.encode_push("alice", "OK", 1, 1024)
+
+
+@pytest.mark.parametrize("message_id", sorted(protocol.RESERVED_IDS))
+def test_reserved_ids_refused_by_push_and_push_all(pull, message_id):
+    publisher, sock = pull
+    with pytest.raises(flow.InvalidMessage, match="reserved"):
+        publisher.push("alice", message_id, 1)
+    with pytest.raises(flow.InvalidMessage, match="reserved"):
+        publisher.push_all(message_id, 1)
+    publisher.push_all("OK", 1)
+    assert sock.recv() == protocol.encode_push("*", "OK", 1, 1024)
+
+
+def test_deep_data_refused_by_push_all(pull):
+    publisher, sock = pull
+    with pytest.raises(flow.InvalidMessage, match="nests too deep"):
+        publisher.push_all("NEWS", _deep("list"))
+    publisher.push_all("OK", 1)
+    assert sock.recv() == protocol.encode_push("*", "OK", 1, 1024)
+
+
+def _passthrough(data):
+    """A custom serializer whose output is its input: the test chooses the bytes."""
+    if isinstance(data, BaseException):
+        raise data
+    return data
+
+
+@pytest.mark.parametrize(
+    "output",
+    [b"\xff", b'"\xff"', b'1,"id":"AUTH FAILED"', b'{"a":1},"username":"bob"', b"", b" ", b"NaN",
+     b"[" * 5000 + b"]" * 5000, "", "\ud800", None, 5, bytearray(b"1"), [b"1"]],
+    ids=lambda o: repr(o)[:30],
+)
+def test_custom_serializer_output_not_one_json_value_refused_and_nothing_sent(pull_many, output):
+    make, sock = pull_many
+    publisher = make(serializer=_passthrough)
+    with pytest.raises(flow.InvalidMessage, match="serializer"):
+        publisher.push("alice", "ID", output)
+    with pytest.raises(flow.InvalidMessage, match="serializer"):
+        publisher.push_all("ID", output)
+    publisher.push("alice", "OK", b'{"ok":1}')
+    assert sock.recv() == protocol.encode_push("alice", "OK", {"ok": 1}, 1024)
+
+
+@pytest.mark.parametrize("exc", [KeyError("k"), RuntimeError("boom"), TypeError("t"), OverflowError("o")])
+def test_custom_serializer_exceptions_become_invalid_message_with_the_cause(pull_many, exc):
+    make, sock = pull_many
+    publisher = make(serializer=_passthrough)
+    with pytest.raises(flow.InvalidMessage) as info:
+        publisher.push("alice", "ID", exc)
+    assert type(info.value) is flow.InvalidMessage and info.value.__cause__ is exc
+    with pytest.raises(flow.InvalidMessage) as info:
+        publisher.push_all("ID", exc)
+    assert info.value.__cause__ is exc
+    publisher.push("alice", "OK", b"1")
+    assert sock.recv() == protocol.encode_push("alice", "OK", 1, 1024)
+
+
+def test_custom_serializer_may_return_str(pull_many):
+    make, sock = pull_many
+    publisher = make(serializer=_passthrough)
+    publisher.push("alice", "S", '{"t":"zoë"}')
+    assert sock.recv() == protocol.encode_push("alice", "S", {"t": "zoë"}, 1024)
+
+
+HOSTILE_RAW_PUSHES = [
+    b'P1\0alice\0"x"\n1,"id":"AUTH FAILED"',  # a second id spliced into the frame
+    b'P1\0alice\0"x"\n{"a":1},"username":"bob"',
+    b'P1\0alice\0"AUTH FAILED"\n{"reason":"invalid"}',
+    b'P1\0alice\0"\\u0041UTH OK"\n1',  # reserved once decoded
+    b'P1\0alice\0"a","data":1,"x":"y"\n1',
+    b'P1\0alice\0"x"\n\xff',
+    b'P1\0alice\0"\xff"\n1',
+    b'P1\0alice\0"x"\n' + b"[" * 5000 + b"]" * 5000,
+    b'P1\0alice\0"x"\nNaN',
+]
+
+
+def test_proxy_drops_raw_pushes_that_would_corrupt_a_frame(pipe):
+    """Any local process can reach the proxy's PULL socket, not only flow.push."""
+    context = zmq.Context()
+    sock = context.socket(zmq.PUSH)
+
+    async def run():
+        ws, _ = await authenticate(pipe.url(), pipe.token("alice"))
+        sock.connect(pipe.settings.publish_endpoint)
+        for raw in HOSTILE_RAW_PUSHES:
+            sock.send(raw)
+        sock.send(protocol.encode_push("alice", "OK", 1, 1024))
+        [first] = await collect(ws, 1)
+        # Nothing of the hostile pushes was numbered or delivered: the good one is seq 1.
+        assert (first["id"], first["seq"], first["data"]) == ("OK", 1, 1)
+        await ws.close()
+
+    try:
+        asyncio.run(run())
+    finally:
+        sock.close(linger=0)
+        context.term()
+    # Warned about (the proxy may rate-limit these lines), without a traceback.
+    wait_until(lambda: "dropped a malformed push" in pipe.proxy.log(), 10, message="a warning about the drops")
+    assert "Traceback" not in pipe.proxy.log()
+    assert pipe.proxy.alive()

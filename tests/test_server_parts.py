@@ -1,9 +1,9 @@
-"""Parts of websocket_server that need no running server: SocketRing (the heartbeat
+"""Parts of the WebSocket server that need no running server: SocketRing (the heartbeat
 reaches every socket once an interval, a group at a time) and LazyDeque."""
 
 from __future__ import annotations
 
-from websocket_server import SocketRing
+from flowcore.hub import SocketRing
 
 
 class Sock:
@@ -60,7 +60,7 @@ def test_discard_removes_and_is_idempotent():
 def test_lazy_deque_behaves_as_tornado_uses_a_deque():
     import collections
 
-    from websocket_server import LazyDeque
+    from flowcore.compat import LazyDeque
 
     lazy, real = LazyDeque(), collections.deque()
     for q in (lazy, real):
@@ -92,7 +92,7 @@ def test_open_sockets_get_lazy_deques():
 
     import tornado.iostream
 
-    from websocket_server import LazyDeque, slim_stream
+    from flowcore.compat import LazyDeque, slim_stream
 
     a, b = socket.socketpair()
     try:

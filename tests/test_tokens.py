@@ -13,7 +13,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 
 from flowcore.settings import Settings
-from flowcore.tokens import EXPIRED, INVALID, MALFORMED, TokenError, TokenVerifier, issue_token
+from flowcore.tokens import EXPIRED, INVALID, MALFORMED, TokenError, TokenVerifier, VerifiedToken, issue_token
 
 # 64 bytes: long enough for HS512 too (RFC 7518 section 3.2; PyJWT warns below it).
 SECRET = "s3cret-" + "x" * 57
@@ -348,3 +348,102 @@ def test_token_error_fields():
     assert err.detail == "bad signature"
     assert str(err) == "invalid: bad signature"
     assert (EXPIRED, INVALID, MALFORMED) == ("expired", "invalid", "malformed")
+
+
+# ---------------------------------------------------------------- time claims and verify_claims
+
+
+@pytest.mark.parametrize(
+    "exp",
+    ["9999999999", "1", True, False, [9999999999], {"t": 1}, "x", 10**400, 2**60, -(2**60), 1e300],
+    ids=repr,
+)
+def test_exp_must_be_a_plain_number(exp):
+    # PyJWT alone takes a numeric string for exp (and True as 1).
+    err = refused(TokenVerifier(hs()), sign({"username": "alice", "exp": exp}))
+    assert err.reason == INVALID and "exp" in err.detail
+
+
+@pytest.mark.parametrize("value", ["NaN", "Infinity", "-Infinity"])
+def test_exp_must_be_finite(value):
+    # json.dumps would not write these; a hand-built payload can, and PyJWT's json reads them.
+    payload = '{"username":"alice","exp":%s}' % value
+    token = jwt.api_jws.encode(payload.encode(), SECRET, algorithm="HS256")
+    assert refused(TokenVerifier(hs()), token).reason == INVALID
+
+
+def test_null_exp_is_invalid():
+    assert refused(TokenVerifier(hs()), sign({"username": "alice", "exp": None})).reason == INVALID
+
+
+@pytest.mark.parametrize("claim", ["iat", "nbf"])
+@pytest.mark.parametrize("value", ["9999999999", "1", True, False, None, [1], {"t": 1}, 10**400], ids=repr)
+def test_iat_and_nbf_must_be_plain_numbers(claim, value):
+    err = refused(TokenVerifier(hs()), sign({"username": "alice", "exp": future(), claim: value}))
+    assert err.reason == INVALID and claim in err.detail
+
+
+@pytest.mark.parametrize("claim", ["iat", "nbf"])
+def test_iat_and_nbf_in_the_future_are_invalid(claim):
+    assert refused(TokenVerifier(hs()), sign({"username": "a", "exp": future(), claim: future(60)})).reason == INVALID
+    # A few seconds of skew are tolerated; the past is fine.
+    for value in (int(time.time()) + 2, int(time.time()) - 3600, time.time() - 0.5):
+        assert TokenVerifier(hs()).verify(sign({"username": "a", "exp": future(), claim: value})) == "a"
+
+
+def test_verify_claims():
+    settings = hs(token_ttl=300)
+    token = issue_token(settings, "alice")
+    verified = TokenVerifier(settings).verify_claims(token)
+    assert isinstance(verified, VerifiedToken)
+    assert verified.username == "alice"
+    claims = jwt.decode(token, SECRET, algorithms=["HS256"])
+    assert verified.claims == claims
+    assert verified.expires_at == claims["exp"] and type(verified.expires_at) is float
+    assert 290 <= verified.expires_at - time.time() <= 300
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        verified.username = "mallory"  # type: ignore[misc]
+
+
+def test_verify_claims_keeps_fractional_exp_and_extra_claims():
+    exp = time.time() + 100.75
+    token = sign({"sub": "bob", "exp": exp, "channels": ["doc:42", "team:7:*"]})
+    verified = TokenVerifier(hs()).verify_claims(token)
+    assert verified.username == "bob"
+    assert verified.expires_at == exp
+    assert verified.claims["channels"] == ["doc:42", "team:7:*"]
+
+
+def test_verify_claims_refuses_what_verify_refuses():
+    verifier = TokenVerifier(hs())
+    for token in (sign({"username": "a", "exp": int(time.time()) - 60}), sign({"username": "a"}), "abc"):
+        with pytest.raises(TokenError):
+            verifier.verify_claims(token)
+
+
+HOSTILE_TOKENS = [
+    "\ud800.a.b",  # would reach PyJWT's str.encode
+    "a.\udfff.b",
+    "é.b.c",
+    "a.b.c\u00a0",
+    "\0.\0.\0",
+    f"{b64url(b'[' * 40_000 + b']' * 40_000)}.{b64url({'exp': 1})}.x",  # deep header JSON
+    f"{b64url([1])}.{b64url({'exp': 1})}.x",  # header not an object
+    f"{b64url({'alg': {'a': 1}})}.{b64url({'exp': 1})}.x",
+    f"{b64url({'alg': ['HS256']})}.{b64url({'exp': 1})}.x",
+    f"{b64url({'alg': 'HS256', 'kid': {'a': 1}})}.{b64url({'exp': 1})}.x",
+    f"{b64url({'alg': 'HS256', 'crit': {'a': 1}})}.{b64url({'exp': 1})}.x",
+    f"{b64url({'alg': 'HS256', 'crit': [{'a': 1}]})}.{b64url({'exp': 1})}.x",
+    b64url(b"\xff\xfe") + "." + b64url({"exp": 1}) + ".x",  # header not UTF-8
+    f"{b64url({'alg': 'HS256'})}.{'A' * 60_000}.x",
+    "a" * 60_000 + ".b.c",
+    "====.====.====",
+    "a.b.c===",
+]
+
+
+@pytest.mark.parametrize("token", HOSTILE_TOKENS, ids=range(len(HOSTILE_TOKENS)))
+def test_hostile_tokens_are_token_errors(token):
+    for verifier in (TokenVerifier(hs()), TokenVerifier(hs(jwt_audience="ws", jwt_issuer="app"))):
+        err = refused(verifier, token)
+        assert len(str(err)) < 300

@@ -1,0 +1,128 @@
+"""The seam between Flow and what carries its messages (PROTOCOL.md section 11).
+
+An engine has two sides:
+
+- the publisher side (:class:`PublisherEngine`), inside ``flow.Flow``: takes the one
+  frame of a push (``protocol.encode_push``) without blocking, queues it (bounded) while
+  the engine is unreachable, flushes at exit;
+- the server side (:class:`ServerEngine`), inside each WebSocket server: subscribes to
+  streams, hands every numbered message and position to the server's hub
+  (:class:`EngineSink`), and answers history requests.
+
+Numbering (``seq`` per stream, ``epoch`` per stream), bounded history and exact routing
+are the engine's. Detecting gaps and epoch changes in what an engine delivers, and
+repairing them from history, is the hub's (``flowcore.hub``), so that every engine gets
+the same checks; ``tests/test_engine_contract.py`` holds every engine to the same promises.
+
+Streams are named by strings: a username for a user's stream, ``protocol.BROADCAST``
+(``"*"``) for broadcasts. Channels (PROTOCOL section 9) will take names no username can
+take (usernames never hold NUL); how a name maps onto topics or keys is the engine's
+business.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Mapping, Protocol
+
+from .settings import Settings
+
+# The position of a stream: (seq of its last message, epoch). seq 0: no message yet.
+Position = tuple[int, str]
+
+
+class QueueFull(Exception):
+    """The engine is not taking messages and the outbound queue is full: nothing was sent.
+    (``flow.QueueFull`` is this class.)"""
+
+
+@dataclass(slots=True)
+class StreamHistory:
+    """A history answer for one stream.
+
+    ``epoch`` and ``seq`` are the stream's current epoch and last seq. ``messages`` are the
+    messages after the asked seq, oldest first, contiguous, each ``(seq, wire)`` with
+    ``wire`` a complete WebSocket text frame (ready to write); there may be fewer than the
+    stream holds (the request's byte limit), never a gap. ``messages`` is None when what
+    was asked cannot all be given: another epoch, evicted or expired, a seq beyond the head.
+    """
+
+    epoch: str
+    seq: int
+    messages: list[tuple[int, bytes]] | None
+
+
+class EngineSink(Protocol):
+    """What a server-side engine reports to (the hub). Called on the event loop."""
+
+    def on_message(self, stream: str, seq: int, epoch: str, wire: bytes) -> None:
+        """A numbered message; ``wire`` is its WebSocket text frame, the same for every socket."""
+
+    def on_position(self, stream: str, seq: int, epoch: str) -> None:
+        """The stream's position as the engine sees it: the answer to a subscription
+        (before any message after it), or a later check. ``seq`` 0: nothing sent yet."""
+
+    def on_batch_start(self) -> None:
+        """Several calls follow at once; the hub writes them when the batch ends."""
+
+    def on_batch_end(self) -> None:
+        ...
+
+
+class ServerEngine(Protocol):
+    """The WebSocket server's side of an engine."""
+
+    async def start(self, sink: EngineSink) -> None:
+        """Connect (without waiting for the far side to be up) and begin delivering to ``sink``."""
+
+    def subscribe(self, stream: str) -> None:
+        """Begin receiving ``stream``; the engine answers with ``sink.on_position`` once the
+        subscription is in place, so the hub knows where live delivery starts. Idempotent."""
+
+    def unsubscribe(self, stream: str) -> None:
+        ...
+
+    async def history(self, wanted: Mapping[str, Position], max_bytes: int) -> dict[str, StreamHistory] | None:
+        """Per stream, what came after the given position (see :class:`StreamHistory`),
+        at most about ``max_bytes`` of frames per stream (at least one message when any is
+        owed and ``max_bytes`` > 0; none when ``max_bytes`` is 0, to ask positions only).
+        None when the engine did not answer in time."""
+
+    @property
+    def live(self) -> bool:
+        """Whether the engine's link answered recently (for /readyz)."""
+
+    async def close(self) -> None:
+        """Stop delivering; later calls are no-ops. Never raises for a link already gone."""
+
+
+class PublisherEngine(Protocol):
+    """The publisher's side of an engine, inside ``flow.Flow``. Thread-safety is the caller's."""
+
+    def send(self, frame: bytes) -> None:
+        """Hand one push frame over without blocking; raise :class:`QueueFull` when the
+        engine is unreachable and the queue is full."""
+
+    def close(self) -> None:
+        """Flush what is queued (up to the linger time), then release everything."""
+
+    def forget_after_fork(self) -> None:
+        """In a forked child: drop the parent's resources without touching them."""
+
+
+def server_engine(settings: Settings) -> ServerEngine:
+    """The server side of the engine FLOW_ENGINE names."""
+    if settings.engine == "zmq":
+        from .engines.zmq import ZmqServerEngine
+
+        return ZmqServerEngine(settings)
+    raise ValueError(f"unknown engine {settings.engine!r}")  # settings refuse it first
+
+
+def publisher_engine(settings: Settings, **options: object) -> PublisherEngine:
+    """The publisher side of the engine FLOW_ENGINE names (options: endpoint, queue_size, linger)."""
+    if settings.engine == "zmq":
+        from .engines.zmq import ZmqPublisherEngine
+
+        return ZmqPublisherEngine(settings, **options)  # type: ignore[arg-type]
+    raise ValueError(f"unknown engine {settings.engine!r}")

@@ -1,0 +1,459 @@
+"""The ZeroMQ engine (``FLOW_ENGINE=zmq``): one proxy process, everything on one host.
+
+Publishers PUSH to the proxy (``message_proxy.py``), which numbers each message, keeps
+its history and fans it out through XPUB; each WebSocket server SUBscribes to the exact
+topics of its streams and asks for history on a DEALER. The framing is
+:mod:`flowcore.protocol`'s (its module docstring and its history section).
+
+ZeroMQ hands the asyncio loop an edge-triggered file descriptor per socket: a wake-up
+means "something changed", so every wake-up reads until the socket says EAGAIN, and
+anything that talks to the socket (a send, a (un)subscribe) may consume the edge, so it is
+followed by one more read.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import math
+import time
+from typing import Any, Mapping
+
+import zmq
+
+from .. import compat, protocol
+from ..engine import EngineSink, Position, QueueFull, StreamHistory
+from ..settings import Settings
+
+log = logging.getLogger("flow.engine.zmq")
+
+# Messages read per batch, so that one flood cannot starve the event loop.
+BATCH = 1000
+# How long history() waits for the proxy.
+HISTORY_TIMEOUT = 5.0
+# The link is pinged this often, and is live while the proxy answered anything within
+# LIVE_WINDOW: a dead proxy shows within about three seconds.
+PING_INTERVAL = 1.0
+LIVE_WINDOW = 3.0
+# Bad input from the proxy is warned about at most once per this many seconds.
+WARNING_INTERVAL = 30.0
+
+# Plain ints: pyzmq's flag enums cost more than a small send or receive.
+NOBLOCK = int(zmq.NOBLOCK)
+_SUBSCRIBE = int(zmq.SUBSCRIBE)
+_UNSUBSCRIBE = int(zmq.UNSUBSCRIBE)
+_KIND_MESSAGE = protocol.KIND_MESSAGE
+
+# ---- the publisher's fast path (ZeroMQ only) ----------------------------------------------
+# flow.Flow.push sends on ZmqPublisherEngine.socket itself, once it is open, with
+# FAST_SEND(socket, frame, NOBLOCK): the compiled send under pyzmq's Python wrapper (which
+# only adds routing-id/group handling we never use) costs a third of a small send, and
+# every Python call saved is about 5% of a push. On FAST_REFUSED it calls send(), which
+# tries once more and raises QueueFull.
+FAST_SEND = compat.zmq_fast_send()  # a pyzmq internal: flowcore.compat checks it
+FAST_REFUSED = zmq.Again
+
+
+class ZmqPublisherEngine:
+    """A PUSH socket to the proxy, opened at the first send. Thread-safety is the caller's
+    (flow.Flow's lock)."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        endpoint: str | None = None,
+        queue_size: int | None = None,
+        linger: float | None = None,
+    ) -> None:
+        self.endpoint = endpoint or settings.publish_endpoint
+        # Messages ZeroMQ queues while the proxy is unreachable (its high-water mark).
+        self.queue_size = queue_size or settings.push_queue
+        # Seconds close() waits for the queue to drain.
+        self.linger = settings.push_linger if linger is None else linger
+        # None until the first send; what flow.Flow's fast path sends on.
+        self.socket: zmq.Socket[Any] | None = None
+        self._context: zmq.Context[Any] | None = None
+        self._closed = False
+
+    def send(self, frame: bytes) -> None:
+        try:
+            FAST_SEND(self.socket or self._open(), frame, NOBLOCK)
+        except zmq.Again:
+            raise QueueFull(
+                f"proxy at {self.endpoint} is not taking messages and "
+                f"{self.queue_size} are queued; message not sent"
+            ) from None
+
+    def _open(self) -> zmq.Socket[Any]:
+        if self._closed:
+            raise RuntimeError("this Flow publisher is closed")
+        self._context = zmq.Context()
+        sock = self._context.socket(zmq.PUSH)
+        sock.setsockopt(zmq.SNDHWM, self.queue_size)
+        sock.setsockopt(zmq.LINGER, int(self.linger * 1000))
+        # A PUSH queues before its connection is up: nothing is lost to a slow joiner.
+        sock.connect(self.endpoint)
+        self.socket = sock
+        return sock
+
+    def close(self) -> None:
+        self._closed = True
+        sock, context = self.socket, self._context
+        self.socket = self._context = None
+        if sock is not None:
+            sock.close()  # waits up to LINGER for the queue to drain (in term, below)
+        if context is not None:
+            context.term()
+
+    def forget_after_fork(self) -> None:
+        # The parent's socket and context belong to the parent: never touch or close them
+        # here. Keep references, so that their finalizers never run in this child.
+        if self.socket is not None or self._context is not None:
+            _abandoned.append((self.socket, self._context))
+        self.socket = self._context = None
+
+
+_abandoned: list[tuple[Any, Any]] = []
+
+
+class _Throttled:
+    """A warning logged at most once per WARNING_INTERVAL, with the count it stood for."""
+
+    def __init__(self, text: str) -> None:
+        self.text = text
+        self.count = 0
+        self.next_at = 0.0
+
+    def warn(self, detail: object) -> None:
+        self.count += 1
+        now = time.monotonic()
+        if now >= self.next_at:
+            more = f" ({self.count - 1} more since the last warning)" if self.count > 1 else ""
+            log.warning("%s: %s%s", self.text, detail, more)
+            self.count = 0
+            self.next_at = now + WARNING_INTERVAL
+
+
+class _Subscription:
+    __slots__ = ("name", "epoch")
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+        # None until the proxy answered the subscription with a sync.
+        self.epoch: str | None = None
+
+
+class ZmqServerEngine:
+    """The WebSocket server's side: a SUB to the proxy's fan-out, a DEALER to its control.
+
+    Deliveries to the sink:
+
+    - ``on_position`` for every sync the proxy sends on a subscribed topic: the answer to
+      our subscription, the answers to other servers' subscriptions to the same stream,
+      and, after the proxy restarted, the answer to the subscriptions ZeroMQ re-sends by
+      itself on reconnecting (with the new epoch).
+    - Messages that arrive for a subscription not answered yet are dropped: they were
+      published before the position the answer will report (leftovers of an earlier
+      subscription, or sent while the proxy was taking the subscription in).
+    - A message in an epoch the stream has not been told of (a restarted proxy whose
+      messages overtook its sync) is preceded by ``on_position(stream, seq - 1, epoch)``,
+      so the sink always learns of a new epoch from a position first.
+    """
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._sink: EngineSink | None = None
+        self._context: zmq.Context[Any] | None = None
+        self._sub: zmq.Socket[Any] | None = None
+        self._control: zmq.Socket[Any] | None = None
+        self._fds: list[int] = []
+        # Keyed by topic: a delivery's stream is found by its topic, with no decoding.
+        self._subscriptions: dict[bytes, _Subscription] = {}
+        self._requests: dict[int, tuple[asyncio.Future[dict[str, StreamHistory] | None], dict[str, Position]]] = {}
+        self._next_request = 0
+        self._heard = -math.inf  # monotonic time the proxy last sent anything
+        self._fanout_due = False
+        self._control_due = False
+        self._task: asyncio.Task[None] | None = None
+        self._closed = False
+        self._bad_delivery = _Throttled("dropped a malformed delivery from the proxy")
+        self._bad_reply = _Throttled("ignored a bad control reply from the proxy")
+
+    # ---------------------------------------------------------------- lifecycle
+
+    async def start(self, sink: EngineSink) -> None:
+        if self._closed or self._context is not None:
+            raise RuntimeError("a ZmqServerEngine starts once")
+        loop = self._loop = asyncio.get_running_loop()
+        self._sink = sink
+        context = self._context = zmq.Context()
+        sub = self._sub = context.socket(zmq.SUB)
+        sub.setsockopt(zmq.RCVHWM, self.settings.zmq_hwm)
+        sub.setsockopt(zmq.LINGER, 0)
+        for topic in self._subscriptions:  # subscribed before start
+            sub.setsockopt(_SUBSCRIBE, topic)
+        sub.connect(self.settings.fanout_endpoint)
+        control = self._control = context.socket(zmq.DEALER)
+        control.setsockopt(zmq.LINGER, 0)
+        control.connect(self.settings.control_endpoint)
+        self._fds = [int(sub.getsockopt(zmq.FD)), int(control.getsockopt(zmq.FD))]
+        loop.add_reader(self._fds[0], self._drain_fanout)
+        loop.add_reader(self._fds[1], self._drain_control)
+        self._schedule_fanout()
+        self._schedule_control()
+        self._task = loop.create_task(self._check_link())
+
+    async def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        task, self._task = self._task, None
+        if task is not None and task is not asyncio.current_task():
+            task.cancel()
+            try:
+                await task
+            except asyncio.CancelledError:
+                pass
+        if self._loop is not None and not self._loop.is_closed():
+            for fd in self._fds:
+                self._loop.remove_reader(fd)
+        self._fds = []
+        for future, _ in self._requests.values():
+            if not future.done():
+                future.set_result(None)
+        self._requests.clear()
+        for sock in (self._sub, self._control):
+            if sock is not None:
+                try:
+                    sock.close(linger=0)
+                except zmq.ZMQError:
+                    pass  # closing anyway
+        self._sub = self._control = None
+        if self._context is not None:
+            # Every socket is closed with linger 0: term returns at once.
+            self._context.term()
+            self._context = None
+
+    @property
+    def live(self) -> bool:
+        return not self._closed and time.monotonic() - self._heard < LIVE_WINDOW
+
+    # ---------------------------------------------------------------- subscriptions
+
+    def subscribe(self, stream: str) -> None:
+        if self._closed:
+            return
+        topic = protocol.topic(stream)
+        if topic in self._subscriptions:
+            return
+        self._subscriptions[topic] = _Subscription(stream)
+        self._set_subscription(_SUBSCRIBE, topic)
+
+    def unsubscribe(self, stream: str) -> None:
+        if self._closed:
+            return
+        topic = protocol.topic(stream)
+        if self._subscriptions.pop(topic, None) is not None:
+            self._set_subscription(_UNSUBSCRIBE, topic)
+
+    def _set_subscription(self, option: int, topic: bytes) -> None:
+        if self._sub is None:
+            return  # not started: start() subscribes
+        try:
+            self._sub.setsockopt(option, topic)
+        except zmq.ZMQError as exc:
+            log.error("could not change the subscription to %r: %s", topic, exc)
+            return
+        self._schedule_fanout()  # the setsockopt may have consumed the FD's edge
+
+    # ---------------------------------------------------------------- fan-out
+
+    def _schedule_fanout(self) -> None:
+        if not self._fanout_due and self._loop is not None:
+            self._fanout_due = True
+            self._loop.call_soon(self._drain_fanout)
+
+    def _drain_fanout(self) -> None:
+        self._fanout_due = False
+        sink = self._sink
+        if self._closed or sink is None:
+            return
+        try:
+            sink.on_batch_start()
+        except Exception:
+            log.exception("the sink failed starting a batch")
+        try:
+            more = self._fanout_batch(sink)
+        finally:
+            try:
+                sink.on_batch_end()
+            except Exception:
+                log.exception("the sink failed ending a batch")
+        if more:
+            self._schedule_fanout()
+
+    def _fanout_batch(self, sink: EngineSink) -> bool:
+        """Handle up to BATCH deliveries; True when there may be more."""
+        assert self._sub is not None
+        recv = self._sub.recv
+        decode = protocol.decode_delivery
+        subscriptions = self._subscriptions
+        on_message, on_position = sink.on_message, sink.on_position
+        received = 0
+        more = True
+        for _ in range(BATCH):
+            try:
+                raw = recv(NOBLOCK)
+            except zmq.Again:
+                more = False
+                break
+            except zmq.ZMQError as exc:
+                more = False
+                if not self._closed:
+                    log.error("reading the proxy's fan-out failed: %s", exc)
+                break
+            received += 1
+            try:
+                delivery = decode(raw)
+            except protocol.ProtocolError as exc:
+                self._bad_delivery.warn(exc)
+                continue
+            subscription = subscriptions.get(delivery.topic)
+            if subscription is None:
+                continue  # unsubscribed a moment ago
+            try:
+                if delivery.kind == _KIND_MESSAGE:
+                    epoch = delivery.epoch
+                    if epoch == subscription.epoch:
+                        on_message(subscription.name, delivery.seq, epoch, delivery.frame)
+                    elif subscription.epoch is not None:
+                        # Renumbered (the proxy restarted) and this overtook the sync.
+                        subscription.epoch = epoch
+                        on_position(subscription.name, delivery.seq - 1, epoch)
+                        on_message(subscription.name, delivery.seq, epoch, delivery.frame)
+                    # else: published before the position our subscription's answer reports
+                else:
+                    subscription.epoch = delivery.epoch
+                    on_position(subscription.name, delivery.seq, delivery.epoch)
+            except Exception:
+                # Our own bug; the rest of the fan-out goes on.
+                log.exception("the sink failed handling a delivery for %r", subscription.name)
+        if received:
+            self._heard = time.monotonic()
+        return more
+
+    # ---------------------------------------------------------------- control
+
+    def _schedule_control(self) -> None:
+        if not self._control_due and self._loop is not None:
+            self._control_due = True
+            self._loop.call_soon(self._drain_control)
+
+    def _drain_control(self) -> None:
+        self._control_due = False
+        if self._closed or self._control is None:
+            return
+        recv = self._control.recv_multipart
+        for _ in range(BATCH):
+            try:
+                frames = recv(NOBLOCK)
+            except zmq.Again:
+                return
+            except zmq.ZMQError as exc:
+                if not self._closed:
+                    log.error("reading the proxy's control replies failed: %s", exc)
+                return
+            try:
+                self._on_reply(frames)
+            except Exception:
+                log.exception("failed handling a control reply")
+        self._schedule_control()
+
+    def _on_reply(self, frames: list[bytes]) -> None:
+        if len(frames) < 2 or frames[0] != b"":
+            self._bad_reply.warn(f"{len(frames)} frames, not the empty delimiter and a header")
+            return
+        try:
+            request_id, streams = protocol.parse_history_reply(frames[1:])
+        except protocol.ProtocolError as exc:
+            self._bad_reply.warn(exc)
+            return
+        self._heard = time.monotonic()
+        pending = self._requests.pop(request_id, None)
+        if pending is None:
+            if not 0 < request_id <= self._next_request:
+                self._bad_reply.warn(f"request id {request_id} was never sent")
+            # else a ping's answer, or a history answer that came after its timeout
+            return
+        future, wanted = pending
+        problem = _reply_problem(wanted, streams)
+        if problem:
+            self._bad_reply.warn(problem)
+        if not future.done():
+            future.set_result(None if problem else streams)
+
+    def _send_control(self, request: bytes, quiet: bool = False) -> bool:
+        if self._control is None or self._closed:
+            return False
+        try:
+            self._control.send_multipart([b"", request], NOBLOCK)
+        except zmq.ZMQError as exc:
+            # Again: a thousand requests queued for a proxy that is away.
+            if not quiet:
+                log.warning("could not send a control request to the proxy: %s", exc)
+            return False
+        self._schedule_control()  # the send may have consumed the FD's edge
+        return True
+
+    async def history(self, wanted: Mapping[str, Position], max_bytes: int) -> dict[str, StreamHistory] | None:
+        if self._closed or self._loop is None:
+            return None
+        asked = dict(wanted)
+        if not asked:
+            return {}
+        self._next_request += 1
+        request_id = self._next_request
+        future: asyncio.Future[dict[str, StreamHistory] | None] = self._loop.create_future()
+        self._requests[request_id] = (future, asked)
+        try:
+            if not self._send_control(protocol.build_history_request(request_id, asked, max_bytes)):
+                return None
+            return await asyncio.wait_for(future, HISTORY_TIMEOUT)
+        except asyncio.TimeoutError:
+            if not self._closed:
+                log.warning("the proxy did not answer a history request in %gs", HISTORY_TIMEOUT)
+            return None
+        finally:
+            self._requests.pop(request_id, None)
+
+    async def _check_link(self) -> None:
+        """Ping the proxy, so that `live` notices it going away and coming back."""
+        while not self._closed:
+            try:
+                self._next_request += 1
+                self._send_control(protocol.build_ping_request(self._next_request), quiet=True)
+            except Exception:
+                log.exception("pinging the proxy failed")
+            await asyncio.sleep(PING_INTERVAL)
+
+
+def _reply_problem(wanted: Mapping[str, Position], streams: Mapping[str, StreamHistory]) -> str | None:
+    """What is wrong with a history answer to ``wanted``, or None. The hub may then trust
+    every StreamHistory promise: the streams asked, in the asked epoch, contiguous."""
+    if streams.keys() != wanted.keys():
+        return "the reply does not name the streams asked for"
+    for name, answer in streams.items():
+        if answer.messages is None:
+            continue
+        seq, epoch = wanted[name]
+        if answer.epoch != epoch:
+            return f"stream {name!r}: history from epoch {answer.epoch!r}, asked {epoch!r}"
+        expected = seq
+        for message_seq, _ in answer.messages:
+            expected += 1
+            if message_seq != expected:
+                return f"stream {name!r}: history not contiguous after seq {seq}"
+        if expected > answer.seq:
+            return f"stream {name!r}: history beyond the head seq {answer.seq}"
+    return None

@@ -1,0 +1,491 @@
+"""The hub of one WebSocket server: streams to sessions, fan-out, gap repair, heartbeats.
+
+It knows no transport and no engine in particular: an engine (``flowcore.engine``)
+feeds it numbered messages and positions (it is the engine's EngineSink), and sessions
+(``flowcore.session``) receive from it. PROTOCOL.md section 11 puts gap detection here:
+every engine's deliveries are checked the same way. A message whose seq is not the next
+one, a position ahead of what arrived, or a periodic audit that finds a stream behind,
+starts a repair from history (live messages of that stream are held meanwhile); what
+history cannot give closes the stream's sockets with 1012, so clients resume and are told
+``recovered: false``. Never a silent gap.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import heapq
+import itertools
+import logging
+from typing import Any, AsyncIterator, Callable, Coroutine, Iterator
+
+from . import protocol
+from .engine import Position, ServerEngine
+from .session import JoinRequest, JoinResult, Session
+from .settings import Settings
+
+log = logging.getLogger("flow.websocket")
+
+# How long a join waits for the engine to confirm a subscription.
+UPSTREAM_TIMEOUT = 5.0
+# History is fetched in pages of about this many bytes, so a resume or a repair costs
+# bounded memory however much is owed.
+PAGE_BYTES = 512 * 1024
+# Live messages a repairing stream holds back, at most; past it they are dropped and
+# fetched from history instead (they are there too).
+REPAIR_HOLD_BYTES = 8 * 1024 * 1024
+# Seconds between audits of every stream's position against the engine: a message lost
+# at the end of a burst has no successor to reveal the gap, the audit does.
+AUDIT_INTERVAL = 2.0
+AUDIT_CHUNK = 5000
+# Clients told to reconnect spread themselves over a window this many reconnects a second
+# of the whole pool would fill (at least MIN_RECONNECT_WINDOW seconds).
+RECONNECTS_PER_SECOND = 500.0
+MIN_RECONNECT_WINDOW = 2.0
+MAX_RECONNECT_WINDOW = 60.0
+
+
+class StreamState:
+    """One stream this server receives, and the sessions that receive it."""
+
+    __slots__ = ("name", "sessions", "epoch", "seq", "synced", "waiters", "held", "held_bytes",
+                 "audit_head")
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+        # A tuple, rebuilt on join and leave: a user has a few tabs and joins are rare
+        # next to deliveries; a tuple of one is half a list of one and a fifth of a set.
+        self.sessions: tuple[Session, ...] = ()
+        self.epoch = ""
+        self.seq = 0  # the last seq delivered to the sessions
+        self.synced = False
+        self.waiters: list[asyncio.Future[None]] | None = None
+        # Not None while a repair runs: live messages held back, (seq, epoch, wire).
+        self.held: list[tuple[int, str, bytes]] | None = None
+        self.held_bytes = 0
+        self.audit_head: int | None = None  # the engine's head at the last audit
+
+    def mark_synced(self) -> None:
+        self.synced = True
+        waiters, self.waiters = self.waiters, None
+        for waiter in waiters or ():
+            if not waiter.done():
+                waiter.set_result(None)
+
+
+class SocketRing:
+    """The authenticated sessions, in groups that take turns at the heartbeat. Each one
+    still gets one every interval; a new one joins the group that just had its turn,
+    since AUTH OK was just written to it."""
+
+    def __init__(self, groups: int) -> None:
+        # Dicts used as ordered sets: at thousands of entries a dict costs about 30 bytes
+        # an entry where a set costs about 50.
+        self.groups: list[dict[Session, None]] = [{} for _ in range(groups)]
+        self.turn = 0  # the group whose turn is next
+
+    def add(self, sock: Session) -> None:
+        group = (self.turn - 1) % len(self.groups)
+        self.groups[group][sock] = None
+        sock.ring_group = group
+
+    def discard(self, sock: Session) -> None:
+        if sock.ring_group is not None:
+            self.groups[sock.ring_group].pop(sock, None)
+            sock.ring_group = None
+
+    def take_turn(self) -> list[Session]:
+        """The sessions whose heartbeat is due now."""
+        group = self.groups[self.turn]
+        self.turn = (self.turn + 1) % len(self.groups)
+        return list(group)
+
+    def __iter__(self) -> Iterator[Session]:
+        return itertools.chain.from_iterable(self.groups)
+
+    def __len__(self) -> int:
+        return sum(map(len, self.groups))
+
+
+HEARTBEAT_GROUPS = 32
+
+
+class Hub:
+    def __init__(self, settings: Settings, engine: ServerEngine) -> None:
+        self.settings = settings
+        self.engine = engine
+        self.streams: dict[str, StreamState] = {}
+        self.broadcast = StreamState(protocol.BROADCAST)
+        self.streams[protocol.BROADCAST] = self.broadcast
+        self.ring = SocketRing(HEARTBEAT_GROUPS)
+        self.upstream_messages = 0  # messages received for user streams
+        self.repairs = 0
+        self.gap_closes = 0
+        # Sessions with frames queued during this loop iteration; written once per batch.
+        self.dirty: list[Session] = []
+        # True while a flush is due anyway: scheduled, or an engine batch is running.
+        self._flush_due = False
+        self.tasks: set[asyncio.Task[None]] = set()
+        self.timers: "Timers | None" = None
+        self.closed = False
+
+    async def start(self) -> None:
+        await self.engine.start(self)
+        self.engine.subscribe(protocol.BROADCAST)
+        self._spawn(self._audits())
+
+    async def close(self) -> None:
+        self.closed = True
+        for task in list(self.tasks):
+            task.cancel()
+        await self.engine.close()
+
+    def _spawn(self, coro: Coroutine[Any, Any, None]) -> None:
+        task = asyncio.ensure_future(coro)
+        self.tasks.add(task)
+        task.add_done_callback(self._task_done)
+
+    def _task_done(self, task: "asyncio.Task[None]") -> None:
+        self.tasks.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            log.error("hub task failed", exc_info=task.exception())
+
+    # -- sessions
+
+    def reschedule(self, session: Session) -> None:
+        """The session's next deadline changed (a refreshed token)."""
+        if self.timers is not None:
+            self.timers.schedule(session)
+
+    def position(self, name: str, own: StreamState) -> Position:
+        """Where this server's delivery of ``name`` (the user's own stream or "*") stands."""
+        state = self.broadcast if name == protocol.BROADCAST else own
+        return state.seq, state.epoch
+
+    def positions(self, own: StreamState) -> dict[str, Position]:
+        return {own.name: (own.seq, own.epoch), protocol.BROADCAST: (self.broadcast.seq, self.broadcast.epoch)}
+
+    async def join(self, session: Session, request: JoinRequest) -> JoinResult | None:
+        """Attach ``session`` to its user's stream and to broadcasts. None when the engine
+        could not say where the streams stand (it is away): the caller refuses the socket."""
+        name = request.username
+        state = self.streams.get(name)
+        if state is None:
+            state = self.streams[name] = StreamState(name)
+            self.engine.subscribe(name)
+        state.sessions += (session,)
+        self.ring.add(session)
+        if not (await self._synced(state) and await self._synced(self.broadcast)):
+            return None
+        positions = self.positions(state)
+        wanted = request.resume
+        recovered, missed, owed = False, 0, {}
+        if set(wanted) == set(positions) and all(
+            wanted[s][1] == positions[s][1] and wanted[s][0] <= positions[s][0] for s in positions
+        ):
+            behind = {s: wanted[s] for s in positions if wanted[s][0] < positions[s][0]}
+            answer = await self.engine.history(behind, 0) if behind else {}
+            if answer is not None and all(
+                s in answer and answer[s].messages is not None and answer[s].epoch == wanted[s][1] for s in behind
+            ):
+                recovered = True
+                owed = {s: wanted[s][0] for s in positions}
+                missed = sum(positions[s][0] - wanted[s][0] for s in positions)
+        return JoinResult(state, positions, recovered, missed, owed)
+
+    async def _synced(self, state: StreamState) -> bool:
+        if state.synced:
+            return True
+        waiter = asyncio.get_running_loop().create_future()
+        if state.waiters is None:
+            state.waiters = []
+        state.waiters.append(waiter)
+        try:
+            await asyncio.wait_for(waiter, UPSTREAM_TIMEOUT)
+        except asyncio.TimeoutError:
+            log.warning("engine did not confirm the subscription to %r in %ss", state.name, UPSTREAM_TIMEOUT)
+            return False
+        return state.synced  # False when the stream went (its last socket left) meanwhile
+
+    async def history_pages(self, name: str, after: int, until: int, epoch: str
+                            ) -> AsyncIterator[list[tuple[int, bytes]]]:
+        """The messages (after, until] of a stream, a page at a time. Raises LookupError
+        when history cannot give them all (evicted meanwhile, engine away)."""
+        cursor = after
+        while cursor < until:
+            answer = await self.engine.history({name: (cursor, epoch)}, PAGE_BYTES)
+            stream = None if answer is None else answer.get(name)
+            if stream is None or stream.messages is None or stream.epoch != epoch or not stream.messages:
+                raise LookupError(name)
+            page = [(seq, wire) for seq, wire in stream.messages if cursor < seq <= until]
+            if not page or page[0][0] != cursor + 1:
+                raise LookupError(name)
+            cursor = page[-1][0]
+            yield page
+
+    def leave(self, session: Session) -> None:
+        self.ring.discard(session)
+        state = session.own
+        if state is None and session.username is not None:
+            state = self.streams.get(session.username)
+        if state is None or session not in state.sessions:
+            return
+        state.sessions = tuple(s for s in state.sessions if s is not session)
+        if not state.sessions and state is not self.broadcast:
+            del self.streams[state.name]
+            if not self.closed:
+                self.engine.unsubscribe(state.name)
+            # Joins still waiting for this stream end (and see their socket closed).
+            for waiter in state.waiters or ():
+                if not waiter.done():
+                    waiter.set_result(None)
+
+    # -- fan-out (EngineSink)
+
+    def mark_dirty(self, session: Session) -> None:
+        self.dirty.append(session)
+        if not self._flush_due:
+            self._flush_due = True
+            asyncio.get_running_loop().call_soon(self.flush)
+
+    def on_batch_start(self) -> None:
+        self._flush_due = True
+
+    def on_batch_end(self) -> None:
+        self.flush()
+
+    def flush(self) -> None:
+        self._flush_due = False
+        if self.dirty:
+            dirty, self.dirty = self.dirty, []
+            for session in dirty:
+                session.flush()
+
+    def on_message(self, stream: str, seq: int, epoch: str, wire: bytes) -> None:
+        state = self.streams.get(stream)
+        if state is None:
+            return  # unsubscribed a moment ago
+        if state is not self.broadcast:
+            self.upstream_messages += 1
+        if seq != state.seq + 1 or epoch != state.epoch or state.held is not None:
+            self._irregular(state, seq, epoch, wire)
+            return
+        state.seq = seq
+        self._fan_out(state, seq, wire)
+
+    def _fan_out(self, state: StreamState, seq: int, wire: bytes) -> None:
+        if state is self.broadcast:
+            for session in self.ring:
+                session.deliver_all(seq, wire)
+        else:
+            for session in state.sessions:
+                session.deliver_own(seq, wire)
+
+    def _irregular(self, state: StreamState, seq: int, epoch: str, wire: bytes) -> None:
+        if state.held is not None:  # a repair is running: it delivers this in order
+            if epoch == state.epoch:
+                self._hold(state, seq, epoch, wire)
+            else:
+                self.epoch_changed(state, epoch, seq)
+            return
+        if not state.synced:
+            # A message before the subscription's answer: it says where the stream is.
+            state.epoch, state.seq = epoch, seq - 1
+            state.mark_synced()
+            self.on_message(state.name, seq, epoch, wire)
+            return
+        if epoch != state.epoch:
+            # Every socket of the stream is closed: nobody here is owed this message.
+            self.epoch_changed(state, epoch, seq)
+            return
+        if seq <= state.seq:
+            return  # a copy of what was delivered (a repair got it from history first)
+        log.warning("stream %r: gap, expected seq %d, got %d; repairing from history", state.name,
+                    state.seq + 1, seq)
+        self._start_repair(state)
+        self._hold(state, seq, epoch, wire)
+
+    def on_position(self, stream: str, seq: int, epoch: str) -> None:
+        state = self.streams.get(stream)
+        if state is None:
+            return
+        if not state.synced:
+            state.epoch, state.seq = epoch, seq
+            state.mark_synced()
+            return
+        if epoch != state.epoch:
+            self.epoch_changed(state, epoch, seq)
+            return
+        if seq > state.seq and state.held is None:
+            log.warning("stream %r: the engine is at seq %d, %d arrived; repairing from history",
+                        state.name, seq, state.seq)
+            self._start_repair(state)
+
+    def _hold(self, state: StreamState, seq: int, epoch: str, wire: bytes) -> None:
+        held = state.held
+        assert held is not None
+        if state.held_bytes + len(wire) > REPAIR_HOLD_BYTES:
+            # Dropped here, fetched from history when the repair reaches them.
+            held.clear()
+            state.held_bytes = 0
+            return
+        held.append((seq, epoch, wire))
+        state.held_bytes += len(wire)
+
+    def epoch_changed(self, state: StreamState, epoch: str, seq: int) -> None:
+        """The stream was renumbered (the engine lost its history): its sockets must resume
+        and be told recovered: false."""
+        log.warning("stream %r: epoch %s -> %s; closing its %d sockets with 1012 so clients resume",
+                    state.name, state.epoch, epoch, len(self._sessions_of(state)))
+        self._close_all(state, "stream restarted")
+        state.epoch, state.seq = epoch, seq
+        state.held, state.held_bytes = None, 0
+
+    def _sessions_of(self, state: StreamState) -> list[Session]:
+        return list(self.ring) if state is self.broadcast else list(state.sessions)
+
+    def reconnect_window(self, closing: int) -> float:
+        """Seconds over which ``closing`` clients of this server (and as many of each other
+        server of the pool) should spread their reconnects."""
+        pool = closing * self.settings.ws_processes
+        return min(MAX_RECONNECT_WINDOW, max(MIN_RECONNECT_WINDOW, pool / RECONNECTS_PER_SECOND))
+
+    def _close_all(self, state: StreamState, why: str) -> None:
+        sessions = self._sessions_of(state)
+        reason = protocol.reconnect_reason(why, self.reconnect_window(len(sessions)))
+        self.gap_closes += len(sessions)
+        for session in sessions:
+            session.close(protocol.CLOSE_ENGINE_GAP, reason)
+
+    # -- repair
+
+    def _start_repair(self, state: StreamState) -> None:
+        state.held, state.held_bytes = [], 0
+        self.repairs += 1
+        self._spawn(self._repair(state))
+
+    async def _repair(self, state: StreamState) -> None:
+        """Deliver what the engine lost for ``state`` from history, then what was held."""
+        name, epoch = state.name, state.epoch
+        engine_head = state.seq
+        try:
+            while True:
+                held = state.held
+                if held and held[0][0] <= state.seq + 1:
+                    break  # what was held continues from here
+                answer = await self.engine.history({name: (state.seq, epoch)}, PAGE_BYTES)
+                if state.held is None or state.epoch != epoch or self.streams.get(name) is not state:
+                    return  # the epoch changed or the stream went meanwhile: handled there
+                stream = None if answer is None else answer.get(name)
+                if stream is not None and stream.epoch == epoch:
+                    engine_head = max(engine_head, stream.seq)
+                if stream is None or stream.messages is None or stream.epoch != epoch:
+                    raise LookupError(name)
+                before = state.seq
+                for seq, wire in stream.messages:
+                    if seq == state.seq + 1:
+                        state.seq = seq
+                        self._fan_out(state, seq, wire)
+                self.flush()
+                if state.seq >= stream.seq and not state.held:
+                    break  # at the head, nothing held
+                if state.seq == before:
+                    # Held messages were numbered before this request was sent, so the
+                    # answer covers them: what it lacks is gone.
+                    raise LookupError(name)
+        except LookupError:
+            log.warning("stream %r: messages after seq %d are not in history; closing its sockets with 1012",
+                        name, state.seq)
+            # Numbering goes on from the engine's head: the sockets that missed the rest
+            # are closed, and sockets that join later start from there.
+            head = max([state.seq, engine_head, *(seq for seq, _, _ in state.held or ())])
+            state.held, state.held_bytes = None, 0
+            self._close_all(state, "messages lost")
+            state.seq = head
+            return
+        held, state.held, state.held_bytes = state.held, None, 0
+        for seq, held_epoch, wire in held or ():
+            self.on_message(name, seq, held_epoch, wire)
+        self.flush()
+
+    async def _audits(self) -> None:
+        while True:
+            await asyncio.sleep(AUDIT_INTERVAL)
+            try:
+                await self.audit()
+            except Exception:
+                log.exception("stream audit failed")
+
+    async def audit(self) -> None:
+        """Compare every stream's position with the engine's. A stream still short of the
+        head the previous audit saw lost messages that no later one revealed: repair."""
+        states = [s for s in self.streams.values() if s.synced and s.held is None]
+        for start in range(0, len(states), AUDIT_CHUNK):
+            chunk = states[start:start + AUDIT_CHUNK]
+            answer = await self.engine.history({s.name: (s.seq, s.epoch) for s in chunk}, 0)
+            if answer is None:
+                return
+            for state in chunk:
+                stream = answer.get(state.name)
+                if stream is None or self.streams.get(state.name) is not state or state.held is not None:
+                    continue
+                if stream.epoch != state.epoch:
+                    self.epoch_changed(state, stream.epoch, stream.seq)
+                    continue
+                previous, state.audit_head = state.audit_head, stream.seq
+                if previous is not None and state.seq < previous:
+                    log.warning("stream %r: at seq %d, the engine was at %d an audit ago; repairing",
+                                state.name, state.seq, previous)
+                    self._start_repair(state)
+
+
+class Timers:
+    """Session deadlines (auth timeout, token expiry, end of grace) on one task: a heap
+    of (when, session) instead of a timer per socket. Whoever changes a session's deadline
+    calls :meth:`schedule`; an entry whose time is no longer the session's deadline is stale
+    and skipped."""
+
+    def __init__(self, monotonic: Callable[[], float]) -> None:
+        self.monotonic = monotonic
+        self._heap: list[tuple[float, int, Session]] = []
+        self._count = itertools.count()
+        self._wake: asyncio.Event | None = None
+        self._next: float | None = None
+
+    def schedule(self, session: Session) -> None:
+        when = session.deadline()
+        if when is None:
+            return
+        heapq.heappush(self._heap, (when, next(self._count), session))
+        if self._wake is not None and (self._next is None or when < self._next):
+            self._wake.set()
+
+    def due(self) -> None:
+        """Tick every session whose deadline has passed."""
+        heap, now = self._heap, self.monotonic()
+        while heap and heap[0][0] <= now:
+            when, _, session = heapq.heappop(heap)
+            if session.deadline() != when:
+                continue
+            try:
+                session.tick()
+            except Exception:
+                log.exception("session deadline failed")
+                continue
+            later = session.deadline()
+            if later is not None and later > when:
+                heapq.heappush(heap, (later, next(self._count), session))
+
+    def __len__(self) -> int:
+        return len(self._heap)
+
+    async def run(self) -> None:
+        self._wake = asyncio.Event()
+        while True:
+            self.due()
+            self._next = self._heap[0][0] if self._heap else None
+            self._wake.clear()
+            timeout = None if self._next is None else max(0.0, self._next - self.monotonic())
+            try:
+                await asyncio.wait_for(self._wake.wait(), timeout)
+            except asyncio.TimeoutError:
+                pass

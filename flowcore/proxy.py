@@ -1,0 +1,823 @@
+"""The ZeroMQ engine's proxy: numbers every push, keeps history, fans out (PROTOCOL.md 4, 6, 11).
+
+Publishers PUSH to our PULL socket. For each message the proxy assigns the stream's next
+``seq``, builds the browser frame once (a complete WebSocket text frame), keeps it in the
+stream's bounded history and publishes it on the stream's exact topic through XPUB. A
+WebSocket server's subscription is answered with a sync frame telling the stream's
+position; history, pings and stats are served on a ROUTER control socket. The framing is
+:mod:`flowcore.protocol`'s.
+
+:class:`MessageLog` is the numbering and history, with no I/O: every method takes the
+time as an argument. :class:`Proxy` is the ZeroMQ loop around it.
+
+Epochs are per stream (``<run epoch>-<counter>``), given when a stream is created by its
+first push, subscription or history request. A stream that has no history left, no
+subscriber and no activity for FLOW_HISTORY_TTL is forgotten, so memory follows the
+streams in use, not every user ever pushed to; a client resuming a forgotten stream sees
+another epoch and is told ``recovered: false``.
+
+A full subscriber pipe drops messages for that subscriber only: one stalled WebSocket
+server never holds back the rest of the pool (it sees the seq gap and repairs it).
+
+SIGTERM is a graceful stop: the PULL endpoint is unbound (publishers queue and reconnect
+to the next proxy), what is already queued is numbered and published, the fan-out is
+flushed, and every stream's position and unexpired history is saved to
+``<FLOW_RUN_DIR>/proxy-state``, which the next start loads and deletes: epochs and seqs
+carry on, and pushes wait (briefly) until the streams that had subscribers have them
+again, so that the WebSocket servers miss nothing live. A kill -9 leaves no file behind,
+so the next start has new epochs.
+"""
+
+from __future__ import annotations
+
+import bisect
+import json
+import logging
+import math
+import operator
+import os
+import secrets
+import struct
+import time
+import zlib
+from pathlib import Path
+from typing import Any, Callable, Iterator, NamedTuple
+
+import zmq
+
+from . import compat, protocol
+from .settings import PROJECT_ROOT, Settings
+
+log = logging.getLogger("flow.proxy")
+
+# How many pushes to take from the PULL socket before serving subscriptions and
+# control requests again: keeps resume answers prompt under a flood.
+BATCH = 512
+# Streams looked at per loop turn by the sweep, so 200k streams never stall the loop.
+SWEEP_BATCH = 5000
+# A control request bigger than this is dropped unread: a history request names a few
+# streams, a positions check at most some tens of thousands.
+MAX_CONTROL_REQUEST = 8 * 1024 * 1024
+# After a graceful restart, pushes wait (queued in the publishers and in our PULL pipe)
+# until the streams that had subscribers have them again, at most this long: WebSocket
+# servers reconnect within ZeroMQ's reconnect interval, and should not have to repair
+# from history what was numbered while they were away.
+RESUBSCRIBE_GRACE = 2.0
+# Graceful stop: how long to keep taking what publishers had already sent once the PULL
+# endpoint is unbound (until this long passes without a push, within the limit), and how
+# long the fan-out may take to write what is queued for the WebSocket servers.
+# All within supervisord's stopwaitsecs (15).
+STOP_QUIET = 0.2
+STOP_LIMIT = 8.0
+FANOUT_LINGER_MS = 2000
+
+STATE_FILE = "proxy-state"
+
+# A plain int: pyzmq's flag enums cost more than the send itself on this path.
+NOBLOCK = int(zmq.NOBLOCK)
+RCVMORE = int(zmq.RCVMORE)
+_backend_send = compat.zmq_fast_send()  # a pyzmq internal: flowcore.compat checks it
+_at = operator.itemgetter(0)
+
+
+def new_run_epoch() -> str:
+    """Unique per proxy start: the time, for people reading logs, and randomness."""
+    return f"{int(time.time()):x}-{secrets.token_hex(4)}"
+
+
+def sweep_interval(history_ttl: float) -> float:
+    """Sweep often enough that a forgettable stream goes within about 1.5 TTL."""
+    return min(30.0, max(1.0, history_ttl / 2))
+
+
+class Stream:
+    """One stream's numbering. ``history`` holds ``(time, wire)`` of the messages up to
+    ``seq``, newest last, contiguous: entry ``i`` is seq ``seq - len(history) + 1 + i``.
+    It may hold a few entries beyond the history size (trimmed in batches); those count
+    as evicted."""
+
+    __slots__ = ("epoch", "seq", "history", "active_at", "subscribers")
+
+    def __init__(self, epoch: str, seq: int, active_at: float) -> None:
+        self.epoch = epoch
+        self.seq = seq
+        self.history: list[tuple[float, bytes]] = []
+        # The last message, unsubscription or creation: a stream idle past the TTL with
+        # nothing to give and nobody subscribed is forgotten.
+        self.active_at = active_at
+        self.subscribers = 0
+
+
+class SavedStream(NamedTuple):
+    name: str
+    epoch: str
+    seq: int
+    active_at: float
+    subscribers: int  # when it was saved
+    history: list[tuple[float, bytes]]  # (time, wire), the last one is seq
+
+
+# (epoch, head seq, [(seq, wire), ...] or None): one stream of a history answer.
+HistoryAnswer = tuple[str, int, list[tuple[int, bytes]] | None]
+
+
+class MessageLog:
+    """Per-stream numbering, epochs, bounded history, subscriber counts. No I/O."""
+
+    def __init__(self, history_size: int, history_ttl: float, run_epoch: str | None = None) -> None:
+        self.history_size = history_size
+        self.history_ttl = history_ttl
+        # Trimming in batches keeps append O(1) whatever FLOW_HISTORY_SIZE is.
+        self._trim_at = history_size + 16 + history_size // 8
+        self.run_epoch = run_epoch or new_run_epoch()
+        self.streams: dict[str, Stream] = {}
+        self._created = 0
+        self._sweep_queue: list[str] = []
+
+    # ---------------------------------------------------------------- numbering
+
+    def stream(self, name: str, now: float) -> Stream:
+        """The stream named ``name``, created (seq 0, a fresh epoch) if unknown."""
+        stream = self.streams.get(name)
+        if stream is None:
+            self._created += 1
+            stream = self.streams[name] = Stream(f"{self.run_epoch}-{self._created:x}", 0, now)
+        return stream
+
+    def append(self, push: protocol.Push, now: float) -> bytes:
+        """Number ``push``, keep it in history, and return the fan-out frame to publish."""
+        name = push.stream
+        stream = self.streams.get(name) or self.stream(name, now)
+        seq = stream.seq + 1
+        stream.seq = seq
+        stream.active_at = now
+        epoch = stream.epoch
+        wire = protocol.encode_text_frame(protocol.build_message_frame(push, seq, epoch))
+        if self.history_size:
+            history = stream.history
+            history.append((now, wire))
+            if len(history) > self._trim_at:
+                del history[: len(history) - self.history_size]
+        return protocol.message_frame(name, seq, epoch, wire)
+
+    def position(self, name: str) -> tuple[int, str] | None:
+        stream = self.streams.get(name)
+        return None if stream is None else (stream.seq, stream.epoch)
+
+    def since(self, name: str, seq: int, epoch: str, now: float, max_bytes: int) -> HistoryAnswer:
+        """``(epoch, head seq, messages)`` of stream ``name`` for a client at ``(seq, epoch)``.
+
+        ``messages`` are ``(seq, wire)`` after ``seq``, contiguous: at least one when any
+        is owed and ``max_bytes`` > 0, and no more once their frames reach ``max_bytes``;
+        none (``[]``) when ``max_bytes`` is 0. None when what is owed cannot all be given:
+        another epoch, a seq beyond the head, the next message evicted or expired.
+        """
+        stream = self.stream(name, now)
+        head = stream.seq
+        if epoch != stream.epoch or seq > head:
+            return stream.epoch, head, None
+        if seq == head:
+            return stream.epoch, head, []
+        history = stream.history
+        owed = head - seq
+        if owed > min(len(history), self.history_size):
+            return stream.epoch, head, None
+        start = len(history) - owed
+        if history[start][0] < now - self.history_ttl:
+            return stream.epoch, head, None
+        messages: list[tuple[int, bytes]] = []
+        if max_bytes > 0:
+            total = 0
+            for index in range(start, len(history)):
+                wire = history[index][1]
+                seq += 1
+                messages.append((seq, wire))
+                total += len(wire)
+                if total >= max_bytes:
+                    break
+        return stream.epoch, head, messages
+
+    # ---------------------------------------------------------------- subscriptions
+
+    def subscribe(self, name: str, now: float) -> Stream:
+        stream = self.stream(name, now)
+        stream.subscribers += 1
+        return stream
+
+    def unsubscribe(self, name: str, now: float) -> None:
+        stream = self.streams.get(name)
+        if stream is not None and stream.subscribers > 0:
+            stream.subscribers -= 1
+            stream.active_at = now
+
+    # ---------------------------------------------------------------- forgetting
+
+    @property
+    def sweeping(self) -> bool:
+        return bool(self._sweep_queue)
+
+    def start_sweep(self) -> None:
+        """Queue every stream for :meth:`sweep_step`; streams created meanwhile wait for the next sweep."""
+        self._sweep_queue = list(self.streams)
+
+    def sweep_step(self, now: float, budget: int = SWEEP_BATCH) -> bool:
+        """Look at up to ``budget`` queued streams: drop expired history, forget the streams
+        left with nothing. True when the sweep is done."""
+        queue = self._sweep_queue
+        streams = self.streams
+        cutoff = now - self.history_ttl
+        size = self.history_size
+        for _ in range(min(budget, len(queue))):
+            name = queue.pop()
+            stream = streams.get(name)
+            if stream is None:
+                continue
+            history = stream.history
+            if history:
+                if history[0][0] < cutoff:
+                    del history[: bisect.bisect_left(history, cutoff, key=_at)]
+                if len(history) > size:
+                    del history[: len(history) - size]
+            if not history and not stream.subscribers and stream.active_at < cutoff:
+                del streams[name]
+        return not queue
+
+    def sweep(self, now: float) -> None:
+        """A whole sweep at once (for tests: the loop goes in steps)."""
+        self.start_sweep()
+        while not self.sweep_step(now, len(self._sweep_queue) or 1):
+            pass
+
+    # ---------------------------------------------------------------- stats and state
+
+    def stats(self) -> dict[str, int]:
+        """Costs one pass over the streams: for diagnostics, not for every message."""
+        subscribed = history = 0
+        size = self.history_size
+        for stream in self.streams.values():
+            if stream.subscribers:
+                subscribed += 1
+            history += min(len(stream.history), size)
+        return {"streams": len(self.streams), "subscribed": subscribed, "history_messages": history}
+
+    def export(self, now: float) -> Iterator[tuple[str, Stream, list[tuple[float, bytes]]]]:
+        """Every stream with its unexpired history (within the size), for the state file."""
+        cutoff = now - self.history_ttl
+        for name, stream in self.streams.items():
+            history = stream.history[-self.history_size :] if self.history_size else []
+            if history and history[0][0] < cutoff:
+                history = history[bisect.bisect_left(history, cutoff, key=_at) :]
+            yield name, stream, history
+
+    def restore(self, saved: SavedStream, now: float) -> None:
+        """Take over a stream saved by a previous proxy: its epoch, seq and the history
+        still within the TTL and the size. Subscriptions come back as servers reconnect."""
+        cutoff = now - self.history_ttl
+        kept = saved.history[-self.history_size :] if self.history_size else []
+        if kept and kept[0][0] < cutoff:
+            kept = kept[bisect.bisect_left(kept, cutoff, key=_at) :]
+        # A stream that had subscribers is expected back: not forgotten before they return.
+        active_at = max(saved.active_at, now) if saved.subscribers else saved.active_at
+        stream = self.streams[saved.name] = Stream(saved.epoch, saved.seq, active_at)
+        stream.history = list(kept)
+
+
+# ---------------------------------------------------------------- state file
+#
+# Version 1, binary, all integers big-endian:
+#     magic b"FLOW-PROXY-STATE" (16 bytes), u32 version (1), u32 n, n bytes of JSON meta:
+#         {"saved_at": unix time, "identity": {"publish": e, "fanout": e, "control": e},
+#          "streams": count}
+#     per stream: u32 name length, name (UTF-8), u32 epoch length, epoch (ASCII),
+#         u64 seq, f64 active_at, u32 subscribers, u32 entries, then per entry (oldest
+#         first, the last one is seq): f64 time, u32 length, the message's WebSocket
+#         frame (raw bytes)
+#     u32 CRC-32 of everything before it.
+# A file whose identity (the endpoints) is not ours belongs to another proxy sharing the
+# run dir (tests, benchmarks): it is left alone and we start fresh.
+
+STATE_MAGIC = b"FLOW-PROXY-STATE"
+STATE_VERSION = 1
+_HEAD = struct.Struct("!16sII")
+_STREAM_HEAD = struct.Struct("!QdII")
+_ENTRY = struct.Struct("!dI")
+_U32 = struct.Struct("!I")
+
+
+class StateError(ValueError):
+    """A state file we cannot use."""
+
+
+def state_identity(settings: Settings) -> dict[str, str]:
+    return {
+        "publish": settings.publish_endpoint,
+        "fanout": settings.fanout_endpoint,
+        "control": settings.control_endpoint,
+    }
+
+
+def encode_state(message_log: MessageLog, identity: dict[str, str], now: float) -> tuple[bytes, int, int]:
+    """The state file's bytes, the number of streams and of history messages in it."""
+    parts: list[bytes] = []
+    count = messages = 0
+    u32 = _U32.pack
+    for name, stream, history in message_log.export(now):
+        name_bytes = name.encode("utf-8")
+        epoch_bytes = stream.epoch.encode("ascii")
+        parts += (u32(len(name_bytes)), name_bytes, u32(len(epoch_bytes)), epoch_bytes)
+        parts.append(_STREAM_HEAD.pack(stream.seq, stream.active_at, stream.subscribers, len(history)))
+        for at, wire in history:
+            parts += (_ENTRY.pack(at, len(wire)), wire)
+        count += 1
+        messages += len(history)
+    meta = json.dumps({"saved_at": now, "identity": identity, "streams": count}).encode("utf-8")
+    body = b"".join((_HEAD.pack(STATE_MAGIC, STATE_VERSION, len(meta)), meta, *parts))
+    return body + u32(zlib.crc32(body)), count, messages
+
+
+def decode_state(data: bytes) -> tuple[dict[str, Any], list[SavedStream]]:
+    """The meta data and the streams of a state file. Raises StateError."""
+    try:
+        if len(data) < _HEAD.size + _U32.size:
+            raise StateError("too short")
+        body = memoryview(data)[: -_U32.size]
+        if _U32.unpack_from(data, len(body))[0] != zlib.crc32(body):
+            raise StateError("checksum mismatch")
+        magic, version, meta_size = _HEAD.unpack_from(body, 0)
+        if magic != STATE_MAGIC:
+            raise StateError("not a Flow proxy state file")
+        if version != STATE_VERSION:
+            raise StateError(f"version {version}, this proxy reads version {STATE_VERSION}")
+        at = _HEAD.size
+        meta = json.loads(bytes(body[at : at + meta_size]))
+        at += meta_size
+        if not isinstance(meta, dict) or type(meta.get("streams")) is not int:
+            raise StateError("bad meta data")
+        streams = []
+        for _ in range(meta["streams"]):
+            (size,) = _U32.unpack_from(body, at)
+            name = bytes(body[at + 4 : at + 4 + size]).decode("utf-8")
+            at += 4 + size
+            (size,) = _U32.unpack_from(body, at)
+            epoch = bytes(body[at + 4 : at + 4 + size]).decode("ascii")
+            at += 4 + size
+            seq, active_at, subscribers, entries = _STREAM_HEAD.unpack_from(body, at)
+            at += _STREAM_HEAD.size
+            if name != protocol.BROADCAST:
+                protocol.check_username(name)
+            if not epoch or " " in epoch or entries > seq or not math.isfinite(active_at):
+                raise StateError(f"stream {name!r}: bad position")
+            history = []
+            for _ in range(entries):
+                when, size = _ENTRY.unpack_from(body, at)
+                at += _ENTRY.size
+                if at + size > len(body) or not math.isfinite(when):
+                    raise StateError(f"stream {name!r}: bad history entry")
+                history.append((when, bytes(body[at : at + size])))
+                at += size
+            streams.append(SavedStream(name, epoch, seq, active_at, subscribers, history))
+        if at != len(body):
+            raise StateError(f"{len(body) - at} bytes after the last stream")
+        return meta, streams
+    except StateError:
+        raise
+    except (struct.error, ValueError, TypeError, KeyError, RecursionError) as exc:
+        raise StateError(str(exc)) from None
+
+
+def write_atomically(path: Path, data: bytes) -> None:
+    """Whole or not at all: a reader never sees a half-written state file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
+    try:
+        with open(tmp, "wb") as out:
+            out.write(data)
+            out.flush()
+            os.fsync(out.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    try:
+        directory = os.open(path.parent, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(directory)
+    except OSError:
+        pass  # not every file system syncs directories; the rename is done
+    finally:
+        os.close(directory)
+
+
+# ---------------------------------------------------------------- warnings
+
+
+class WarningLimiter:
+    """Warnings about what other processes send, rate-limited per kind, so a flood of bad
+    input cannot fill the disk: up to ``burst`` lines at once, then one per ``interval``;
+    what is held back is counted and reported by the next line or by :meth:`flush`."""
+
+    def __init__(self, logger: logging.Logger, burst: int = 10, interval: float = 1.0,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        self.logger = logger
+        self.burst = burst
+        self.interval = interval
+        self.clock = clock
+        # kind -> [tokens, refilled at, held back, the last held-back (message, args)]
+        self._kinds: dict[str, list[Any]] = {}
+        self._holding: set[str] = set()
+        self.counts: dict[str, int] = {}
+
+    def _take(self, kind: str, now: float) -> list[Any] | None:
+        state = self._kinds.get(kind)
+        if state is None:
+            state = self._kinds[kind] = [float(self.burst), now, 0, None]
+        else:
+            state[0] = min(float(self.burst), state[0] + (now - state[1]) / self.interval)
+            state[1] = now
+        if state[0] >= 1:
+            state[0] -= 1
+            return state
+        return None
+
+    def warn(self, kind: str, message: str, *args: object) -> None:
+        self.counts[kind] = self.counts.get(kind, 0) + 1
+        now = self.clock()
+        state = self._take(kind, now)
+        if state is None:
+            held = self._kinds[kind]
+            held[2] += 1
+            held[3] = (message, args)
+            self._holding.add(kind)
+            return
+        if state[2]:
+            self.logger.warning(message + " (and %d more held back since the last such line)",
+                                *args, state[2])
+            state[2] = 0
+            self._holding.discard(kind)
+        else:
+            self.logger.warning(message, *args)
+
+    def flush(self) -> None:
+        """Report what is held back, once the rate allows; cheap when nothing is."""
+        if not self._holding:
+            return
+        now = self.clock()
+        for kind in list(self._holding):
+            state = self._take(kind, now)
+            if state is None:
+                continue
+            message, args = state[3]
+            self.logger.warning(message + " (one of %d such lines held back)", *args, state[2])
+            state[2] = 0
+            self._holding.discard(kind)
+
+
+def _short(exc: object, limit: int = 200) -> str:
+    text = str(exc)
+    return text if len(text) <= limit else text[:limit] + "..."
+
+
+# ---------------------------------------------------------------- the loop
+
+
+class Proxy:
+    """The proxy's sockets and loop. Build it (binds, then loads the state file), then
+    :meth:`run` until :meth:`request_stop`, then :meth:`stop` (graceful) or :meth:`close`."""
+
+    def __init__(self, settings: Settings, context: zmq.Context[Any] | None = None) -> None:
+        self.settings = settings
+        run_dir = Path(settings.run_dir)
+        self.state_path = (run_dir if run_dir.is_absolute() else PROJECT_ROOT / run_dir) / STATE_FILE
+        self.identity = state_identity(settings)
+        self.log = MessageLog(settings.history_size, settings.history_ttl)
+        self.warnings = WarningLimiter(log)
+        self.stop_requested = False
+        self.numbered = 0
+        # Restored streams -> subscriptions still to come back before we take pushes.
+        self.awaited: dict[str, int] = {}
+        # The longest push a publisher with our settings may send, plus its head.
+        self.max_push = settings.max_message + len(protocol.PUSH_PREFIX) + protocol.MAX_USERNAME_BYTES + 2
+
+        self.context = context or zmq.Context()
+        self.pull = self.context.socket(zmq.PULL)
+        self.xpub = self.context.socket(zmq.XPUB)
+        self.control = self.context.socket(zmq.ROUTER)
+        for sock in (self.pull, self.xpub, self.control):
+            sock.setsockopt(zmq.LINGER, 0)
+        try:
+            self.pull.setsockopt(zmq.RCVHWM, settings.zmq_hwm)
+            self.pull.bind(settings.publish_endpoint)
+            # What unbind needs, even for a wildcard address.
+            self.pull_endpoint = self.pull.getsockopt_string(zmq.LAST_ENDPOINT)
+            # A full pipe drops for its subscriber only (no XPUB_NODROP): a stalled server
+            # must not hold back the pool; it sees the seq gap and repairs it from history.
+            self.xpub.setsockopt(zmq.SNDHWM, settings.zmq_hwm)
+            # Every subscription and unsubscription, repeats included, also those of a
+            # subscriber whose connection died: each subscription is answered with a sync,
+            # and the counts say which streams nobody holds.
+            self.xpub.setsockopt(zmq.XPUB_VERBOSER, 1)
+            self.xpub.bind(settings.fanout_endpoint)
+            self.control.bind(settings.control_endpoint)
+        except zmq.ZMQError:
+            self.close()
+            raise
+        self.restored = self.load_state()
+
+    # ---------------------------------------------------------------- state file
+
+    def load_state(self) -> int:
+        """Continue a gracefully stopped proxy's streams; the number of streams taken over."""
+        path = self.state_path
+        # What a save cut short (kill -9 while writing) left behind; not what a live
+        # proxy sharing the run dir is writing.
+        for stale in path.parent.glob(f"{path.name}.*.tmp"):
+            pid = stale.name[len(path.name) + 1 : -len(".tmp")]
+            try:
+                if pid.isdigit() and int(pid) != os.getpid():
+                    try:
+                        os.kill(int(pid), 0)
+                        continue
+                    except ProcessLookupError:
+                        pass
+                stale.unlink()
+            except OSError:
+                pass
+        try:
+            data = path.read_bytes()
+        except FileNotFoundError:
+            return 0
+        except OSError as exc:
+            log.warning("cannot read the state file %s (%s): starting with new epochs", path, exc)
+            return 0
+        now = time.time()
+        try:
+            meta, streams = decode_state(data)
+        except StateError as exc:
+            log.warning("unusable state file %s (%s): removed, starting with new epochs", path, _short(exc))
+            try:
+                path.unlink(missing_ok=True)
+            except OSError as unlink_error:
+                log.error("cannot remove %s: %s", path, unlink_error)
+            return 0
+        if meta.get("identity") != self.identity:
+            log.warning("the state file %s is another proxy's (%s): left alone, starting with new epochs",
+                        path, meta.get("identity"))
+            return 0
+        # Taken once: a later kill -9 must not bring these epochs back with a stale history.
+        try:
+            path.unlink(missing_ok=True)
+        except OSError as exc:
+            log.error("cannot remove the state file %s (%s): starting with new epochs", path, exc)
+            return 0
+        for saved in streams:
+            self.log.restore(saved, now)
+            if saved.subscribers:
+                self.awaited[saved.name] = saved.subscribers
+        saved_at = meta.get("saved_at")
+        age = now - saved_at if isinstance(saved_at, (int, float)) else float("nan")
+        log.info("continuing %d streams (%d messages of history) saved %.1fs ago in %s",
+                 len(streams), self.log.stats()["history_messages"], age, path)
+        return len(streams)
+
+    def save_state(self) -> tuple[int, int]:
+        data, streams, messages = encode_state(self.log, self.identity, time.time())
+        write_atomically(self.state_path, data)
+        return streams, messages
+
+    # ---------------------------------------------------------------- sockets
+
+    def take_pushes(self) -> int:
+        """Number and publish up to BATCH pushes; how many were numbered."""
+        now = time.time()
+        pull = self.pull
+        recv, more = pull.recv, pull.getsockopt
+        append, decode = self.log.append, protocol.decode_push
+        xpub, limit = self.xpub, self.max_push
+        numbered = 0
+        for _ in range(BATCH):
+            try:
+                raw = recv(NOBLOCK)
+            except zmq.Again:
+                break
+            if more(RCVMORE):
+                parts = 1
+                while more(RCVMORE):
+                    pull.recv()
+                    parts += 1
+                self.warnings.warn("push", "dropped a malformed push: %d frames, expected one", parts)
+                continue
+            if len(raw) > limit:
+                self.warnings.warn("push", "dropped a malformed push (%d bytes): over FLOW_MAX_MESSAGE",
+                                   len(raw))
+                continue
+            try:
+                push = decode(raw)
+            except protocol.ProtocolError as exc:
+                self.warnings.warn("push", "dropped a malformed push (%d bytes): %s", len(raw), _short(exc))
+                continue
+            _backend_send(xpub, append(push, now), NOBLOCK)
+            numbered += 1
+        self.numbered += numbered
+        return numbered
+
+    def take_subscriptions(self) -> None:
+        xpub = self.xpub
+        now = time.time()
+        while True:
+            try:
+                event = xpub.recv(NOBLOCK)
+            except zmq.Again:
+                return
+            if xpub.getsockopt(RCVMORE):
+                while xpub.getsockopt(RCVMORE):
+                    xpub.recv()
+                self.warnings.warn("subscription", "dropped a multipart message on the fan-out socket")
+                continue
+            if not event or event[0] > 1:
+                self.warnings.warn("subscription", "dropped a message on the fan-out socket that is no "
+                                   "subscription (%d bytes)", len(event))
+                continue
+            subscribe = event[0] == 1
+            try:
+                name = protocol.stream_of_topic(event[1:])
+            except protocol.ProtocolError as exc:
+                if subscribe:  # its unsubscription needs no second line
+                    self.warnings.warn("subscription", "ignored a subscription to %r: %s", event[1:64], exc)
+                continue
+            if subscribe:
+                stream = self.log.subscribe(name, now)
+                xpub.send(protocol.sync_frame(name, stream.seq, stream.epoch), NOBLOCK)
+                if self.awaited:
+                    self._resubscribed(name)
+            else:
+                self.log.unsubscribe(name, now)
+
+    def take_control(self) -> None:
+        control = self.control
+        while True:
+            try:
+                frames = control.recv_multipart(NOBLOCK)
+            except zmq.Again:
+                return
+            if len(frames) != 3 or frames[1] != b"":
+                self.warnings.warn("control", "dropped a control message of %d frames: expected a routing "
+                                   "id, an empty delimiter and one request", len(frames))
+                continue
+            identity, _, raw = frames
+            if len(raw) > MAX_CONTROL_REQUEST:
+                self.warnings.warn("control", "dropped a control request of %d bytes (at most %d)",
+                                   len(raw), MAX_CONTROL_REQUEST)
+                continue
+            try:
+                request = protocol.parse_history_request(raw)
+            except protocol.ProtocolError as exc:
+                self.warnings.warn("control", "dropped a control request (%d bytes): %s",
+                                   len(raw), _short(exc))
+                continue
+            try:
+                control.send_multipart([identity, b"", *self.answer(request)], NOBLOCK)
+            except zmq.Again:
+                pass  # a ROUTER drops for a requester that does not read: its own loss
+
+    def answer(self, request: protocol.HistoryRequest) -> list[bytes]:
+        """The frames of the reply (after the routing id and the delimiter)."""
+        if request.op == "ping":
+            return [protocol.dumps({"rid": request.request_id, "streams": {}})]
+        if request.op == "stats":
+            stats: dict[str, Any] = {
+                **self.log.stats(),
+                "numbered": self.numbered,
+                "dropped": dict(self.warnings.counts),
+                "run_epoch": self.log.run_epoch,
+            }
+            return [protocol.dumps({"rid": request.request_id, "streams": {}, "stats": stats})]
+        now = time.time()
+        since, max_bytes = self.log.since, request.max_bytes
+        return protocol.build_history_reply(
+            request.request_id,
+            {name: since(name, seq, epoch, now, max_bytes) for name, (seq, epoch) in request.streams.items()},
+        )
+
+    def _resubscribed(self, name: str) -> None:
+        left = self.awaited.get(name)
+        if left is not None:
+            if left > 1:
+                self.awaited[name] = left - 1
+            else:
+                del self.awaited[name]
+
+    # ---------------------------------------------------------------- loop
+
+    def request_stop(self) -> None:
+        """From a signal handler: the loop ends within one poll timeout."""
+        self.stop_requested = True
+
+    def _guarded(self, step: Callable[[], object], what: str) -> None:
+        try:
+            step()
+        except Exception:
+            # Our bug, not bad input (that is refused above): log it, keep serving the rest.
+            log.exception("proxy error while handling %s", what)
+
+    def run(self) -> None:
+        poller = zmq.Poller()
+        awaiting = sum(self.awaited.values())
+        holding = awaiting > 0
+        if not holding:
+            poller.register(self.pull, zmq.POLLIN)
+        poller.register(self.xpub, zmq.POLLIN)
+        poller.register(self.control, zmq.POLLIN)
+        log.info(
+            "proxy up: publish %s, fan-out %s, control %s, run epoch %s, %d streams continued, "
+            "history %d msgs / %gs",
+            self.settings.publish_endpoint,
+            self.settings.fanout_endpoint,
+            self.settings.control_endpoint,
+            self.log.run_epoch,
+            self.restored,
+            self.settings.history_size,
+            self.settings.history_ttl,
+        )
+        interval = sweep_interval(self.settings.history_ttl)
+        started = time.monotonic()
+        next_sweep = started + interval
+        message_log, guarded = self.log, self._guarded
+        while not self.stop_requested:
+            if holding and (not self.awaited or time.monotonic() - started >= RESUBSCRIBE_GRACE):
+                holding = False
+                poller.register(self.pull, zmq.POLLIN)
+                log.info("%d of %d subscriptions back after %.2fs: taking pushes",
+                         awaiting - sum(self.awaited.values()), awaiting, time.monotonic() - started)
+                self.awaited.clear()
+            sweeping = message_log.sweeping
+            # Only the sockets that have something: an empty recv costs an exception, and
+            # at a few thousand pushes a second most wake-ups are for one push.
+            events = dict(poller.poll(0 if sweeping else 20 if holding else 250))
+            if self.xpub in events:
+                guarded(self.take_subscriptions, "subscriptions")
+            if self.control in events:
+                guarded(self.take_control, "control requests")
+            if self.pull in events:
+                guarded(self.take_pushes, "pushes")
+            if sweeping:
+                guarded(lambda: message_log.sweep_step(time.time()), "the sweep")
+            elif time.monotonic() >= next_sweep:
+                message_log.start_sweep()
+                next_sweep = time.monotonic() + interval
+            self.warnings.flush()
+
+    def stop(self) -> int:
+        """The graceful stop: take what publishers already sent, publish it, flush the
+        fan-out, save the state. 0 when the state was saved, else 1."""
+        started = time.monotonic()
+        before = self.numbered
+        try:
+            # Publishers now queue in their own sockets and reconnect to the next proxy.
+            self.pull.unbind(self.pull_endpoint)
+        except zmq.ZMQError as exc:
+            log.error("could not unbind %s: %s", self.pull_endpoint, exc)
+        limit = started + STOP_LIMIT
+        quiet_until = time.monotonic() + STOP_QUIET
+        while True:
+            now = time.monotonic()
+            if now >= quiet_until:
+                break
+            if now >= limit:
+                log.error("still taking pushes after %gs: what is left in the queue is lost", STOP_LIMIT)
+                break
+            self._guarded(self.take_subscriptions, "subscriptions")
+            self._guarded(self.take_control, "control requests")
+            taken = self.numbered
+            self._guarded(self.take_pushes, "pushes")
+            if self.numbered > taken:
+                quiet_until = time.monotonic() + STOP_QUIET
+            else:
+                self.pull.poll(max(1, int(1000 * (min(limit, quiet_until) - now))))
+        taken = self.numbered - before
+        self.warnings.flush()
+        # The fan-out writes what is queued while the state is saved; term() waits for it.
+        self.xpub.close(linger=FANOUT_LINGER_MS)
+        self.pull.close(linger=0)
+        self.control.close(linger=0)
+        code = 0
+        try:
+            streams, messages = self.save_state()
+        except (OSError, ValueError) as exc:
+            log.error("could not save the state to %s: %s; the next start has new epochs",
+                      self.state_path, exc)
+            streams = messages = 0
+            code = 1
+        self.context.term()
+        log.info("stopped: %d messages taken during the stop, %d streams (%d messages of history) "
+                 "saved to %s in %.2fs",
+                 taken, streams, messages, self.state_path, time.monotonic() - started)
+        return code
+
+    def close(self) -> None:
+        """Stop at once: nothing saved, nothing flushed."""
+        for sock in (self.pull, self.xpub, self.control):
+            if not sock.closed:
+                sock.close(linger=0)
+        self.context.term()

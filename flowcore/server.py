@@ -1,0 +1,325 @@
+"""The WebSocket server's I/O: Tornado moves bytes between sockets and sessions.
+
+``FlowSocket`` is the transport of one :class:`flowcore.session.Session`: it hands the
+session what arrives and writes what the session wants written. ``Server`` owns the
+listening socket, the hub, the engine, the heartbeat and the session deadlines, and drains
+at SIGTERM. ``websocket_server.py`` is the entry point that runs it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import signal
+import socket
+import time
+from typing import Any, Coroutine
+
+import tornado.httpserver
+import tornado.httputil
+import tornado.netutil
+import tornado.web
+import tornado.websocket
+
+from . import compat, protocol
+from .engine import server_engine
+from .hub import Hub, Timers
+from .session import CLOSED, JoinRequest, Session
+from .settings import Settings
+from .tokens import TokenVerifier
+
+log = logging.getLogger("flow.websocket")
+client_log = logging.getLogger("flow.websocket.client")
+
+HEARTBEAT_FRAME = protocol.encode_text_frame(protocol.HEARTBEAT.encode())
+# Handshake headers are not read again once the socket is open; every open socket shares
+# this empty set instead of keeping its own (about 1.5 KiB of dicts and lists each).
+NO_HEADERS = tornado.httputil.HTTPHeaders()
+
+
+class FlowSocket(tornado.websocket.WebSocketHandler):
+    """One browser tab: the Transport of its Session."""
+
+    # Our state lives in slots, not in the instance dict: tornado already puts 27
+    # attributes there, and past 30 CPython stops sharing the dict's keys between
+    # instances, which costs ~1.5 KiB per connection.
+    __slots__ = ("server", "session", "closing", "at_header")
+
+    def initialize(self, server: "Server") -> None:
+        self.server = server
+        self.session: Session | None = None
+        self.closing = False
+        self.at_header = False  # see compat's protocol: the next read is a frame header
+
+    # -- handshake
+
+    def check_origin(self, origin: str) -> bool:
+        if origin in self.server.allowed_origins:
+            return True
+        if super().check_origin(origin):
+            return True
+        client_log.warning("refused handshake from origin %r (host %r)", origin, self.request.host)
+        return False
+
+    def get_compression_options(self) -> None:
+        return None  # frames are encoded once and written to every socket as they are
+
+    def get_websocket_protocol(self) -> Any:
+        proto = super().get_websocket_protocol()
+        if proto is None:
+            return None
+        return compat.make_protocol(self, proto)
+
+    def open(self) -> None:
+        server = self.server
+        server.sockets[self] = None
+        self.request.headers = self._headers = NO_HEADERS
+        stream = self.ws_connection.stream  # type: ignore[union-attr]
+        assert stream is not None
+        stream.set_nodelay(True)
+        compat.slim_stream(stream)
+        # Tornado's write buffer has no bound of its own; past this, the tab is closed 4008.
+        compat.set_bound(stream, server.settings.send_backlog)
+        # The server runs with xheaders: remote_ip already honours nginx's X-Real-IP.
+        session = self.session = Session(self, server.hub, server.settings, server.verifier,
+                                         self.request.remote_ip or "?")
+        session.opened()
+        server.timers.schedule(session)
+
+    # -- what arrives
+
+    def on_message(self, message: str | bytes) -> None:
+        session = self.session
+        if session is None or self.closing:
+            return  # e.g. the frame whose header closed the socket 1002
+        if isinstance(message, bytes):
+            session.receive_binary()
+            return
+        request = session.receive(message)
+        if request is not None:
+            # A task of its own: tornado reads no more frames while on_message awaits, and a
+            # join may wait for the engine or pace a long resume (the client's frames, its
+            # close reply included, must still be read meanwhile).
+            self.server.spawn(self.server.authenticate(self, session, request))
+
+    def on_ping(self, data: bytes) -> None:
+        if self.session is not None:
+            self.session.receive_ping()
+
+    def protocol_error(self, what: str) -> None:
+        """Called by compat's protocol on a frame RFC 6455 forbids (it closes 1002)."""
+        session = self.session
+        client_log.warning("%s (%s): %s, closing 1002", self.request.remote_ip or "?",
+                           session and session.username, what)
+
+    # -- Transport
+
+    def send_frames(self, wire: bytes) -> None:
+        conn = self.ws_connection
+        if self.closing or conn is None or conn.is_closing():
+            return
+        try:
+            compat.direct_write(conn.stream, wire)
+        except compat.SlowConsumer:
+            self._slow_consumer()
+
+    def _slow_consumer(self) -> None:
+        session = self.session
+        client_log.warning("%s (%s): send backlog over %d bytes, closing 4008", session and session.peer,
+                           session and session.username, self.server.settings.send_backlog)
+        conn = self.ws_connection
+        if conn is not None:
+            compat.unbound(conn.stream)
+        window = self.server.hub.reconnect_window(1)
+        if session is not None:
+            session.close(protocol.CLOSE_SLOW_CONSUMER, protocol.reconnect_reason("slow consumer", window))
+        else:
+            self.close(protocol.CLOSE_SLOW_CONSUMER, "slow consumer")
+
+    async def drained(self) -> None:
+        conn = self.ws_connection
+        if conn is not None and not self.closing:
+            await compat.drained(conn.stream)
+
+    def close(self, code: int | None = None, reason: str | None = None) -> None:
+        if self.closing:
+            return
+        self.closing = True
+        client_log.info("%s (%s): closing %s %s", self.session and self.session.peer,
+                        self.session and self.session.username, code, reason or "")
+        super().close(code, reason)
+
+    def on_close(self) -> None:
+        self.closing = True
+        server = self.server
+        server.sockets.pop(self, None)
+        if server.draining and self.close_code is not None:
+            server.answered_close += 1  # the client's close frame came back
+        session = self.session
+        if session is not None:
+            session.closed()
+            self.server.hub.leave(session)
+
+
+class StatsHandler(tornado.web.RequestHandler):
+    """Counters for operators and tests; nginx does not route here."""
+
+    def initialize(self, server: "Server") -> None:
+        self.server = server
+
+    def get(self) -> None:
+        hub = self.server.hub
+        self.write(
+            {
+                "sockets": len(self.server.sockets),
+                "authenticated": len(hub.ring),
+                "streams": sorted(hub.streams),
+                "upstream_messages": hub.upstream_messages,
+                "repairs": hub.repairs,
+                "gap_closes": hub.gap_closes,
+                "engine": self.server.settings.engine,
+                "engine_live": self.server.engine.live,
+                "pid": os.getpid(),
+            }
+        )
+
+
+class Server:
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.verifier = TokenVerifier(settings)
+        self.allowed_origins = set(settings.allowed_origins)
+        self.engine = server_engine(settings)
+        self.hub = Hub(settings, self.engine)
+        self.timers = Timers(time.monotonic)
+        self.hub.timers = self.timers
+        self.sockets: dict[FlowSocket, None] = {}  # every open socket (an ordered set)
+        self.http: tornado.httpserver.HTTPServer | None = None
+        self.tasks: list[asyncio.Task[None]] = []
+        self.auth_tasks: set[asyncio.Task[None]] = set()
+        self.draining = False
+        self.answered_close = 0
+
+    def spawn(self, coro: Coroutine[Any, Any, None]) -> None:
+        task = asyncio.ensure_future(coro)
+        self.auth_tasks.add(task)
+        task.add_done_callback(self._task_done)
+
+    def _task_done(self, task: "asyncio.Task[None]") -> None:
+        self.auth_tasks.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            log.error("authenticating a socket failed", exc_info=task.exception())
+
+    def make_app(self) -> tornado.web.Application:
+        return tornado.web.Application(
+            [
+                (r"/websocket", FlowSocket, {"server": self}),
+                (r"/stats", StatsHandler, {"server": self}),
+            ],
+            websocket_max_message_size=self.settings.max_frame,
+        )
+
+    async def start(self, port: int) -> None:
+        await self.hub.start()
+        sockets = tornado.netutil.bind_sockets(port, "127.0.0.1", family=socket.AF_INET, reuse_port=True)
+        self.http = tornado.httpserver.HTTPServer(self.make_app(), xheaders=True)
+        self.http.add_sockets(sockets)
+        self.tasks = [asyncio.ensure_future(self._heartbeats()), asyncio.ensure_future(self.timers.run())]
+        log.info("websocket server up on 127.0.0.1:%d (engine %s)", port, self.settings.engine)
+
+    async def authenticate(self, sock: FlowSocket, session: Session, request: JoinRequest) -> None:
+        """A first valid token: join the hub, say AUTH OK, serve what a resume owes."""
+        self.timers.schedule(session)  # its deadline is now the token's expiry
+        result = await self.hub.join(session, request)
+        if session.stage == CLOSED:
+            return
+        if result is None:
+            client_log.warning("%s (%s): the engine is not answering, closing 1013", session.peer,
+                               session.username)
+            session.close(protocol.CLOSE_TRY_AGAIN,
+                          protocol.reconnect_reason("engine unavailable", self.hub.reconnect_window(len(self.sockets))))
+            return
+        session.attached(result)
+        owed: dict[str, int] | None = dict(result.owed) if result.recovered else {}
+        try:
+            while owed is not None:
+                for name, after in owed.items():
+                    until, epoch = self.hub.position(name, result.own)
+                    if until <= after:
+                        continue
+                    broadcast = name == protocol.BROADCAST
+                    async for page in self.hub.history_pages(name, after, until, epoch):
+                        for seq, wire in page:
+                            session.deliver_history(broadcast, seq, wire)
+                        session.flush()
+                        # Back-pressure: the next page is fetched once this one is out.
+                        await sock.drained()
+                        if session.stage == CLOSED:
+                            return
+                # Live messages held meanwhile that passed the bound were dropped: they
+                # are in history too, so fetch on from where this socket is.
+                owed = session.catch_up()
+        except LookupError:
+            client_log.warning("%s (%s): history went while it was being resumed, closing 1012",
+                               session.peer, session.username)
+            session.close(protocol.CLOSE_ENGINE_GAP,
+                          protocol.reconnect_reason("history lost during resume", self.hub.reconnect_window(1)))
+            return
+        session.resumed()
+
+    async def _heartbeats(self) -> None:
+        ring = self.hub.ring
+        tick = self.settings.heartbeat / len(ring.groups)
+        due = time.monotonic()
+        while True:
+            # Paced from a fixed start, so a group's interval does not creep past FLOW_HEARTBEAT.
+            due += tick
+            await asyncio.sleep(max(0.0, due - time.monotonic()))
+            for session in ring.take_turn():
+                session.transport.send_frames(HEARTBEAT_FRAME)
+
+    async def drain(self) -> None:
+        """Stop accepting, close every socket with 1001, wait (bounded) for them to go,
+        cut the ones that never answer, then close the engine."""
+        self.draining = True
+        if self.http is not None:
+            self.http.stop()
+        for task in self.tasks:
+            task.cancel()
+        total = len(self.sockets)
+        reason = protocol.reconnect_reason("server shutting down", self.hub.reconnect_window(total))
+        for sock in list(self.sockets):
+            if sock.session is not None:
+                sock.session.close(protocol.CLOSE_GOING_AWAY, reason)
+            else:
+                sock.close(protocol.CLOSE_GOING_AWAY, reason)
+        deadline = time.monotonic() + self.settings.drain_timeout
+        while self.sockets and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+        stuck = list(self.sockets)
+        for sock in stuck:
+            compat.abort(sock)
+        for task in list(self.auth_tasks):
+            task.cancel()
+        log.info("drained %d sockets: %d answered the close, %d did not and were cut",
+                 total, self.answered_close, total - self.answered_close)
+        if self.http is not None:
+            try:
+                await asyncio.wait_for(self.http.close_all_connections(), 5)
+            except asyncio.TimeoutError:
+                log.warning("connections still open after the drain")
+        await self.hub.close()
+
+
+async def serve(settings: Settings, port: int) -> None:
+    server = Server(settings)
+    await server.start(port)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    await stop.wait()
+    log.info("draining %d sockets", len(server.sockets))
+    await server.drain()
+    log.info("stopped")

@@ -1,0 +1,420 @@
+"""One browser socket's protocol state, with no I/O (PROTOCOL.md sections 3 and 4).
+
+A :class:`Session` is fed what arrives (text frames, pings, the hub's messages, the time)
+and answers by writing ready WebSocket frames to its :class:`Transport` or closing it.
+Authentication, token expiry and refresh, the rate limit, the buffer that holds live
+messages while a resume is served, and per-stream dedupe all live here; the Tornado
+handler (``flowcore.server``) only moves bytes, and the hub (``flowcore.hub``) only routes.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Protocol
+
+from . import protocol
+from .engine import Position
+from .settings import Settings
+from .tokens import EXPIRED, TokenError, TokenVerifier
+
+if TYPE_CHECKING:
+    from .hub import Hub, StreamState
+
+client_log = logging.getLogger("flow.websocket.client")
+
+# A bad frame costs this many rate-limit frames; a good one costs one.
+ERROR_COST = 5
+
+# Stages of a session.
+AWAITING = 0  # no valid token yet
+JOINING = 1  # token accepted; the hub is subscribing and checking what a resume owes
+RESUMING = 2  # AUTH OK sent; history being written, live messages held back
+OPEN = 3
+CLOSED = 4
+
+
+class Transport(Protocol):
+    """Where a session's frames go: a WebSocket connection."""
+
+    def send_frames(self, wire: bytes) -> None:
+        """Write ready WebSocket frames (closes the socket 4008 itself past its backlog)."""
+
+    def close(self, code: int, reason: str) -> None:
+        ...
+
+
+class Clock(Protocol):
+    def monotonic(self) -> float:
+        ...
+
+    def time(self) -> float:
+        ...
+
+
+class SystemClock:
+    monotonic = staticmethod(time.monotonic)
+    time = staticmethod(time.time)
+
+
+SYSTEM_CLOCK = SystemClock()
+
+
+@dataclass(frozen=True, slots=True)
+class JoinRequest:
+    """What the server must ask the hub once a first token is accepted."""
+
+    username: str
+    # Positions the client asked to resume after, for the streams it may resume only.
+    resume: dict[str, Position]
+
+
+@dataclass(slots=True)
+class JoinResult:
+    """The hub's answer: where delivery continues on each stream, and what is owed."""
+
+    own: "StreamState"
+    positions: dict[str, Position]
+    recovered: bool
+    missed: int
+    # Per stream, the seq after which history is owed (only when recovered).
+    owed: dict[str, int]
+
+
+class Session:
+    __slots__ = (
+        "transport", "hub", "settings", "verifier", "clock", "peer", "stage", "username",
+        "attempts", "auth_deadline", "expires_at", "grace_until", "allowance_at",
+        "own", "seq_own", "seq_all", "held", "held_bytes", "held_dropped", "outbox", "outbox_bytes",
+        "ring_group", "__weakref__",
+    )
+
+    def __init__(self, transport: Transport, hub: "Hub", settings: Settings, verifier: TokenVerifier,
+                 peer: str = "?", clock: Clock = SYSTEM_CLOCK) -> None:
+        self.transport = transport
+        self.hub = hub
+        self.settings = settings
+        self.verifier = verifier
+        self.clock = clock
+        self.peer = peer
+        self.stage = AWAITING
+        self.username: str | None = None
+        self.attempts = 0
+        self.auth_deadline = clock.monotonic() + settings.auth_timeout
+        # Monotonic times: when the token expires, and when its grace ends (None until then).
+        self.expires_at: float | None = None
+        self.grace_until: float | None = None
+        # Rate limit as one timestamp (the generic cell rate algorithm): the time at which
+        # the allowance would be whole again. A token bucket needs two floats per socket.
+        self.allowance_at = 0.0
+        self.own: StreamState | None = None
+        # Last seq written on the user's own stream and on broadcasts: later copies are dropped.
+        self.seq_own = 0
+        self.seq_all = 0
+        # Live messages held back until AUTH OK and any resumed history are out.
+        self.held: list[tuple[bool, int, bytes]] | None = None
+        self.held_bytes = 0
+        # True when held messages passed the bound and were dropped: the server fetches
+        # them from history instead (they are there too) before live delivery begins.
+        self.held_dropped = False
+        # Frames waiting for this loop iteration's flush; None (not an empty list) while
+        # idle, which is most of a socket's life.
+        self.outbox: list[bytes] | None = None
+        self.outbox_bytes = 0
+        self.ring_group: int | None = None  # see hub.SocketRing
+
+    # -- what arrives from the client
+
+    def opened(self) -> None:
+        self._send(protocol.auth_request())
+
+    def receive(self, text: str) -> JoinRequest | None:
+        """A text frame from the client. Returns a JoinRequest when the hub must attach
+        the socket to its streams (the first valid token)."""
+        if self.stage == CLOSED or not self._charge(1):
+            return None
+        try:
+            frame = protocol.parse_client_frame(text)
+        except protocol.ProtocolError as exc:
+            self._refuse(str(exc))
+            return None
+        if isinstance(frame, protocol.Ping):
+            if not frame.heartbeat:
+                self._send(protocol.pong())
+            return None
+        if self.stage == AWAITING:
+            return self._authenticate(frame)
+        if self.stage == JOINING:
+            self._refuse("authentication in progress")
+        elif not text.lstrip().startswith("{") and not protocol.looks_like_jwt(frame.token):
+            # On an open socket only a token refreshes; other stray text is an error, not
+            # a failed attempt that could end in 4001.
+            self._refuse("not a frame of the protocol")
+        else:
+            self._refresh(frame)
+        return None
+
+    def receive_binary(self) -> None:
+        if self.stage != CLOSED and self._charge(1):
+            self._refuse("binary frames are not part of the protocol")
+
+    def receive_ping(self) -> None:
+        """A WebSocket ping control frame: it costs like any other frame."""
+        if self.stage != CLOSED:
+            self._charge(1)
+
+    def _charge(self, cost: float) -> bool:
+        """Spend ``cost`` frames of the allowance: FLOW_RATE_LIMIT a second, bursts of
+        FLOW_RATE_BURST. False (and the socket closed 4029) when it is spent."""
+        settings = self.settings
+        now = self.clock.monotonic()
+        self.allowance_at = max(self.allowance_at, now) + cost / settings.rate_limit
+        # The slack absorbs rounding in the sum of many 1/rate steps.
+        if self.allowance_at - now > (settings.rate_burst + 1e-6) / settings.rate_limit:
+            client_log.warning("%s (%s): too many frames, closing 4029", self.peer, self.username)
+            self.close(protocol.CLOSE_RATE_LIMITED, "rate limit")
+            return False
+        return True
+
+    def _refuse(self, reason: str) -> None:
+        client_log.warning("%s (%s): %s", self.peer, self.username, reason)
+        if self._charge(ERROR_COST - 1):
+            self._send(protocol.error(reason))
+
+    def _verify(self, token: str) -> tuple[str, float] | None:
+        """(username, monotonic expiry) of a valid token; None after answering a bad one."""
+        try:
+            verified = self.verifier.verify_claims(token)
+            if self.stage != AWAITING and verified.expires_at <= self.clock.time():
+                # The verifier's leeway is for clock skew at the first AUTH; a refresh with
+                # a token already past exp would be asked again at once, in a loop.
+                raise TokenError(EXPIRED, "token has expired")
+        except TokenError as exc:
+            self.attempts += 1
+            client_log.warning("%s (%s): token refused (%s), attempt %d of %d", self.peer, self.username,
+                               exc, self.attempts, self.settings.auth_attempts)
+            self._send(protocol.auth_failed(exc.reason))
+            if self.attempts >= self.settings.auth_attempts:
+                self.close(protocol.CLOSE_AUTH_FAILED, "authentication failed")
+            elif self.stage == AWAITING:
+                self._send(protocol.auth_request())
+            elif self.grace_until is not None:
+                self._send(protocol.auth_request("expired"))
+            return None
+        remaining = verified.expires_at - self.clock.time()
+        return verified.username, self.clock.monotonic() + remaining
+
+    def _authenticate(self, frame: protocol.Authenticate) -> JoinRequest | None:
+        verified = self._verify(frame.token)
+        if verified is None:
+            return None
+        self.username, self.expires_at = verified
+        self.attempts = 0
+        self.stage = JOINING
+        self.held = []
+        wanted = {k: v for k, v in frame.resume.items() if k == self.username or k == protocol.BROADCAST}
+        return JoinRequest(self.username, wanted)
+
+    def _refresh(self, frame: protocol.Authenticate) -> None:
+        """A new token on an open socket (PROTOCOL.md section 3, token expiry)."""
+        verified = self._verify(frame.token)
+        if verified is None:
+            return
+        username, expires_at = verified
+        if username != self.username:
+            client_log.warning("%s (%s): refresh with a token for %r, closing 4001", self.peer, self.username,
+                               username)
+            self.close(protocol.CLOSE_AUTH_FAILED, "token for another user")
+            return
+        self.attempts = 0
+        self.expires_at, self.grace_until = expires_at, None
+        self.hub.reschedule(self)
+        own = self.own
+        assert own is not None
+        self._send(protocol.auth_ok(
+            username, own.epoch, self.settings.heartbeat, True, 0, self.hub.positions(own),
+            self.expires_in(), refreshed=True,
+        ))
+        client_log.info("%s (%s): token refreshed", self.peer, username)
+
+    def expires_in(self) -> float | None:
+        if self.expires_at is None:
+            return None
+        return max(0.0, self.expires_at - self.clock.monotonic())
+
+    # -- time
+
+    def deadline(self) -> float | None:
+        """When :meth:`tick` has something to do next."""
+        if self.stage == AWAITING:
+            return self.auth_deadline
+        if self.stage == CLOSED:
+            return None
+        if self.grace_until is not None:
+            return self.grace_until
+        return self.expires_at
+
+    def tick(self) -> None:
+        """Act on whatever deadline has passed: auth timeout, token expiry, end of grace."""
+        now = self.clock.monotonic()
+        if self.stage == AWAITING:
+            if now >= self.auth_deadline:
+                client_log.warning("%s: no valid token within %ss", self.peer, self.settings.auth_timeout)
+                self.close(protocol.CLOSE_AUTH_TIMEOUT, "authentication timeout")
+            return
+        if self.stage == CLOSED or self.expires_at is None:
+            return
+        if self.grace_until is not None:
+            if now >= self.grace_until:
+                client_log.warning("%s (%s): token expired and no new one within %ss, closing 4003",
+                                   self.peer, self.username, self.settings.expire_grace)
+                self.close(protocol.CLOSE_TOKEN_EXPIRED, "token expired")
+            return
+        if now >= self.expires_at:
+            self.grace_until = self.expires_at + self.settings.expire_grace
+            self.attempts = 0
+            if self.stage >= RESUMING:
+                self._send(protocol.auth_request("expired"))
+            if now >= self.grace_until:
+                self.tick()
+
+    # -- what the hub delivers
+
+    def attached(self, result: JoinResult) -> None:
+        """The hub has subscribed this socket: say AUTH OK; history (if owed) follows."""
+        if self.stage != JOINING:
+            return  # closed meanwhile
+        username = self.username
+        assert username is not None
+        self.own = result.own
+        start = result.owed if result.recovered else {}
+        own_seq, all_seq = result.positions[username][0], result.positions[protocol.BROADCAST][0]
+        self.seq_own = start.get(username, own_seq)
+        self.seq_all = start.get(protocol.BROADCAST, all_seq)
+        if self.held:
+            # What was numbered up to the positions is history's (or the client's) to give.
+            self.held = [(b, seq, w) for b, seq, w in self.held if seq > (all_seq if b else own_seq)]
+            self.held_bytes = sum(len(w) for _, _, w in self.held)
+        self.stage = RESUMING
+        self._send(protocol.auth_ok(
+            username, result.positions[username][1], self.settings.heartbeat, result.recovered,
+            result.missed, result.positions, self.expires_in(),
+        ))
+        client_log.info("%s authenticated as %r (recovered=%s, missed=%d)", self.peer, username,
+                        result.recovered, result.missed)
+        if self.grace_until is not None:  # expired while joining
+            self._send(protocol.auth_request("expired"))
+
+    def deliver_history(self, broadcast: bool, seq: int, wire: bytes) -> None:
+        """One resumed message: written at once (the caller paces pages by back-pressure)."""
+        if self.stage != RESUMING:
+            return
+        if broadcast:
+            if seq <= self.seq_all:
+                return
+            self.seq_all = seq
+        else:
+            if seq <= self.seq_own:
+                return
+            self.seq_own = seq
+        self._queue(wire)
+
+    def catch_up(self) -> dict[str, int] | None:
+        """When held messages were dropped: per stream, the seq after which history must
+        fill in (the hub's position tells up to where); None when nothing was dropped."""
+        if not self.held_dropped or self.stage != RESUMING:
+            return None
+        self.held_dropped = False
+        assert self.username is not None
+        return {self.username: self.seq_own, protocol.BROADCAST: self.seq_all}
+
+    def resumed(self) -> None:
+        """History is out: what was held back follows, and live delivery begins."""
+        if self.stage != RESUMING:
+            return
+        self.stage = OPEN
+        held, self.held, self.held_bytes = self.held or [], None, 0
+        for broadcast, seq, wire in held:
+            if broadcast:
+                self.deliver_all(seq, wire)
+            else:
+                self.deliver_own(seq, wire)
+
+    def deliver_own(self, seq: int, wire: bytes) -> None:
+        """A message of the user's own stream (the fan-out's hot path)."""
+        if seq <= self.seq_own:
+            return
+        if self.held is not None:
+            self._hold(False, seq, wire)
+            return
+        self.seq_own = seq
+        self._queue(wire)
+
+    def deliver_all(self, seq: int, wire: bytes) -> None:
+        """A broadcast (the fan-out's hot path)."""
+        if seq <= self.seq_all:
+            return
+        if self.held is not None:
+            self._hold(True, seq, wire)
+            return
+        self.seq_all = seq
+        self._queue(wire)
+
+    def _hold(self, broadcast: bool, seq: int, wire: bytes) -> None:
+        held = self.held
+        if held is None or self.stage == CLOSED:
+            return
+        held.append((broadcast, seq, wire))
+        self.held_bytes += len(wire)
+        if self.held_bytes > self.settings.send_backlog:
+            # Bounded memory: what is dropped here is fetched from history before live
+            # delivery begins (PROTOCOL section 4: never a 4008 for one's own resume).
+            held.clear()
+            self.held_bytes = 0
+            self.held_dropped = True
+
+    def _queue(self, wire: bytes) -> None:
+        outbox = self.outbox
+        if outbox is None:
+            if self.stage == CLOSED:
+                return
+            self.outbox = [wire]
+            self.hub.mark_dirty(self)
+        else:
+            outbox.append(wire)
+        self.outbox_bytes += len(wire)
+        if self.outbox_bytes > self.settings.send_backlog:
+            self.flush()  # keeps one write, and so the backlog, under the bound
+
+    def flush(self) -> None:
+        """Write everything queued by this loop iteration in one call (one syscall)."""
+        outbox = self.outbox
+        if outbox is not None:
+            self.outbox = None
+            self.outbox_bytes = 0
+            self.transport.send_frames(outbox[0] if len(outbox) == 1 else b"".join(outbox))
+
+    def _send(self, text: str) -> None:
+        self.flush()  # keep order with queued messages
+        self.transport.send_frames(protocol.encode_text_frame(text.encode("utf-8")))
+
+    # -- the end
+
+    def close(self, code: int, reason: str) -> None:
+        """Close from our side: what was already routed here goes out before the close frame."""
+        if self.stage == CLOSED:
+            return
+        self.flush()
+        self.stage = CLOSED
+        self.held = None
+        self.transport.close(code, reason)
+
+    def closed(self) -> None:
+        """The connection is gone (either side closed it)."""
+        self.stage = CLOSED
+        self.held = None
+        self.outbox = None
+
+    def describe(self) -> dict[str, Any]:
+        return {"peer": self.peer, "username": self.username, "stage": self.stage}

@@ -1,0 +1,303 @@
+"""flowcore.hub against an in-memory engine (tests/fakes.py): joins, honest recovery, gap
+repair from history, 1012 when history cannot repair, audits, epoch changes, deadlines.
+
+The engine contract itself (that the real engines number, route and keep history as the
+hub expects) is tests/test_engine_contract.py; this file checks what the hub does with it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import secrets
+import time
+
+import pytest
+
+from fakes import FakeClock, FakeEngine, FakeTransport
+from flowcore import hub as hub_module
+from flowcore.hub import Hub, Timers
+from flowcore.session import JoinRequest, Session
+from flowcore.settings import load_settings
+from flowcore.tokens import TokenVerifier, issue_token
+
+
+@pytest.fixture
+def settings(tmp_path):
+    return load_settings({
+        "FLOW_SECRET": secrets.token_hex(32), "FLOW_ENV_FILE": str(tmp_path / "none"),
+        "FLOW_SECRET_FILE": str(tmp_path / "none"),
+    })
+
+
+class World:
+    def __init__(self, settings) -> None:
+        self.settings = settings
+        self.engine = FakeEngine(history_size=50)
+        self.hub = Hub(settings, self.engine)
+        self.verifier = TokenVerifier(settings)
+
+    async def start(self) -> None:
+        await self.hub.start()
+        await wait(lambda: self.hub.broadcast.synced)
+
+    async def connect(self, username: str, resume=None) -> tuple[Session, FakeTransport, dict]:
+        transport = FakeTransport()
+        session = Session(transport, self.hub, self.settings, self.verifier)
+        session.opened()
+        transport.take()
+        resume_frame = {name: {"seq": seq, "epoch": epoch} for name, (seq, epoch) in (resume or {}).items()}
+        request = session.receive(json.dumps({"id": "AUTH", "token": issue_token(self.settings, username),
+                                              "resume": resume_frame}))
+        assert request == JoinRequest(username, resume or {})
+        result = await self.hub.join(session, request)
+        assert result is not None
+        session.attached(result)
+        if result.recovered:
+            for name, after in result.owed.items():
+                until, epoch = result.positions[name]
+                async for page in self.hub.history_pages(name, after, until, epoch):
+                    for seq, wire in page:
+                        session.deliver_history(name == "*", seq, wire)
+        session.resumed()
+        self.hub.flush()
+        ok = json.loads(transport.texts.pop(0))  # what follows AUTH OK stays for the test
+        assert ok["id"] == "AUTH OK"
+        return session, transport, ok
+
+
+async def wait(condition, timeout: float = 5.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, "condition not met in time"
+        await asyncio.sleep(0.001)
+
+
+def seqs(transport: FakeTransport, stream: str | None = None) -> list[int]:
+    return [m["seq"] for m in transport.take() if m != "<3" and (stream is None or m["username"] == stream)]
+
+
+def run(coro):
+    return asyncio.run(asyncio.wait_for(coro, 20))
+
+
+def test_join_subscribes_and_auth_ok_names_every_stream(settings):
+    async def main():
+        world = World(settings)
+        await world.start()
+        world.engine.publish("alice", 0)
+        world.engine.publish("*", 0)
+        _, transport, ok = await world.connect("alice")
+        assert "alice" in world.engine.subscribed
+        assert ok["streams"] == {"alice": {"seq": 1, "epoch": "e-alice"}, "*": {"seq": 1, "epoch": "e-*"}}
+        assert ok["recovered"] is False
+        world.engine.publish("alice", 1)
+        world.engine.publish("bob", 1)
+        assert seqs(transport) == [2]
+
+    run(main())
+
+
+def test_recovered_only_when_every_stream_is_named(settings):
+    async def main():
+        world = World(settings)
+        await world.start()
+        _, transport, ok = await world.connect("alice")
+        # Published while the resuming tab was away (the first one stays, so this server
+        # still receives the stream).
+        for i in range(3):
+            world.engine.publish("alice", i)
+        world.engine.publish("*", "b")
+        positions = {name: (p["seq"], p["epoch"]) for name, p in ok["streams"].items()}
+        # Only the user's stream named: the broadcast it missed cannot be vouched for.
+        _, t1, ok1 = await world.connect("alice", {"alice": positions["alice"]})
+        assert (ok1["recovered"], ok1["missed"]) == (False, 0)
+        assert seqs(t1) == []
+        _, t2, ok2 = await world.connect("alice", {"*": positions["*"]})
+        assert ok2["recovered"] is False
+        _, t3, ok3 = await world.connect("alice", {})
+        assert ok3["recovered"] is False
+        # Both named: everything missed, in order.
+        _, t4, ok4 = await world.connect("alice", positions)
+        assert (ok4["recovered"], ok4["missed"]) == (True, 4)
+        assert [(m["username"], m["seq"]) for m in t4.take()] == [("alice", 1), ("alice", 2), ("alice", 3), ("*", 1)]
+
+    run(main())
+
+
+def test_a_resume_of_many_pages_is_served_whole(settings, monkeypatch):
+    monkeypatch.setattr(hub_module, "PAGE_BYTES", 300)
+    async def main():
+        world = World(settings)
+        await world.start()
+        _, _, ok = await world.connect("alice")
+        for i in range(40):
+            world.engine.publish("*", "x" * 100)
+        positions = {name: (p["seq"], p["epoch"]) for name, p in ok["streams"].items()}
+        _, transport, ok2 = await world.connect("alice", positions)
+        assert ok2["recovered"] is True and ok2["missed"] == 40
+        assert seqs(transport, "*") == list(range(1, 41))
+        pages = [call for call in world.engine.history_calls if call[1] > 0]
+        assert len(pages) >= 10  # fetched a page at a time, not all at once
+
+    run(main())
+
+
+def test_a_gap_on_arrival_is_repaired_from_history_in_order(settings):
+    async def main():
+        world = World(settings)
+        await world.start()
+        _, transport, _ = await world.connect("alice")
+        world.engine.publish("alice", 1)
+        world.engine.publish("alice", 2, deliver=False)  # lost on the way
+        world.engine.publish("alice", 3, deliver=False)
+        world.engine.publish("alice", 4)  # reveals the gap
+        world.engine.publish("alice", 5)  # held while the repair runs
+        await wait(lambda: world.hub.streams["alice"].held is None and world.hub.streams["alice"].seq == 5)
+        assert seqs(transport) == [1, 2, 3, 4, 5]
+        assert world.hub.repairs == 1
+
+    run(main())
+
+
+def test_a_gap_history_cannot_repair_closes_1012_with_a_reconnect_window(settings):
+    async def main():
+        world = World(settings)
+        await world.start()
+        _, transport, _ = await world.connect("alice")
+        _, other, _ = await world.connect("bob")
+        world.engine.publish("alice", 1)
+        for i in range(60):  # more than the engine's history of 50
+            world.engine.publish("alice", i, deliver=False)
+        world.engine.publish("alice", "late")
+        world.engine.publish("bob", "fine")
+        await wait(lambda: transport.closed is not None)
+        code, reason = transport.closed
+        assert code == 1012 and "reconnect_within=" in reason
+        assert seqs(transport) == [1]  # never the message after the gap
+        assert other.closed is None and seqs(other) == [1]
+
+    run(main())
+
+
+def test_a_trailing_gap_is_found_by_the_position_or_the_audit(settings):
+    async def main():
+        world = World(settings)
+        await world.start()
+        _, transport, _ = await world.connect("alice")
+        world.engine.publish("alice", 1)
+        world.engine.publish("alice", 2, deliver=False)  # the last of a burst, lost
+        await world.hub.audit()  # sees the head at 2, gives time for it to arrive
+        assert world.hub.repairs == 0
+        await world.hub.audit()  # still at 1: lost, repair
+        await wait(lambda: world.hub.streams["alice"].seq == 2)
+        assert seqs(transport) == [1, 2]
+        world.engine.publish("alice", 3, deliver=False)
+        world.hub.on_position("alice", 3, "e-alice")  # an engine's later position says so too
+        await wait(lambda: world.hub.streams["alice"].seq == 3)
+        assert seqs(transport) == [3]
+
+    run(main())
+
+
+def test_an_epoch_change_closes_the_streams_sockets_with_1012(settings):
+    async def main():
+        world = World(settings)
+        await world.start()
+        _, alice, _ = await world.connect("alice")
+        _, bob, _ = await world.connect("bob")
+        world.engine.publish("alice", 1)
+        world.engine.renumber("alice")
+        world.engine.publish("alice", "new numbering")
+        assert alice.closed is not None and alice.closed[0] == 1012
+        assert bob.closed is None
+
+    run(main())
+
+
+def test_join_is_refused_while_the_engine_does_not_answer(settings, monkeypatch):
+    monkeypatch.setattr(hub_module, "UPSTREAM_TIMEOUT", 0.05)
+    async def main():
+        world = World(settings)
+        await world.start()
+        world.engine.answer_subscriptions = False
+        transport = FakeTransport()
+        session = Session(transport, world.hub, settings, world.verifier)
+        assert await world.hub.join(session, JoinRequest("carol", {})) is None
+
+    run(main())
+
+
+def test_the_reconnect_window_grows_with_the_pool(settings):
+    hub = Hub(settings, FakeEngine())
+    assert hub.reconnect_window(1) == hub_module.MIN_RECONNECT_WINDOW
+    small, large = hub.reconnect_window(500), hub.reconnect_window(1500)
+    assert large > small and 4 <= large <= 30  # a few seconds for thousands of sockets
+
+
+def test_leaving_unsubscribes_and_nothing_reaches_the_engine_after_close(settings):
+    async def main():
+        world = World(settings)
+        await world.start()
+        session, transport, _ = await world.connect("alice")
+        world.hub.leave(session)
+        assert "alice" not in world.engine.subscribed and "alice" not in world.hub.streams
+        second, _, _ = await world.connect("dave")
+        await world.hub.close()
+        world.hub.leave(second)  # a socket closing after the drain: no call into a closed engine
+
+    run(main())
+
+
+def test_timers_tick_due_sessions_once_and_skip_stale_entries(settings):
+    clock = FakeClock(time.time())
+
+    class Ticking:
+        def __init__(self, at: float) -> None:
+            self.at: float | None = at
+            self.ticks = 0
+
+        def deadline(self):
+            return self.at
+
+        def tick(self):
+            self.ticks += 1
+            self.at = None
+
+    timers = Timers(clock.monotonic)
+    early, late, moved = Ticking(clock.now + 1), Ticking(clock.now + 5), Ticking(clock.now + 2)
+    for item in (early, late, moved):
+        timers.schedule(item)  # type: ignore[arg-type]
+    moved.at = clock.now + 10  # rescheduled: the first entry is stale
+    timers.schedule(moved)  # type: ignore[arg-type]
+    clock.advance(3)
+    timers.due()
+    assert (early.ticks, late.ticks, moved.ticks) == (1, 0, 0)
+    clock.advance(10)
+    timers.due()
+    assert (early.ticks, late.ticks, moved.ticks) == (1, 1, 1)
+    assert len(timers) == 0
+
+
+def test_after_a_failed_repair_the_stream_goes_on_from_the_engines_head(settings):
+    async def main():
+        world = World(settings)
+        await world.start()
+        _, transport, _ = await world.connect("alice")
+        world.engine.publish("*", 0)
+        for i in range(60):  # lost, and more than the history holds
+            world.engine.publish("*", i, deliver=False)
+        world.hub.on_position("*", world.engine.heads["*"], "e-*")  # a trailing gap: nothing held
+        await wait(lambda: transport.closed is not None)
+        assert transport.closed[0] == 1012
+        assert world.hub.broadcast.seq == world.engine.heads["*"]  # not stuck at 1
+        repairs = world.hub.repairs
+        await world.hub.audit()
+        await world.hub.audit()
+        assert world.hub.repairs == repairs  # no repair loop, no second round of closes
+        _, fresh, ok = await world.connect("bob")
+        assert ok["streams"]["*"]["seq"] == world.engine.heads["*"]
+        world.engine.publish("*", "next")
+        assert seqs(fresh, "*") == [world.engine.heads["*"]]
+
+    run(main())
