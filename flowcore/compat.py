@@ -223,53 +223,49 @@ def _build_protocol() -> type:
 
         - a client frame without a mask is a protocol error (RFC 6455 section 5.1:
           "a server MUST close the connection upon receiving a frame that is not
-          masked"); tornado accepts it. The first read of each frame is its 2-byte header,
-          so that read is where the mask bit is checked, before the frame is handled.
+          masked"); tornado accepts it. The first read of each frame is its 2-byte header;
+          the mask bit is checked at the frame's next read, before the frame is handled.
         - tornado aborts the TCP connection right after refusing an oversized frame, so the
           client, still sending, gets a reset instead of the 1009 close frame (likewise
           1002 after an unmasked frame, whose payload is still unread). Instead, read and
           discard what the client is still sending for a moment, then close.
 
-        Both hooks are plain functions, not coroutines: every idle socket has a read
-        pending, and each coroutine more in that chain would stay alive with it (about
-        0.3 KiB per socket each); the ``_read_bytes`` future even saves tornado's own.
+        Both hooks are plain functions, not coroutines, and add no callback: every idle
+        socket has a header read pending, and anything chained to it stays alive with it
+        (a coroutine is about 0.3 KiB); the ``_read_bytes`` future even saves tornado's own.
         """
 
         draining = False
         sent_code: int | None = None
 
-        # The "next read is a frame header" flag lives in the handler's slot
-        # (``at_header``): tornado's protocol already has 29 instance attributes, and at 30
-        # CPython stops sharing the dict's keys between instances (1.3 KiB a socket).
+        # Where the frame header stands lives in the handler's slot ``at_header``: True
+        # before the header read, then the header's future until the frame's next read.
+        # (Tornado's protocol already has 29 instance attributes, and at 30 CPython stops
+        # sharing the dict's keys between instances: 1.3 KiB a socket.)
 
         def _receive_frame(self) -> Any:
-            self.handler.at_header = True
+            handler: Any = self.handler  # Flow's FlowSocket, which has the slot
+            handler.at_header = True
             return super()._receive_frame()
 
         def _read_bytes(self, n: int) -> Any:
+            handler: Any = self.handler
+            header = handler.at_header
+            if header is not True and header is not False:
+                # The frame's second read (length, mask or payload; tornado always makes
+                # one): its header has arrived, and nothing of the frame is handled yet.
+                handler.at_header = False
+                if not header.result()[1] & 0x80:
+                    report = getattr(handler, "protocol_error", None)
+                    if report is not None:
+                        report("unmasked client frame")
+                    handler.close(CLOSE_PROTOCOL_ERROR, "unmasked frame")
             # What tornado's coroutine does, as a future: count the bytes, read them.
             self._wire_bytes_in += n
             future = self.stream.read_bytes(n)
-            handler = self.handler
-            if handler.at_header:
-                handler.at_header = False
-                # Checked before the frame is handled: a done future is checked now; a
-                # pending one runs this callback before the coroutine awaiting it resumes.
-                if future.done():
-                    self._check_mask(future)
-                else:
-                    future.add_done_callback(self._check_mask)
+            if header is True:
+                handler.at_header = future
             return future
-
-        def _check_mask(self, future: Any) -> None:
-            if future.cancelled() or future.exception() is not None:
-                return
-            if not future.result()[1] & 0x80:
-                handler = self.handler
-                report = getattr(handler, "protocol_error", None)
-                if report is not None:
-                    report("unmasked client frame")
-                handler.close(CLOSE_PROTOCOL_ERROR, "unmasked frame")
 
         def close(self, code: int | None = None, reason: str | None = None) -> None:
             if not self.server_terminated:

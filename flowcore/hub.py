@@ -446,8 +446,9 @@ class Timers:
 
     def __init__(self, monotonic: Callable[[], float]) -> None:
         self.monotonic = monotonic
-        self._heap: list[tuple[float, int, Session]] = []
-        self._count = itertools.count()
+        # (when, session): sessions order among themselves (Session.__lt__), so no
+        # tie-breaking counter: a heap entry a socket is two words and a float.
+        self._heap: list[tuple[float, Session]] = []
         self._wake: asyncio.Event | None = None
         self._next: float | None = None
 
@@ -455,7 +456,7 @@ class Timers:
         when = session.deadline()
         if when is None:
             return
-        heapq.heappush(self._heap, (when, next(self._count), session))
+        heapq.heappush(self._heap, (when, session))
         if self._wake is not None and (self._next is None or when < self._next):
             self._wake.set()
 
@@ -463,7 +464,7 @@ class Timers:
         """Tick every session whose deadline has passed."""
         heap, now = self._heap, self.monotonic()
         while heap and heap[0][0] <= now:
-            when, _, session = heapq.heappop(heap)
+            when, session = heapq.heappop(heap)
             if session.deadline() != when:
                 continue
             try:
@@ -473,7 +474,7 @@ class Timers:
                 continue
             later = session.deadline()
             if later is not None and later > when:
-                heapq.heappush(heap, (later, next(self._count), session))
+                heapq.heappush(heap, (later, session))
 
     def __len__(self) -> int:
         return len(self._heap)

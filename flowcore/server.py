@@ -50,7 +50,7 @@ class FlowSocket(tornado.websocket.WebSocketHandler):
         self.server = server
         self.session: Session | None = None
         self.closing = False
-        self.at_header = False  # see compat's protocol: the next read is a frame header
+        self.at_header: Any = False  # see compat's protocol: where the frame header stands
 
     # -- handshake
 
@@ -85,7 +85,9 @@ class FlowSocket(tornado.websocket.WebSocketHandler):
         session = self.session = Session(self, server.hub, server.settings, server.verifier,
                                          self.request.remote_ip or "?")
         session.opened()
-        server.timers.schedule(session)
+        # Unauthenticated sockets are swept (Server._auth_deadlines): a heap entry each
+        # would stay behind, stale, for the whole auth timeout after a prompt AUTH.
+        server.awaiting[session] = None
 
     # -- what arrives
 
@@ -154,6 +156,8 @@ class FlowSocket(tornado.websocket.WebSocketHandler):
         self.closing = True
         server = self.server
         server.sockets.pop(self, None)
+        if self.session is not None:
+            server.awaiting.pop(self.session, None)
         if server.draining and self.close_code is not None:
             server.answered_close += 1  # the client's close frame came back
         session = self.session
@@ -195,6 +199,7 @@ class Server:
         self.timers = Timers(time.monotonic)
         self.hub.timers = self.timers
         self.sockets: dict[FlowSocket, None] = {}  # every open socket (an ordered set)
+        self.awaiting: dict[Session, None] = {}  # sessions with no valid token yet
         self.http: tornado.httpserver.HTTPServer | None = None
         self.tasks: list[asyncio.Task[None]] = []
         self.auth_tasks: set[asyncio.Task[None]] = set()
@@ -225,11 +230,13 @@ class Server:
         sockets = tornado.netutil.bind_sockets(port, "127.0.0.1", family=socket.AF_INET, reuse_port=True)
         self.http = tornado.httpserver.HTTPServer(self.make_app(), xheaders=True)
         self.http.add_sockets(sockets)
-        self.tasks = [asyncio.ensure_future(self._heartbeats()), asyncio.ensure_future(self.timers.run())]
+        self.tasks = [asyncio.ensure_future(self._heartbeats()), asyncio.ensure_future(self.timers.run()),
+                      asyncio.ensure_future(self._auth_deadlines())]
         log.info("websocket server up on 127.0.0.1:%d (engine %s)", port, self.settings.engine)
 
     async def authenticate(self, sock: FlowSocket, session: Session, request: JoinRequest) -> None:
         """A first valid token: join the hub, say AUTH OK, serve what a resume owes."""
+        self.awaiting.pop(session, None)
         self.timers.schedule(session)  # its deadline is now the token's expiry
         result = await self.hub.join(session, request)
         if session.stage == CLOSED:
@@ -267,6 +274,16 @@ class Server:
                           protocol.reconnect_reason("history lost during resume", self.hub.reconnect_window(1)))
             return
         session.resumed()
+
+    async def _auth_deadlines(self) -> None:
+        """One sweep for every unauthenticated socket, a few times per auth timeout."""
+        period = min(1.0, self.settings.auth_timeout / 4)
+        while True:
+            await asyncio.sleep(period)
+            now = time.monotonic()
+            for session in [s for s in self.awaiting if s.auth_deadline <= now]:
+                del self.awaiting[session]
+                session.tick()
 
     async def _heartbeats(self) -> None:
         ring = self.hub.ring

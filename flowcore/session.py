@@ -87,7 +87,7 @@ class Session:
         "transport", "hub", "settings", "verifier", "clock", "peer", "stage", "username",
         "attempts", "auth_deadline", "expires_at", "grace_until", "allowance_at",
         "own", "seq_own", "seq_all", "held", "held_bytes", "held_dropped", "outbox", "outbox_bytes",
-        "ring_group", "__weakref__",
+        "ring_group",
     )
 
     def __init__(self, transport: Transport, hub: "Hub", settings: Settings, verifier: TokenVerifier,
@@ -242,6 +242,10 @@ class Session:
         if self.expires_at is None:
             return None
         return max(0.0, self.expires_at - self.clock.monotonic())
+
+    def __lt__(self, other: "Session") -> bool:
+        # Any order will do between sessions due at the same time (hub.Timers' heap).
+        return id(self) < id(other)
 
     # -- time
 

@@ -264,6 +264,9 @@ def test_timers_tick_due_sessions_once_and_skip_stale_entries(settings):
             self.ticks += 1
             self.at = None
 
+        def __lt__(self, other):
+            return id(self) < id(other)
+
     timers = Timers(clock.monotonic)
     early, late, moved = Ticking(clock.now + 1), Ticking(clock.now + 5), Ticking(clock.now + 2)
     for item in (early, late, moved):
