@@ -64,6 +64,7 @@ def check() -> None:
 
     import tornado
     import tornado.iostream
+    import tornado.web
     import tornado.websocket
 
     needs = {
@@ -80,6 +81,9 @@ def check() -> None:
         "tornado.iostream.IOStream.max_write_buffer_size": "max_write_buffer_size"
         in tornado.iostream.BaseIOStream.__init__.__code__.co_varnames,
         "tornado.iostream._StreamBuffer._buffers": hasattr(tornado.iostream, "_StreamBuffer"),
+        "tornado.websocket.WebSocketProtocol13._wire_bytes_in": "_wire_bytes_in"
+        in inspect.getsource(tornado.websocket.WebSocketProtocol13.__init__),
+        "tornado.web.RequestHandler._headers": "_headers" in inspect.getsource(tornado.web.RequestHandler.clear),
     }
     missing = [name for name, present in needs.items() if not present]
     if missing:
@@ -181,6 +185,12 @@ def direct_write(stream: Any, wire: bytes) -> None:
         raise SlowConsumer() from None
     except _iostream.StreamClosedError:
         pass
+
+
+def forget_headers(handler: Any, empty: Any) -> None:
+    """Drop an open WebSocket's handshake headers, request and response (the response's
+    are the private ``_headers``), for one shared empty set."""
+    handler.request.headers = handler._headers = empty
 
 
 def unbound(stream: Any) -> None:

@@ -74,7 +74,7 @@ class FlowSocket(tornado.websocket.WebSocketHandler):
     def open(self) -> None:
         server = self.server
         server.sockets[self] = None
-        self.request.headers = self._headers = NO_HEADERS
+        compat.forget_headers(self, NO_HEADERS)
         stream = self.ws_connection.stream  # type: ignore[union-attr]
         assert stream is not None
         stream.set_nodelay(True)

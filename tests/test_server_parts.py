@@ -120,3 +120,28 @@ def test_open_sockets_get_lazy_deques():
     finally:
         a.close()
         b.close()
+
+
+def test_compat_check_names_a_missing_internal(monkeypatch):
+    import pytest
+    import tornado.iostream
+
+    from flowcore import compat
+
+    compat.check()  # the pinned versions have everything
+    monkeypatch.delattr(tornado.iostream.BaseIOStream, "writing")
+    with pytest.raises(compat.CompatError) as refused:
+        compat.check()
+    assert "tornado.iostream.IOStream.writing" in str(refused.value)
+    assert "requirements.txt" in str(refused.value)
+
+
+def test_compat_check_warns_once_for_another_version(monkeypatch, caplog):
+    import tornado
+
+    from flowcore import compat
+
+    monkeypatch.setattr(tornado, "version", "6.99")
+    with caplog.at_level("WARNING", logger="flow.compat"):
+        compat.check()
+    assert [r.getMessage() for r in caplog.records if "6.99" in r.getMessage()], caplog.records
