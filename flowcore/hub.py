@@ -179,17 +179,21 @@ class Hub:
         positions = self.positions(state)
         wanted = request.resume
         recovered, missed, owed = False, 0, {}
-        if set(wanted) == set(positions) and all(
-            wanted[s][1] == positions[s][1] and wanted[s][0] <= positions[s][0] for s in positions
-        ):
-            behind = {s: wanted[s] for s in positions if wanted[s][0] < positions[s][0]}
-            answer = await self.engine.history(behind, 0) if behind else {}
+        if set(wanted) == set(positions) and all(wanted[s][1] == positions[s][1] for s in positions):
+            # Behind this server: history owes what came after. Ahead of it (the client
+            # came from a server further along): the engine's head says whether that
+            # position is real; nothing is owed, and delivery here continues after it.
+            ask = {s: (min(wanted[s][0], positions[s][0]), positions[s][1])
+                   for s in positions if wanted[s][0] != positions[s][0]}
+            answer = await self.engine.history(ask, 0) if ask else {}
             if answer is not None and all(
-                s in answer and answer[s].messages is not None and answer[s].epoch == wanted[s][1] for s in behind
+                s in answer and answer[s].epoch == positions[s][1] and answer[s].messages is not None
+                and wanted[s][0] <= answer[s].seq for s in ask
             ):
                 recovered = True
                 owed = {s: wanted[s][0] for s in positions}
-                missed = sum(positions[s][0] - wanted[s][0] for s in positions)
+                missed = sum(max(0, positions[s][0] - wanted[s][0]) for s in positions)
+                positions = {s: (max(p, wanted[s][0]), e) for s, (p, e) in positions.items()}
         return JoinResult(state, positions, recovered, missed, owed)
 
     async def _synced(self, state: StreamState) -> bool:
@@ -339,6 +343,7 @@ class Hub:
         self._close_all(state, "stream restarted")
         state.epoch, state.seq = epoch, seq
         state.held, state.held_bytes = None, 0
+        state.audit_head = None  # a head of the old numbering says nothing of the new
 
     def _sessions_of(self, state: StreamState) -> list[Session]:
         return list(self.ring) if state is self.broadcast else list(state.sessions)
@@ -438,6 +443,9 @@ class Hub:
                     self._start_repair(state)
 
 
+COMPACT_MIN = 1024
+
+
 class Timers:
     """Session deadlines (auth timeout, token expiry, end of grace) on one task: a heap
     of (when, session) instead of a timer per socket. Whoever changes a session's deadline
@@ -449,6 +457,10 @@ class Timers:
         # (when, session): sessions order among themselves (Session.__lt__), so no
         # tie-breaking counter: a heap entry a socket is two words and a float.
         self._heap: list[tuple[float, Session]] = []
+        # Entries of closed or rescheduled sessions stay until their time comes; past
+        # this size the heap is rebuilt from the live ones, so neither closed sockets
+        # (held until their token's exp, an hour by default) nor repeated refreshes grow it.
+        self._compact_at = COMPACT_MIN
         self._wake: asyncio.Event | None = None
         self._next: float | None = None
 
@@ -456,9 +468,21 @@ class Timers:
         when = session.deadline()
         if when is None:
             return
-        heapq.heappush(self._heap, (when, session))
+        heap = self._heap
+        if len(heap) >= self._compact_at:
+            self._compact()
+        heapq.heappush(heap, (when, session))
         if self._wake is not None and (self._next is None or when < self._next):
             self._wake.set()
+
+    def _compact(self) -> None:
+        live = {}
+        for when, session in self._heap:
+            if session.deadline() == when:
+                live[session] = when
+        self._heap = [(when, session) for session, when in live.items()]
+        heapq.heapify(self._heap)
+        self._compact_at = max(COMPACT_MIN, 2 * len(self._heap))
 
     def due(self) -> None:
         """Tick every session whose deadline has passed."""

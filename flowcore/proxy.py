@@ -69,6 +69,13 @@ RESUBSCRIBE_GRACE = 2.0
 # All within supervisord's stopwaitsecs (15).
 STOP_QUIET = 0.2
 STOP_LIMIT = 8.0
+# A stop keeps the epochs only when publishers were quiet this long before the PULL endpoint
+# was unbound (waiting at most QUIET_LIMIT for it): PUSH/PULL has no acknowledgement, so
+# what is inside a publisher's TCP connection at the unbind is lost without a trace. When
+# pushes were still flowing, the next proxy starts new epochs and resuming clients are told
+# recovered: false, as after a crash, instead of carrying on over a loss nobody can see.
+QUIET_BEFORE_UNBIND = 0.1
+QUIET_LIMIT = 1.0
 FANOUT_LINGER_MS = 2000
 
 STATE_FILE = "proxy-state"
@@ -768,10 +775,38 @@ class Proxy:
                 next_sweep = time.monotonic() + interval
             self.warnings.flush()
 
+    def _wait_for_quiet(self, limit: float) -> bool:
+        """Go on serving until no push came for QUIET_BEFORE_UNBIND seconds (True), or
+        ``limit`` passes (False)."""
+        quiet_since = time.monotonic()
+        while True:
+            now = time.monotonic()
+            if now - quiet_since >= QUIET_BEFORE_UNBIND:
+                return True
+            if now >= limit:
+                return False
+            self._guarded(self.take_subscriptions, "subscriptions")
+            self._guarded(self.take_control, "control requests")
+            taken = self.numbered
+            self._guarded(self.take_pushes, "pushes")
+            if self.numbered > taken:
+                quiet_since = time.monotonic()
+            else:
+                self.pull.poll(max(1, int(1000 * (QUIET_BEFORE_UNBIND - (now - quiet_since)))))
+
+    def _discard_state(self) -> None:
+        try:
+            self.state_path.unlink()
+        except FileNotFoundError:
+            pass
+        except OSError as exc:
+            log.error("could not remove %s: %s", self.state_path, exc)
+
     def stop(self) -> int:
         """The graceful stop: take what publishers already sent, publish it, flush the
         fan-out, save the state. 0 when the state was saved, else 1."""
         started = time.monotonic()
+        quiet = self._wait_for_quiet(started + QUIET_LIMIT)
         before = self.numbered
         try:
             # Publishers now queue in their own sockets and reconnect to the next proxy.
@@ -796,19 +831,27 @@ class Proxy:
             else:
                 self.pull.poll(max(1, int(1000 * (min(limit, quiet_until) - now))))
         taken = self.numbered - before
+        # Pushes taken after the unbind were in flight at it: others may have been lost.
+        quiet = quiet and taken == 0
         self.warnings.flush()
         # The fan-out writes what is queued while the state is saved; term() waits for it.
         self.xpub.close(linger=FANOUT_LINGER_MS)
         self.pull.close(linger=0)
         self.control.close(linger=0)
         code = 0
-        try:
-            streams, messages = self.save_state()
-        except (OSError, ValueError) as exc:
-            log.error("could not save the state to %s: %s; the next start has new epochs",
-                      self.state_path, exc)
-            streams = messages = 0
-            code = 1
+        streams = messages = 0
+        if not quiet:
+            log.warning("pushes were still arriving at the stop: what was in flight may be lost, so the "
+                        "state is not saved and the next proxy starts new epochs (clients resuming are "
+                        "told recovered: false)")
+            self._discard_state()
+        else:
+            try:
+                streams, messages = self.save_state()
+            except (OSError, ValueError) as exc:
+                log.error("could not save the state to %s: %s; the next start has new epochs",
+                          self.state_path, exc)
+                code = 1
         self.context.term()
         log.info("stopped: %d messages taken during the stop, %d streams (%d messages of history) "
                  "saved to %s in %.2fs",

@@ -26,6 +26,9 @@ client_log = logging.getLogger("flow.websocket.client")
 
 # A bad frame costs this many rate-limit frames; a good one costs one.
 ERROR_COST = 5
+# Bytes one held message costs a session besides its (shared) frame: the tuple and the
+# list slot, counted so that a flood of small broadcasts is bounded too.
+HELD_ENTRY_COST = 80
 
 # Stages of a session.
 AWAITING = 0  # no valid token yet
@@ -299,7 +302,7 @@ class Session:
         if self.held:
             # What was numbered up to the positions is history's (or the client's) to give.
             self.held = [(b, seq, w) for b, seq, w in self.held if seq > (all_seq if b else own_seq)]
-            self.held_bytes = sum(len(w) for _, _, w in self.held)
+            self.held_bytes = sum(len(w) + HELD_ENTRY_COST for _, _, w in self.held)
         self.stage = RESUMING
         self._send(protocol.auth_ok(
             username, result.positions[username][1], self.settings.heartbeat, result.recovered,
@@ -370,7 +373,8 @@ class Session:
         if held is None or self.stage == CLOSED:
             return
         held.append((broadcast, seq, wire))
-        self.held_bytes += len(wire)
+        # The frame is shared with every other socket; what this one pays is the entry.
+        self.held_bytes += len(wire) + HELD_ENTRY_COST
         if self.held_bytes > self.settings.send_backlog:
             # Bounded memory: what is dropped here is fetched from history before live
             # delivery begins (PROTOCOL section 4: never a 4008 for one's own resume).

@@ -60,7 +60,9 @@ class Settings:
     publish_endpoint: str = "tcp://127.0.0.1:5561"
     fanout_endpoint: str = "tcp://127.0.0.1:5562"
     control_endpoint: str = "tcp://127.0.0.1:5563"
-    zmq_hwm: int = 1_000_000
+    # Messages ZeroMQ queues per peer before dropping (a stalled WebSocket server repairs
+    # from history): the proxy holds up to this many per stalled server, so keep it modest.
+    zmq_hwm: int = 100_000
 
     send_backlog: int = 4 * 1024 * 1024
     rate_limit: float = 20.0

@@ -304,3 +304,56 @@ def test_after_a_failed_repair_the_stream_goes_on_from_the_engines_head(settings
         assert seqs(fresh, "*") == [world.engine.heads["*"]]
 
     run(main())
+
+
+def test_a_client_ahead_of_this_server_is_recovered_and_gets_no_copies(settings):
+    async def main():
+        world = World(settings)
+        await world.start()
+        _, first, ok = await world.connect("alice")
+        world.engine.publish("alice", 1)
+        world.engine.publish("alice", 2, deliver=False)  # numbered, still on its way here
+        world.engine.publish("alice", 3, deliver=False)
+        # A tab that already has 1..3 (from another server of the pool) moves here.
+        _, moved, ok2 = await world.connect("alice", {"alice": (3, "e-alice"), "*": (0, "e-*")})
+        assert (ok2["recovered"], ok2["missed"]) == (True, 0)
+        assert ok2["streams"]["alice"] == {"seq": 3, "epoch": "e-alice"}
+        for seq in (2, 3):  # they arrive here late
+            world.hub.on_message("alice", seq, "e-alice", world.engine.log["alice"][seq - 1][1])
+        world.engine.publish("alice", 4)
+        world.hub.flush()
+        assert seqs(moved) == [4]  # never 2 and 3 again
+        assert seqs(first) == [1, 2, 3, 4]
+        # A position beyond the engine's head is no position: not recovered.
+        _, _, ok3 = await world.connect("alice", {"alice": (99, "e-alice"), "*": (0, "e-*")})
+        assert ok3["recovered"] is False
+
+    run(main())
+
+
+def test_the_timers_heap_does_not_keep_closed_sessions(settings):
+    clock = FakeClock(time.time())
+
+    class Ticking:
+        def __init__(self, at: float) -> None:
+            self.at: float | None = at
+
+        def deadline(self):
+            return self.at
+
+        def tick(self):
+            self.at = None
+
+        def __lt__(self, other):
+            return id(self) < id(other)
+
+    timers = Timers(clock.monotonic)
+    live = Ticking(clock.now + 3600)
+    timers.schedule(live)  # type: ignore[arg-type]
+    for _ in range(20 * hub_module.COMPACT_MIN):
+        gone = Ticking(clock.now + 3600)  # a socket that closes long before its token expires
+        timers.schedule(gone)  # type: ignore[arg-type]
+        gone.at = None
+        live.at = (live.at or 0) + 1  # and one that refreshes its token again and again
+        timers.schedule(live)  # type: ignore[arg-type]
+    assert len(timers) <= 2 * hub_module.COMPACT_MIN + 1

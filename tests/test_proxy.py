@@ -722,7 +722,12 @@ class Recorder(threading.Thread):
         return all(any(m["id"] == "END" for _, _, m in self.received[s]) for s in self.streams)
 
 
-def test_a_graceful_restart_keeps_epochs_and_loses_nothing(proxy):
+def test_a_graceful_stop_under_load_starts_new_epochs_rather_than_a_silent_loss(proxy):
+    """PUSH/PULL has no acknowledgement: what is inside a publisher's connection when the
+    proxy unbinds is gone without a trace. So a stop while pushes still flow must not
+    carry the epochs on (the review measured 27,000 to 116,000 pushes lost that way under a
+    flood, with the epochs kept): the next proxy starts new ones, and resuming clients are
+    told recovered: false."""
     users, count = 4, 3000
     recorder = Recorder(proxy.settings, [f"u{u}" for u in range(users)])
     recorder.start()
@@ -733,7 +738,8 @@ def test_a_graceful_restart_keeps_epochs_and_loses_nothing(proxy):
         wait_until(lambda: sum(map(len, recorder.received.values())) >= 1000, 30, 0.05, "1,000 received")
         assert proxy.graceful_stop() == 0
         stopped_log = proxy.log()
-        assert proxy.state_path.is_file()
+        assert "pushes were still arriving at the stop" in stopped_log, stopped_log
+        assert not proxy.state_path.exists()
         proxy.start()
         assert streamer.wait(60) == 0
         wait_until(recorder.ended, 60, 0.05, "every END")
@@ -742,26 +748,38 @@ def test_a_graceful_restart_keeps_epochs_and_loses_nothing(proxy):
         recorder.join(10)
         if streamer.poll() is None:
             streamer.kill()
-    assert recorder.problems == [] and recorder.duplicates == 0
-    # Pushes waited for the subscriptions to come back: nothing had to be repaired.
-    assert recorder.repaired == 0
-    assert "continuing 4 streams" in proxy.log()
-    assert not proxy.state_path.exists()  # taken once
-    stop_line = [line for line in stopped_log.splitlines() if "stopped:" in line]
-    assert len(stop_line) == 1 and "4 streams" in stop_line[0], stopped_log
-    lost = 0
+    assert "continuing" not in proxy.log().split("pushes were still arriving")[-1]
     for u in range(users):
         name = f"u{u}"
         got = recorder.received[name]
-        assert [seq for seq, _, _ in got] == list(range(1, len(got) + 1)), name
-        assert {epoch for _, epoch, _ in got} == {epochs[name]}, name
-        numbers = [m["data"]["i"] for _, _, m in got if m["id"] == "MSG"]
-        expected = list(range(u, count, users))
-        assert numbers == sorted(numbers) and set(numbers) <= set(expected), name
-        lost += len(expected) - len(numbers)
-    # Only what was inside the TCP connection at the instant of the unbind may be lost
-    # (PUSH/PULL has no acknowledgement); paced like this, that is nothing or next to it.
-    assert lost <= 5
+        old = [seq for seq, epoch, _ in got if epoch == epochs[name]]
+        new = [(seq, epoch) for seq, epoch, _ in got if epoch != epochs[name]]
+        assert old == list(range(1, len(old) + 1)), name  # no gap before the stop
+        assert new and len({epoch for _, epoch in new}) == 1, name  # then a new numbering
+        assert [seq for seq, _ in new] == list(range(new[0][0], new[0][0] + len(new))), name
+    assert recorder.duplicates == 0
+
+
+def test_a_graceful_stop_when_quiet_keeps_epochs_and_loses_nothing(proxy):
+    control = Control(proxy.settings)
+    publisher = flow.Flow(settings=proxy.settings)
+    try:
+        for i in range(5):
+            publisher.push("quin", "M", i)
+        wait_until(lambda: control.stats()["numbered"] == 5, 20, 0.05, "5 numbered")
+        first = control.history({"quin": (0, "?")}, 0)["quin"]
+        assert proxy.graceful_stop() == 0
+        assert "pushes were still arriving" not in proxy.log()
+        for i in range(5, 8):  # queued by the publisher while no proxy runs
+            publisher.push("quin", "M", i)
+        proxy.start()
+        wait_until(lambda: control.history({"quin": (0, first["epoch"])}, 0)["quin"]["seq"] == 8, 20, 0.05,
+                   "the queued pushes numbered on")
+        after = control.history({"quin": (0, first["epoch"])}, 10**6)["quin"]
+        assert after["epoch"] == first["epoch"] and [s for s, _ in after["messages"]] == list(range(1, 9))
+    finally:
+        publisher.close()
+        control.close()
 
 
 def test_a_kill_9_restart_gives_new_epochs_after_a_graceful_one_kept_them(proxy):
