@@ -33,6 +33,7 @@ function socketClassFor(i) {
   return class HerdWebSocket extends WebSocket {
     constructor(url) {
       super(url, { perMessageDeflate: false });
+      this.addEventListener("open", () => out({ event: "open", i }));
       this.addEventListener("close", (event) => out({ event: "close", i, code: event.code, reason: event.reason }));
       this.addEventListener("error", () => {}); // the close event follows
     }
