@@ -37,6 +37,9 @@ REPAIR_HOLD_BYTES = 8 * 1024 * 1024
 # at the end of a burst has no successor to reveal the gap, the audit does.
 AUDIT_INTERVAL = 2.0
 AUDIT_CHUNK = 5000
+# Each stream is audited once an interval, in this many slices spread over it: one request
+# naming every stream would stall the proxy and the server for a moment every interval.
+AUDIT_SLICES = 10
 # Clients told to reconnect spread themselves over a window this many reconnects a second
 # of the whole pool would fill (at least MIN_RECONNECT_WINDOW seconds).
 RECONNECTS_PER_SECOND = 500.0
@@ -414,16 +417,19 @@ class Hub:
 
     async def _audits(self) -> None:
         while True:
-            await asyncio.sleep(AUDIT_INTERVAL)
-            try:
-                await self.audit()
-            except Exception:
-                log.exception("stream audit failed")
+            states = list(self.streams.values())
+            for part in range(AUDIT_SLICES):
+                await asyncio.sleep(AUDIT_INTERVAL / AUDIT_SLICES)
+                try:
+                    await self.audit(states[part::AUDIT_SLICES])
+                except Exception:
+                    log.exception("stream audit failed")
 
-    async def audit(self) -> None:
-        """Compare every stream's position with the engine's. A stream still short of the
-        head the previous audit saw lost messages that no later one revealed: repair."""
-        states = [s for s in self.streams.values() if s.synced and s.held is None]
+    async def audit(self, streams: list[StreamState] | None = None) -> None:
+        """Compare streams' positions (default: all) with the engine's. A stream still short
+        of the head the previous audit saw lost messages that no later one revealed: repair."""
+        candidates = self.streams.values() if streams is None else streams
+        states = [s for s in candidates if s.synced and s.held is None and self.streams.get(s.name) is s]
         for start in range(0, len(states), AUDIT_CHUNK):
             chunk = states[start:start + AUDIT_CHUNK]
             answer = await self.engine.history({s.name: (s.seq, s.epoch) for s in chunk}, 0)
