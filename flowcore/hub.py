@@ -21,6 +21,7 @@ from typing import Any, AsyncIterator, Callable, Coroutine, Iterator
 from . import protocol
 from .engine import Position, ServerEngine
 from .session import JoinRequest, JoinResult, Session
+from .runtime import spawn
 from .settings import Settings
 
 log = logging.getLogger("flow.websocket")
@@ -143,14 +144,7 @@ class Hub:
         await self.engine.close()
 
     def _spawn(self, coro: Coroutine[Any, Any, None]) -> None:
-        task = asyncio.ensure_future(coro)
-        self.tasks.add(task)
-        task.add_done_callback(self._task_done)
-
-    def _task_done(self, task: "asyncio.Task[None]") -> None:
-        self.tasks.discard(task)
-        if not task.cancelled() and task.exception() is not None:
-            log.error("hub task failed", exc_info=task.exception())
+        spawn(coro, self.tasks, log, "a hub task")
 
     # -- sessions
 

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import sys
+from typing import Any, Coroutine
 
 from .settings import Settings, SettingsError, load_settings
 
@@ -21,3 +23,18 @@ def start_process(name: str) -> Settings:
         stream=sys.stderr,
     )
     return settings
+
+
+def spawn(coro: Coroutine[Any, Any, None], tasks: "set[asyncio.Task[None]]", log: logging.Logger,
+          what: str) -> None:
+    """Run ``coro`` as a task kept in ``tasks`` until it ends; a failure is our bug: logged
+    with its traceback as ``what`` failed."""
+    task = asyncio.ensure_future(coro)
+    tasks.add(task)
+
+    def done(task: "asyncio.Task[None]") -> None:
+        tasks.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            log.error("%s failed", what, exc_info=task.exception())
+
+    task.add_done_callback(done)

@@ -26,6 +26,7 @@ from . import compat, protocol
 from .engine import server_engine
 from .hub import Hub, Timers
 from .session import CLOSED, JoinRequest, Session
+from .runtime import spawn
 from .settings import Settings
 from .tokens import TokenVerifier
 
@@ -207,14 +208,7 @@ class Server:
         self.answered_close = 0
 
     def spawn(self, coro: Coroutine[Any, Any, None]) -> None:
-        task = asyncio.ensure_future(coro)
-        self.auth_tasks.add(task)
-        task.add_done_callback(self._task_done)
-
-    def _task_done(self, task: "asyncio.Task[None]") -> None:
-        self.auth_tasks.discard(task)
-        if not task.cancelled() and task.exception() is not None:
-            log.error("authenticating a socket failed", exc_info=task.exception())
+        spawn(coro, self.auth_tasks, log, "authenticating a socket")
 
     def make_app(self) -> tornado.web.Application:
         return tornado.web.Application(

@@ -12,7 +12,7 @@ import pytest
 from websockets.asyncio.client import connect
 from websockets.exceptions import ConnectionClosed, InvalidStatus
 
-from pipeline import Pipeline, authenticate, collect, recv_json, small_buffer_socket
+from pipeline import Pipeline, authenticate, closed_with, collect, recv_json, small_buffer_socket
 from support import wait_until
 
 
@@ -25,13 +25,7 @@ def pipe(tmp_path):
 
 async def closed_code(ws, timeout: float = 10.0) -> int:
     """Read until the server closes; the close code the client received."""
-    try:
-        async with asyncio.timeout(timeout):
-            while True:
-                await ws.recv()
-    except ConnectionClosed as closed:
-        assert closed.rcvd is not None, "connection dropped without a close frame"
-        return closed.rcvd.code
+    return (await closed_with(ws, timeout)).code
 
 
 def test_message_flow_handshake_with_raw_token(pipe):
