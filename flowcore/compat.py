@@ -44,16 +44,8 @@ def zmq_fast_send() -> Any:
     routing-id and group handling, which Flow never uses."""
     import zmq
 
-    send = getattr(getattr(zmq, "backend", None), "Socket", None)
-    send = getattr(send, "send", None)
-    if send is None:
-        raise CompatError(
-            f"pyzmq {zmq.__version__} lacks zmq.backend.Socket.send; install the pinned "
-            f"pyzmq=={PINNED_PYZMQ} (requirements.txt)"
-        )
-    if zmq.__version__ != PINNED_PYZMQ:
-        log.warning("pyzmq %s is not the pinned %s: zmq.backend.Socket.send present, behaviour unverified",
-                    zmq.__version__, PINNED_PYZMQ)
+    send = getattr(getattr(getattr(zmq, "backend", None), "Socket", None), "send", None)
+    _judge("pyzmq", zmq.__version__, PINNED_PYZMQ, [] if send else ["zmq.backend.Socket.send"])
     return send
 
 
@@ -85,15 +77,19 @@ def check() -> None:
         in inspect.getsource(tornado.websocket.WebSocketProtocol13.__init__),
         "tornado.web.RequestHandler._headers": "_headers" in inspect.getsource(tornado.web.RequestHandler.clear),
     }
-    missing = [name for name, present in needs.items() if not present]
+    _judge("tornado", tornado.version, PINNED_TORNADO, [name for name, present in needs.items() if not present])
+
+
+def _judge(library: str, version: str, pinned: str, missing: list[str]) -> None:
+    """Raise CompatError naming what is missing; warn when present but not the pinned version."""
     if missing:
         raise CompatError(
-            f"tornado {tornado.version} lacks internals Flow relies on ({', '.join(missing)}); "
-            f"install the pinned tornado=={PINNED_TORNADO} (requirements.txt)"
+            f"{library} {version} lacks internals Flow relies on ({', '.join(missing)}); "
+            f"install the pinned {library}=={pinned} (requirements.txt)"
         )
-    if tornado.version != PINNED_TORNADO:
-        log.warning("tornado %s is not the pinned %s: internals checked and present, behaviour unverified",
-                    tornado.version, PINNED_TORNADO)
+    if version != pinned:
+        log.warning("%s %s is not the pinned %s: internals checked and present, behaviour unverified",
+                    library, version, pinned)
 
 
 class LazyDeque:

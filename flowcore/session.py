@@ -12,7 +12,7 @@ from __future__ import annotations
 import logging
 import time
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING, Protocol
 
 from . import protocol
 from .engine import Position
@@ -423,6 +423,3 @@ class Session:
         self.stage = CLOSED
         self.held = None
         self.outbox = None
-
-    def describe(self) -> dict[str, Any]:
-        return {"peer": self.peer, "username": self.username, "stage": self.stage}
