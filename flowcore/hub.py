@@ -159,7 +159,8 @@ class Hub:
         return state.seq, state.epoch
 
     def positions(self, own: StreamState) -> dict[str, Position]:
-        return {own.name: (own.seq, own.epoch), protocol.BROADCAST: (self.broadcast.seq, self.broadcast.epoch)}
+        """:meth:`position` of every stream a socket of ``own``'s user receives."""
+        return {name: self.position(name, own) for name in (own.name, protocol.BROADCAST)}
 
     async def join(self, session: Session, request: JoinRequest) -> JoinResult | None:
         """Attach ``session`` to its user's stream and to broadcasts. None when the engine
