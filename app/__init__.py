@@ -7,8 +7,6 @@ through ``flow.push``.
 
 from __future__ import annotations
 
-import hashlib
-import hmac
 import logging
 import os
 from pathlib import Path
@@ -27,14 +25,26 @@ def create_app(test_config: Mapping[str, Any] | None = None) -> Flask:
     ``test_config`` may set ``FLOW_SETTINGS`` (a Settings object), ``PUSH`` (a callable
     ``push(username, id, data)`` used instead of ``flow.push``), ``TASK_DELAY`` (seconds
     before background results are pushed) and any Flask setting.
+
+    Raises SettingsError (one line naming the variable) when the settings cannot issue
+    tokens, or when there is no session key: FLOW_APP_SECRET (or FLOW_APP_SECRET_FILE)
+    of 32 bytes or more, unless ``test_config`` gives ``SECRET_KEY``.
     """
     app = Flask(__name__, static_folder=str(ROOT / "static"), static_url_path="/static")
     config = dict(test_config or {})
     settings: Settings = config.pop("FLOW_SETTINGS", None) or load_settings()
+    # The app issues socket tokens: it needs the HS* secret or the private key.
+    settings.check_issuer()
+    # The session cookie says who is logged in, so its key is a secret of its own
+    # (FLOW_APP_SECRET): never derived from the JWT secret, which public-key
+    # deployments do not have (an empty one made every cookie forgeable).
+    secret_key = config.get("SECRET_KEY")
+    if not secret_key:
+        settings.check_app_secret()
+        secret_key = settings.app_secret
     app.config.update(
         FLOW_SETTINGS=settings,
-        # Sessions are signed with a key derived from the Flow secret, never the secret itself.
-        SECRET_KEY=hmac.new(settings.secret.encode(), b"flow-demo-session", hashlib.sha256).hexdigest(),
+        SECRET_KEY=secret_key,
         SESSION_COOKIE_HTTPONLY=True,
         SESSION_COOKIE_SAMESITE="Lax",
         TASK_DELAY=1.0,

@@ -3,20 +3,41 @@
 Sources, weakest first: built-in defaults, a ``flow.env`` file beside the Makefile,
 the process environment. A bad value raises :class:`SettingsError` naming the
 variable; process ``main()`` functions turn that into one line on stderr and exit 2.
+
+Loading never asks for a secret or a key: what a process needs depends on its role
+(PROTOCOL section 5: a process that only publishes needs no token secret). The role
+checks say it: :meth:`Settings.check_verifier` (the WebSocket servers),
+:meth:`Settings.check_issuer` (whatever issues socket tokens), :meth:`Settings.check_app_secret`
+(the demo web app's session key), or :meth:`Settings.check` with a role name;
+``flowcore.runtime.start_process(name, role=...)`` runs them at start.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import difflib
+import hmac
 import os
 import re
+import secrets
+import tempfile
 from pathlib import Path
-from typing import Any, Callable, Mapping
+from typing import Any, Callable, ClassVar, Mapping
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_ENV_FILE = PROJECT_ROOT / "flow.env"
 # `make` writes the generated secret here (git-ignored) so every process shares it.
 DEFAULT_SECRET_FILE = PROJECT_ROOT / ".flow_secret"
+
+
+def running_from_checkout() -> bool:
+    """True when flowcore is imported from a Flow checkout, not from an installed package."""
+    return (PROJECT_ROOT / "flow.py").is_file() and (PROJECT_ROOT / "Makefile").is_file()
+
+
+def default_root() -> Path:
+    """FLOW_ROOT when it is not set: the checkout Flow runs from, else the current directory."""
+    return PROJECT_ROOT if running_from_checkout() else Path.cwd()
 
 SYMMETRIC_ALGORITHMS = frozenset({"HS256", "HS384", "HS512"})
 ASYMMETRIC_ALGORITHMS = frozenset(
@@ -26,6 +47,25 @@ ASYMMETRIC_ALGORITHMS = frozenset(
 
 class SettingsError(ValueError):
     """A FLOW_ variable has a value Flow cannot use."""
+
+
+# FLOW_ names that are no setting yet legitimately reach Flow's processes: where to read
+# the settings from, and what flowcore.nginx.stack_env derives for supervisord.conf and
+# nginx.conf (supervisord hands its whole environment to every program). A name added
+# to stack_env belongs here too, or every process warns about it.
+META_VARIABLES = frozenset(
+    {
+        "FLOW_ENV_FILE",
+        "FLOW_WS_READ_TIMEOUT",
+        "FLOW_NGINX_NOFILE",
+        "FLOW_NGINX_CONNECTIONS",
+        "FLOW_TLS_LISTEN",
+        "FLOW_CLIENT_JS",
+    }
+)
+
+# What each role must hold (Settings.check); the others need no secret and no key.
+ROLES = ("publisher", "proxy", "verifier", "issuer", "app")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -72,8 +112,42 @@ class Settings:
     drain_timeout: float = 5.0
 
     log_level: str = "INFO"
-    log_dir: str = str(PROJECT_ROOT / "log")
-    run_dir: str = str(PROJECT_ROOT / "run")  # the proxy keeps its state here across a graceful restart
+    # Relative paths below resolve against ``root`` (Settings.path).
+    log_dir: str = "log"
+    run_dir: str = "run"  # the proxy keeps its state here across a graceful restart
+
+    # --- the stack (`make`, `flow run`): read by the launcher, harmless elsewhere --------
+    # The directory the web app is imported from and relative paths resolve against:
+    # this checkout when Flow runs from one, else the current directory (load_settings).
+    root: str = ""
+    # Where the generated JWT secret and the web app's session key are kept ("" = ROOT/...).
+    secret_file: str = ""
+    app_secret: str = dataclasses.field(default="", repr=False)
+    app_secret_file: str = ""
+    # The interpreter supervisord starts Flow's processes with ("" = the current one).
+    python: str = ""
+    # The WSGI app gunicorn serves, as gunicorn names it (module:variable or module:factory()).
+    app: str = "app:create_app()"
+    app_workers: int = 2
+    app_threads: int = 8
+    nginx_workers: str = "auto"
+    # Client connections the stack must hold at once (nginx and open-file limits follow).
+    max_connections: int = 20000
+    # Seconds a client has to send its request header before nginx closes the connection.
+    header_timeout: int = 10
+    # PEM certificate chain and key: nginx then serves https and wss on FLOW_HTTP_PORT.
+    tls_cert: str = ""
+    tls_key: str = ""
+
+    # The FLOW_ names load_settings found (environment or flow.env) that are neither a
+    # setting nor in META_VARIABLES: typos, mostly. Not a field, so that fields() stays
+    # the list of settings (as_env, describe, equality); load_settings sets it.
+    unknown: ClassVar[tuple[str, ...]] = ()
+
+    def path(self, value: str) -> Path:
+        """``value`` (a path setting's value) as an absolute path, relative to ``root``."""
+        p = Path(value)
+        return p if p.is_absolute() else Path(self.root or default_root()) / p
 
     def as_env(self) -> dict[str, str]:
         """The settings as FLOW_ variables, so a child process resolves the same values."""
@@ -85,12 +159,73 @@ class Settings:
             env["FLOW_" + field.name.upper()] = str(value)
         return env
 
+    def describe_unknown(self) -> list[str]:
+        """One sentence per unknown FLOW_ name, with the closest setting when one is close."""
+        lines = []
+        for name in self.unknown:
+            line = f"{name} is not a Flow setting"
+            guess = suggest_variable(name)
+            if guess:
+                line += f" (did you mean {guess}?)"
+            lines.append(line + "; it is ignored")
+        return lines
+
+    # ---- role checks: each raises SettingsError with one line naming the variable ----
+
+    def check_verifier(self) -> None:
+        """The WebSocket servers' needs: a secret or public key that verifies every
+        configured algorithm (FLOW_JWT_PUBLIC_KEY, or the private key's public half)."""
+        from .tokens import verifying_key
+
+        verifying_key(self)
+
+    def check_issuer(self) -> None:
+        """What issues socket tokens needs: the HS* secret, or a private key for the first
+        configured algorithm (a public key alone verifies but cannot sign)."""
+        from .tokens import signing_key
+
+        signing_key(self)
+
+    def check_app_secret(self) -> None:
+        """The demo web app's session key: FLOW_APP_SECRET (or its file), 32 bytes or more,
+        and not the JWT secret (a leak of one must not give the other)."""
+        if len(self.app_secret.encode()) < MIN_APP_SECRET_BYTES:
+            raise SettingsError(
+                f"FLOW_APP_SECRET: missing or shorter than {MIN_APP_SECRET_BYTES} bytes (the web "
+                f"app's session key; `make secret` generates {self.app_secret_file or '.flow_app_secret'}, "
+                "or set FLOW_APP_SECRET or FLOW_APP_SECRET_FILE)"
+            )
+        if self.secret and hmac.compare_digest(self.app_secret.encode(), self.secret.encode()):
+            raise SettingsError("FLOW_APP_SECRET: must differ from FLOW_SECRET (the JWT signing secret)")
+
+    def check(self, role: str | None) -> None:
+        """The checks of ``role`` (one of ROLES; None and "publisher"/"proxy": none)."""
+        if role is not None and role not in ROLES:
+            raise ValueError(f"unknown role {role!r} (known: {', '.join(ROLES)})")
+        if role == "verifier":
+            self.check_verifier()
+        elif role in ("issuer", "app"):
+            self.check_issuer()
+            if role == "app":
+                self.check_app_secret()
+
+    def problems(self, *roles: str) -> list[str]:
+        """Every role check's failure (one line each), for `flow check`; [] when all pass."""
+        found: list[str] = []
+        for role in roles:
+            try:
+                self.check(role)
+            except SettingsError as exc:
+                if str(exc) not in found:
+                    found.append(str(exc))
+        return found
+
     def describe(self) -> str:
         """Human-readable resolved config, with secrets masked."""
         lines = []
         for field in dataclasses.fields(self):
             value = getattr(self, field.name)
-            if field.name in ("secret", "jwt_private_key"):
+            if field.name in _SECRET_FIELDS:
                 value = "(set)" if value else "(unset)"
             elif isinstance(value, tuple):
                 value = ",".join(value) or "(none)"
@@ -100,9 +235,12 @@ class Settings:
 
 def _int(minimum: int) -> Callable[[str], int]:
     def parse(raw: str) -> int:
-        value = int(raw.strip())
+        try:
+            value = int(raw.strip())
+        except ValueError:
+            raise ValueError(f"must be a whole number (at least {minimum})") from None
         if value < minimum:
-            raise ValueError(f"must be at least {minimum}")
+            raise ValueError(f"must be a whole number of at least {minimum}")
         return value
 
     return parse
@@ -110,19 +248,37 @@ def _int(minimum: int) -> Callable[[str], int]:
 
 def _float(minimum: float) -> Callable[[str], float]:
     def parse(raw: str) -> float:
-        value = float(raw.strip())
+        try:
+            value = float(raw.strip())
+        except ValueError:
+            raise ValueError(f"must be a number (at least {minimum:g}; seconds may have decimals)") from None
         if not value >= minimum or value == float("inf"):
-            raise ValueError(f"must be a finite number of at least {minimum}")
+            raise ValueError(f"must be a finite number of at least {minimum:g}")
         return value
 
     return parse
 
 
 def _port(raw: str) -> int:
-    value = int(raw.strip())
+    try:
+        value = int(raw.strip())
+    except ValueError:
+        raise ValueError("must be a TCP port, a whole number from 1 to 65535") from None
     if not 0 < value < 65536:
-        raise ValueError("must be a TCP port between 1 and 65535")
+        raise ValueError("must be a TCP port, a whole number from 1 to 65535")
     return value
+
+
+def _workers(raw: str) -> str:
+    value = raw.strip().lower()
+    if value == "auto":
+        return value
+    try:
+        if int(value) >= 1:
+            return str(int(value))
+    except ValueError:
+        pass
+    raise ValueError("must be 'auto' or a whole number of at least 1")
 
 
 def _csv(raw: str) -> tuple[str, ...]:
@@ -158,8 +314,13 @@ def _key(raw: str) -> str:
         if not path.is_file():
             # The value is not echoed here: it may be key material, and may span lines.
             raise ValueError("is neither a PEM key nor a readable file")
-        # Stripped like inline text, so as_env() round-trips a key read from a file.
-        return path.read_text().strip()
+        try:
+            # Stripped like inline text, so as_env() round-trips a key read from a file.
+            return path.read_text(encoding="utf-8").strip()
+        except UnicodeDecodeError:
+            raise ValueError("names a file that is not PEM text") from None
+        except OSError as exc:
+            raise ValueError(f"names a file that cannot be read ({exc.strerror})") from None
     return raw
 
 
@@ -220,14 +381,38 @@ _PARSERS: dict[str, Callable[[str], Any]] = {
     "log_level": _log_level,
     "log_dir": _text,
     "run_dir": _text,
+    "root": _text,
+    "secret_file": _text,
+    "app_secret": _text,
+    "app_secret_file": _text,
+    "python": _text,
+    "app": _text,
+    "app_workers": _int(1),
+    "app_threads": _int(1),
+    "nginx_workers": _workers,
+    "max_connections": _int(16),
+    "header_timeout": _int(1),
+    "tls_cert": _text,
+    "tls_key": _text,
 }
 
 
 # Never echoed in an error message.
-_SECRET_FIELDS = frozenset({"secret", "jwt_private_key"})
+_SECRET_FIELDS = frozenset({"secret", "jwt_private_key", "app_secret"})
 
 # RFC 7518 section 3.2: an HMAC key at least as long as the hash output (PyJWT warns below).
-_MIN_SECRET_BYTES = {"HS256": 32, "HS384": 48, "HS512": 64}
+MIN_SECRET_BYTES = {"HS256": 32, "HS384": 48, "HS512": 64}
+MIN_APP_SECRET_BYTES = 32
+
+# Every FLOW_ name Flow reads.
+KNOWN_VARIABLES = frozenset({"FLOW_" + name.upper() for name in _PARSERS} | META_VARIABLES)
+
+
+def suggest_variable(name: str) -> str | None:
+    """The known FLOW_ name closest to ``name`` (a typo), or None when none is close."""
+    settings_names = sorted("FLOW_" + field.upper() for field in _PARSERS)
+    match = difflib.get_close_matches(name.upper(), settings_names, n=1, cutoff=0.75)
+    return match[0] if match else None
 
 
 def read_env_file(path: Path) -> dict[str, str]:
@@ -259,11 +444,17 @@ def load_settings(
     environ: Mapping[str, str] | None = None,
     env_file: Path | None = None,
     secret_file: Path | None = None,
+    app_secret_file: Path | None = None,
 ) -> Settings:
-    """Resolve the settings: defaults < flow.env < environment. Raises SettingsError."""
+    """Resolve the settings: defaults < flow.env < environment. Raises SettingsError.
+
+    Asks for no secret and no key: the role checks (Settings.check) do, in the processes
+    that need them. ``unknown`` lists the FLOW_ names read that Flow does not know."""
     environ = os.environ if environ is None else environ
+    # FLOW_ROOT and FLOW_ENV_FILE say where flow.env is, so only the environment sets them.
+    root = Path(environ.get("FLOW_ROOT") or default_root()).resolve()
     if env_file is None:
-        env_file = Path(environ.get("FLOW_ENV_FILE", DEFAULT_ENV_FILE))
+        env_file = Path(environ.get("FLOW_ENV_FILE") or root / "flow.env")
     merged = read_env_file(env_file)
     merged.update({k: v for k, v in environ.items() if k.startswith("FLOW_")})
 
@@ -278,35 +469,79 @@ def load_settings(
         except ValueError as exc:
             shown = "(hidden)" if name in _SECRET_FIELDS else repr(merged[variable])
             raise SettingsError(f"{variable}={shown}: {exc}") from None
+    values["root"] = str(root)
 
-    if not values.get("secret"):
-        path = secret_file or Path(environ.get("FLOW_SECRET_FILE", DEFAULT_SECRET_FILE))
-        if path.is_file():
+    for field, file_field, default_name, given in (
+        ("secret", "secret_file", ".flow_secret", secret_file),
+        ("app_secret", "app_secret_file", ".flow_app_secret", app_secret_file),
+    ):
+        path = given or _resolve(values.get(file_field) or default_name, root)
+        values[file_field] = str(path)
+        if not values.get(field) and path.is_file():
+            variable = "FLOW_" + file_field.upper()
             try:
-                values["secret"] = path.read_text(encoding="utf-8").strip()
+                values[field] = path.read_text(encoding="utf-8").strip()
             except UnicodeDecodeError:
-                raise SettingsError(f"FLOW_SECRET_FILE={str(path)!r}: not UTF-8 text") from None
+                raise SettingsError(f"{variable}={str(path)!r}: not UTF-8 text") from None
+            except OSError as exc:
+                raise SettingsError(f"{variable}={str(path)!r}: cannot be read ({exc.strerror})") from None
 
     settings = Settings(**values)
-    _check_consistency(settings)
+    unknown = tuple(sorted(name for name in merged if name.startswith("FLOW_") and name not in KNOWN_VARIABLES))
+    if unknown:
+        object.__setattr__(settings, "unknown", unknown)  # frozen; see Settings.unknown
     return settings
 
 
-def _check_consistency(settings: Settings) -> None:
-    symmetric = [a for a in settings.jwt_algorithms if a in SYMMETRIC_ALGORITHMS]
-    asymmetric = [a for a in settings.jwt_algorithms if a in ASYMMETRIC_ALGORITHMS]
-    if symmetric and asymmetric:
-        raise SettingsError(
-            "FLOW_JWT_ALGORITHMS: mixing HS* with public-key algorithms lets a public key "
-            "be used as an HMAC secret; choose one family"
-        )
-    minimum = max((_MIN_SECRET_BYTES[a] for a in symmetric), default=0)
-    if symmetric and len(settings.secret.encode()) < minimum:
-        raise SettingsError(
-            f"FLOW_SECRET: missing or shorter than {minimum} bytes "
-            f"(needed for {','.join(symmetric)}; run `make secret`, or set FLOW_SECRET)"
-        )
-    if asymmetric and not (settings.jwt_public_key or settings.jwt_private_key):
-        raise SettingsError(
-            "FLOW_JWT_PUBLIC_KEY: required for " + ",".join(asymmetric) + " (PEM text or a file path)"
-        )
+def ensure_secret_files(settings: Settings) -> list[Path]:
+    """Generate the secrets the stack needs and nobody gave; the files written.
+
+    The JWT secret (FLOW_SECRET_FILE, default ROOT/.flow_secret) when an HS* algorithm is
+    configured and neither FLOW_SECRET nor that file holds one; the web app's session key
+    (FLOW_APP_SECRET_FILE, default ROOT/.flow_app_secret) when neither FLOW_APP_SECRET
+    nor that file does. An existing file is never overwritten, even a bad one (the role
+    checks then say what is wrong with it). Load the settings again to read them."""
+    written: list[Path] = []
+    wanted = []
+    if any(a in SYMMETRIC_ALGORITHMS for a in settings.jwt_algorithms) and not settings.secret:
+        wanted.append(settings.path(settings.secret_file or ".flow_secret"))
+    if not settings.app_secret:
+        wanted.append(settings.path(settings.app_secret_file or ".flow_app_secret"))
+    for path in wanted:
+        if not path.exists() and _create_secret_file(path):
+            written.append(path)
+    return written
+
+
+def _create_secret_file(path: Path) -> bool:
+    """Write a fresh 64-character secret to ``path`` unless it exists; True if written.
+
+    mkstemp creates the file 0600 whatever the umask (what `umask 077` gives, without
+    changing the umask of a process that may run threads); the secret is complete on
+    disk before it appears under its name, and link() keeps a file another process
+    created meanwhile instead of replacing it."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as handle:
+            handle.write(secrets.token_hex(32) + "\n")  # 64 bytes: enough for HS512
+            handle.flush()
+            os.fsync(handle.fileno())
+        try:
+            os.link(tmp, path)
+        except FileExistsError:
+            return False
+        except OSError:
+            # A file system without hard links: the rename is still atomic.
+            if path.exists():
+                return False
+            os.replace(tmp, path)
+        return True
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def _resolve(value: str | Path, root: Path) -> Path:
+    path = Path(value)
+    return path if path.is_absolute() else root / path

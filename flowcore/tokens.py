@@ -4,17 +4,26 @@ No I/O. Verification accepts only the configured algorithms, requires ``exp``, t
 the identity from ``username`` (or ``sub``), and checks ``aud``/``iss`` when set.
 ``exp``, ``iat`` and ``nbf`` must be JSON numbers: PyJWT alone would take ``"9999999999"``
 (a string) or ``true`` for a time.
+
+Keys are read with PyJWT's own algorithm objects (``prepare_key``), for every configured
+algorithm: :func:`verifying_key` and :func:`signing_key` raise a one-line SettingsError
+naming the variable when a key cannot do its role's job (Settings.check_verifier and
+check_issuer call them at start). A verifier built on a key that cannot verify refuses
+every token (``invalid``; the socket then closes 4001) and logs the cause once.
 """
 
 from __future__ import annotations
 
+import functools
+import logging
+import re
 import time
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NoReturn
 
 import jwt
 
-from .settings import ASYMMETRIC_ALGORITHMS, Settings
+from .settings import ASYMMETRIC_ALGORITHMS, MIN_SECRET_BYTES, SYMMETRIC_ALGORITHMS, Settings, SettingsError
 from .protocol import ProtocolError, check_username
 
 if TYPE_CHECKING:
@@ -34,24 +43,130 @@ class TokenError(Exception):
         self.detail = detail
 
 
-def _signing_key(settings: Settings) -> str:
-    if settings.jwt_algorithms[0] in ASYMMETRIC_ALGORITHMS:
-        if not settings.jwt_private_key:
-            raise RuntimeError("FLOW_JWT_PRIVATE_KEY is needed to issue tokens with " + settings.jwt_algorithms[0])
-        return settings.jwt_private_key
-    return settings.secret
+log = logging.getLogger("flow.tokens")
+
+# What each family of algorithms needs, for the error sentences.
+_KEY_KINDS = {
+    "RS": "an RSA key", "PS": "an RSA key", "ES256": "an EC key on curve P-256",
+    "ES384": "an EC key on curve P-384", "ES512": "an EC key on curve P-521",
+    "EdDSA": "an Ed25519 or Ed448 key",
+}
 
 
-def _verifying_key(settings: Settings) -> Any:
-    if settings.jwt_algorithms[0] in ASYMMETRIC_ALGORITHMS:
-        if settings.jwt_public_key:
-            return settings.jwt_public_key
-        # Only a private key configured: derive its public half.
-        from cryptography.hazmat.primitives import serialization
+def _kind(algorithm: str) -> str:
+    return _KEY_KINDS.get(algorithm, _KEY_KINDS.get(algorithm[:2], "a matching key"))
 
-        private = serialization.load_pem_private_key(settings.jwt_private_key.encode(), None)
-        return private.public_key()
-    return settings.secret
+
+def _check_family(settings: Settings) -> None:
+    symmetric = [a for a in settings.jwt_algorithms if a in SYMMETRIC_ALGORITHMS]
+    if symmetric and len(symmetric) < len(settings.jwt_algorithms):
+        raise SettingsError(
+            "FLOW_JWT_ALGORITHMS: mixing HS* with public-key algorithms lets a public key "
+            "be used as an HMAC secret; choose one family"
+        )
+
+
+def _check_secret(settings: Settings, job: str) -> bytes:
+    minimum = max(MIN_SECRET_BYTES[a] for a in settings.jwt_algorithms)
+    if len(settings.secret.encode()) < minimum:
+        raise SettingsError(
+            f"FLOW_SECRET: missing or shorter than {minimum} bytes (needed to {job} "
+            f"{','.join(settings.jwt_algorithms)} tokens; run `make secret`, or set FLOW_SECRET)"
+        )
+    for algorithm in settings.jwt_algorithms:
+        _prepare(algorithm, settings.secret, "FLOW_SECRET", job)
+    return settings.secret.encode()
+
+
+def _prepare(algorithm: str, key: str, variable: str, job: str) -> Any:
+    """PyJWT's key object for ``algorithm`` made from ``key``, or SettingsError saying why not."""
+    try:
+        return jwt.get_algorithm_by_name(algorithm).prepare_key(key)
+    except NotImplementedError:
+        raise SettingsError(
+            f"FLOW_JWT_ALGORITHMS: {algorithm} needs the 'cryptography' package (pip install cryptography)"
+        ) from None
+    except (jwt.InvalidKeyError, ValueError, TypeError) as exc:
+        text = str(exc)
+        got = re.search(r"got: (\w+)", text)
+        if got:
+            why = f"it holds an {got.group(1)}, and {algorithm} needs {_kind(algorithm)}"
+        elif "does not match the expected curve" in text:
+            why = text.rstrip(".")
+        elif "HMAC secret" in text:
+            why = "it looks like a PEM key or certificate, which must not be an HMAC secret"
+        else:
+            why = f"it is not a readable PEM key ({algorithm} needs {_kind(algorithm)})"
+        raise SettingsError(f"{variable}: cannot {job} {algorithm} tokens: {why}") from None
+
+
+def verifying_key(settings: Settings) -> Any:
+    """The key that verifies every configured algorithm: the HS* secret, or the public key
+    (FLOW_JWT_PUBLIC_KEY, else the public half of FLOW_JWT_PRIVATE_KEY). SettingsError,
+    naming the variable and the algorithm, when there is none or it cannot."""
+    _check_family(settings)
+    algorithms = settings.jwt_algorithms
+    if algorithms[0] in SYMMETRIC_ALGORITHMS:
+        return _check_secret(settings, "verify")
+    if settings.jwt_public_key:
+        variable, pem = "FLOW_JWT_PUBLIC_KEY", settings.jwt_public_key
+    elif settings.jwt_private_key:
+        variable, pem = "FLOW_JWT_PRIVATE_KEY", settings.jwt_private_key
+    else:
+        raise SettingsError(
+            f"FLOW_JWT_PUBLIC_KEY: required to verify {','.join(algorithms)} tokens (PEM text or a file path)"
+        )
+    key: Any = None
+    for algorithm in algorithms:
+        prepared = _prepare(algorithm, pem, variable, "verify")
+        if hasattr(prepared, "public_key"):  # a private key
+            if variable == "FLOW_JWT_PUBLIC_KEY":
+                raise SettingsError(
+                    "FLOW_JWT_PUBLIC_KEY: holds a private key; give the servers only its public half"
+                )
+            prepared = prepared.public_key()
+        key = key or prepared
+    return key
+
+
+def signing_key(settings: Settings) -> Any:
+    """The key that signs tokens with the first configured algorithm: the HS* secret or the
+    private key. SettingsError naming the variable when there is none or it cannot sign,
+    or when it is not the private half of FLOW_JWT_PUBLIC_KEY."""
+    _check_family(settings)
+    algorithm = settings.jwt_algorithms[0]
+    if algorithm in SYMMETRIC_ALGORITHMS:
+        return _check_secret(settings, "sign")
+    if not settings.jwt_private_key:
+        held = "; FLOW_JWT_PUBLIC_KEY can verify tokens but not sign them" if settings.jwt_public_key else ""
+        raise SettingsError(f"FLOW_JWT_PRIVATE_KEY: required to issue {algorithm} tokens{held}")
+    key = _prepare(algorithm, settings.jwt_private_key, "FLOW_JWT_PRIVATE_KEY", "sign")
+    if not hasattr(key, "public_key"):
+        raise SettingsError(f"FLOW_JWT_PRIVATE_KEY: holds a public key, which cannot sign {algorithm} tokens")
+    if settings.jwt_public_key:
+        try:
+            public = _prepare(algorithm, settings.jwt_public_key, "FLOW_JWT_PUBLIC_KEY", "verify")
+        except SettingsError:
+            public = None  # the verifier's problem, reported by its own check
+        if public is not None and not hasattr(public, "public_key") and _spki(public) != _spki(key.public_key()):
+            raise SettingsError(
+                "FLOW_JWT_PRIVATE_KEY: is not the private half of FLOW_JWT_PUBLIC_KEY "
+                "(the servers would refuse every token)"
+            )
+    return key
+
+
+def _spki(public_key: Any) -> bytes:
+    from cryptography.hazmat.primitives import serialization
+
+    data: bytes = public_key.public_bytes(serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)
+    return data
+
+
+@functools.lru_cache(maxsize=8)
+def _cached_signing_key(settings: Settings) -> Any:
+    # Loading an RSA private key takes milliseconds: once per settings, not per token.
+    return signing_key(settings)
 
 
 def issue_token(settings: Settings, username: str, ttl: int | None = None) -> str:
@@ -67,7 +182,13 @@ def issue_token(settings: Settings, username: str, ttl: int | None = None) -> st
         claims["aud"] = settings.jwt_audience
     if settings.jwt_issuer:
         claims["iss"] = settings.jwt_issuer
-    return jwt.encode(claims, _signing_key(settings), algorithm=settings.jwt_algorithms[0])
+    try:
+        key = _cached_signing_key(settings)
+    except SettingsError as exc:
+        # A programming or deployment error, not the caller's input: Settings.check_issuer
+        # at start reports it as one line.
+        raise RuntimeError(str(exc)) from None
+    return jwt.encode(claims, key, algorithm=settings.jwt_algorithms[0])
 
 
 # Seconds of clock skew tolerated between the token issuer and the servers.
@@ -102,7 +223,15 @@ class TokenVerifier:
 
     def __init__(self, settings: Settings) -> None:
         self._settings = settings
-        self._key = _verifying_key(settings)
+        # A key that cannot verify is the deployment's error, not the client's: every
+        # token is refused (Settings.check_verifier stops the server at start before this).
+        self._key_problem: str | None = None
+        self._key_logged = False
+        try:
+            self._key: Any = verifying_key(settings)
+        except SettingsError as exc:
+            self._key = None
+            self._key_problem = str(exc)
         self._algorithms = list(settings.jwt_algorithms)
         # The time claims are checked here (_check_times), where their types are checked
         # first; PyJWT's own checks would convert them with int() and accept strings.
@@ -123,6 +252,8 @@ class TokenVerifier:
         # A JWT is ASCII (base64url and dots); anything else would reach PyJWT's encode.
         if not isinstance(token, str) or token.count(".") != 2 or not token.isascii():
             raise TokenError(MALFORMED, "not a JWT (expected three dot-separated base64url parts)")
+        if self._key_problem is not None:
+            self._cannot_verify(self._key_problem)
         try:
             claims = jwt.decode(
                 token,
@@ -138,6 +269,9 @@ class TokenVerifier:
             raise TokenError(reason, str(exc)) from None
         except jwt.InvalidTokenError as exc:
             raise TokenError(INVALID, str(exc)) from None
+        except (jwt.InvalidKeyError, NotImplementedError) as exc:
+            # The key, not the token: PyJWT raises these outside InvalidTokenError.
+            self._cannot_verify(f"the configured key cannot verify this token's algorithm: {exc}")
         except (ValueError, RecursionError) as exc:
             # Hostile text PyJWT might not wrap in its own errors (none known in 2.15).
             raise TokenError(MALFORMED, f"unreadable token: {type(exc).__name__}") from None
@@ -147,6 +281,12 @@ class TokenVerifier:
         except ProtocolError as exc:
             raise TokenError(INVALID, f"username claim: {exc}") from None
         return VerifiedToken(username, expires_at, claims)
+
+    def _cannot_verify(self, problem: str) -> NoReturn:
+        if not self._key_logged:
+            self._key_logged = True
+            log.error("cannot verify tokens, every token is refused: %s", problem)
+        raise TokenError(INVALID, "the server cannot verify tokens (its key is misconfigured)")
 
     @staticmethod
     def _check_times(claims: dict[str, Any]) -> float:

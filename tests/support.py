@@ -62,6 +62,7 @@ def base_env(tmp_path: Path, **overrides: object) -> dict[str, str]:
         FLOW_ENV_FILE=str(tmp_path / "no-flow.env"),
         FLOW_SECRET_FILE=str(tmp_path / "no-secret"),
         FLOW_SECRET=secrets.token_hex(32),
+        FLOW_APP_SECRET=secrets.token_hex(32),
         FLOW_PUBLISH_ENDPOINT=f"tcp://127.0.0.1:{free_port()}",
         FLOW_FANOUT_ENDPOINT=f"tcp://127.0.0.1:{free_port()}",
         FLOW_CONTROL_ENDPOINT=f"tcp://127.0.0.1:{free_port()}",

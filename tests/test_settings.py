@@ -33,7 +33,8 @@ def load(tmp_path: Path):
             env_file.write_text(env_text)
         if secret_text is not None:
             secret_file.write_text(secret_text)
-        return load_settings(dict(environ or {}), env_file=env_file, secret_file=secret_file)
+        return load_settings(dict(environ or {}), env_file=env_file, secret_file=secret_file,
+                             app_secret_file=tmp_path / "app_secret")
 
     return _load
 
@@ -61,7 +62,7 @@ def _pems(key) -> tuple[str, str]:
 # ---------------------------------------------------------------- defaults and sources
 
 
-def test_defaults(load):
+def test_defaults(load, tmp_path):
     settings = load(ok_env())
     assert settings.secret == SECRET
     assert settings.jwt_algorithms == ("HS256",)
@@ -80,7 +81,21 @@ def test_defaults(load):
     for endpoint in (settings.publish_endpoint, settings.fanout_endpoint, settings.control_endpoint):
         assert endpoint.startswith("tcp://127.0.0.1:")
     assert len({settings.publish_endpoint, settings.fanout_endpoint, settings.control_endpoint}) == 3
-    assert settings == dataclasses.replace(Settings(), secret=SECRET)
+    assert settings.root == str(PROJECT_ROOT)  # tests run from the checkout
+    assert settings.secret_file == str(tmp_path / "flow_secret")
+    assert settings.app_secret_file == str(tmp_path / "app_secret")
+    assert settings.app_secret == ""
+    assert settings.app == "app:create_app()"
+    assert (settings.app_workers, settings.app_threads) == (2, 8)
+    assert settings.nginx_workers == "auto"
+    assert settings.max_connections == 20000
+    assert settings.header_timeout == 10
+    assert (settings.tls_cert, settings.tls_key, settings.python) == ("", "", "")
+    assert settings.unknown == ()
+    assert settings == dataclasses.replace(
+        Settings(), secret=SECRET, root=str(PROJECT_ROOT), secret_file=str(tmp_path / "flow_secret"),
+        app_secret_file=str(tmp_path / "app_secret"),
+    )
 
 
 def test_settings_are_frozen(load):
@@ -262,30 +277,51 @@ def test_endpoints_accepted(load, good):
 # ---------------------------------------------------------------- secrets and keys
 
 
+def refused_for_roles(settings: Settings, variable: str, roles=("verifier", "issuer")) -> None:
+    """Every token role refuses the settings with one line naming ``variable``."""
+    for role in roles:
+        with pytest.raises(SettingsError) as info:
+            settings.check(role)
+        assert str(info.value).startswith(variable), (role, str(info.value))
+        assert "\n" not in str(info.value)
+
+
+def test_loading_asks_for_no_secret(load):
+    """PROTOCOL section 5: a publisher or the proxy needs no token secret."""
+    settings = load({})
+    assert settings.secret == ""
+    for role in (None, "publisher", "proxy"):
+        settings.check(role)
+    assert settings.problems("publisher", "proxy") == []
+
+
 def test_missing_secret_refused_for_hs(load):
-    with pytest.raises(SettingsError, match="^FLOW_SECRET"):
-        load({})
+    refused_for_roles(load({}), "FLOW_SECRET")
 
 
 def test_short_secret_refused_for_hs(load):
-    with pytest.raises(SettingsError, match="^FLOW_SECRET"):
-        load({"FLOW_SECRET": "x" * 31})
-    assert load({"FLOW_SECRET": "x" * 32}).secret == "x" * 32
+    refused_for_roles(load({"FLOW_SECRET": "x" * 31}), "FLOW_SECRET")
+    settings = load({"FLOW_SECRET": "x" * 32})
+    settings.check_verifier()
+    settings.check_issuer()
 
 
 def test_secret_is_counted_in_bytes(load):
     # 16 characters, 32 bytes in UTF-8
-    assert load({"FLOW_SECRET": "é" * 16}).secret == "é" * 16
-    with pytest.raises(SettingsError, match="^FLOW_SECRET"):
-        load({"FLOW_SECRET": " " * 40})  # whitespace only: stripped to nothing
+    load({"FLOW_SECRET": "é" * 16}).check_verifier()
+    refused_for_roles(load({"FLOW_SECRET": " " * 40}), "FLOW_SECRET")  # whitespace only: stripped
 
 
 @pytest.mark.parametrize("alg, minimum", [("HS384", 48), ("HS512", 64)])
 def test_longer_hashes_need_longer_secrets(load, alg, minimum):
     """RFC 7518 section 3.2: the key is at least as long as the hash output."""
-    with pytest.raises(SettingsError, match="^FLOW_SECRET"):
-        load({"FLOW_SECRET": "x" * (minimum - 1), "FLOW_JWT_ALGORITHMS": alg})
-    assert load({"FLOW_SECRET": "x" * minimum, "FLOW_JWT_ALGORITHMS": alg}).secret == "x" * minimum
+    refused_for_roles(load({"FLOW_SECRET": "x" * (minimum - 1), "FLOW_JWT_ALGORITHMS": alg}), "FLOW_SECRET")
+    load({"FLOW_SECRET": "x" * minimum, "FLOW_JWT_ALGORITHMS": alg}).check("verifier")
+
+
+def test_pem_key_as_hmac_secret_refused(load, rsa_pems):
+    """PyJWT's own HMAC key check: a PEM key or certificate is no HMAC secret."""
+    refused_for_roles(load({"FLOW_SECRET": rsa_pems[1]}), "FLOW_SECRET")
 
 
 def test_secret_read_from_secret_file(load):
@@ -303,21 +339,23 @@ def test_secret_file_from_environment_variable(tmp_path, nowhere):
     path.write_text(SECRET)
     settings = load_settings({"FLOW_SECRET_FILE": str(path)}, env_file=nowhere)
     assert settings.secret == SECRET
+    assert settings.secret_file == str(path)
 
 
 def test_short_secret_file_refused(load):
-    with pytest.raises(SettingsError, match="^FLOW_SECRET"):
-        load({}, secret_text="short\n")
+    refused_for_roles(load({}, secret_text="short\n"), "FLOW_SECRET")
 
 
 def test_mixing_hs_and_rs_refused(load, rsa_pems):
-    with pytest.raises(SettingsError, match="^FLOW_JWT_ALGORITHMS"):
-        load(ok_env(FLOW_JWT_ALGORITHMS="HS256,RS256", FLOW_JWT_PUBLIC_KEY=rsa_pems[1]))
+    settings = load(ok_env(FLOW_JWT_ALGORITHMS="HS256,RS256", FLOW_JWT_PUBLIC_KEY=rsa_pems[1]))
+    refused_for_roles(settings, "FLOW_JWT_ALGORITHMS")
+    settings.check("publisher")  # a publisher does not read them
 
 
 def test_rs256_without_a_key_refused(load):
-    with pytest.raises(SettingsError, match="^FLOW_JWT_PUBLIC_KEY"):
-        load({"FLOW_JWT_ALGORITHMS": "RS256"})
+    settings = load({"FLOW_JWT_ALGORITHMS": "RS256"})
+    refused_for_roles(settings, "FLOW_JWT_PUBLIC_KEY", roles=("verifier",))
+    refused_for_roles(settings, "FLOW_JWT_PRIVATE_KEY", roles=("issuer", "app"))
 
 
 def test_rs256_with_inline_public_key(load, rsa_pems):
@@ -391,6 +429,28 @@ def test_env_file_not_utf8(load, tmp_path):
     assert str(env_file) in str(info.value)
 
 
+def test_app_secret_from_environment_or_file(load, tmp_path):
+    assert load(ok_env(FLOW_APP_SECRET="a" * 40)).app_secret == "a" * 40
+    path = tmp_path / "custom_app_secret"
+    path.write_text("b" * 40 + "\n")
+    settings = load_settings({"FLOW_APP_SECRET_FILE": str(path)}, env_file=tmp_path / "none")
+    assert settings.app_secret == "b" * 40
+    assert settings.app_secret_file == str(path)
+    # The environment wins over the file.
+    assert load_settings({"FLOW_APP_SECRET_FILE": str(path), "FLOW_APP_SECRET": "c" * 40},
+                         env_file=tmp_path / "none").app_secret == "c" * 40
+
+
+def test_relative_secret_files_resolve_against_root(tmp_path):
+    (tmp_path / "keys").mkdir()
+    (tmp_path / "keys" / "jwt").write_text(SECRET)
+    (tmp_path / "keys" / "app").write_text("d" * 40)
+    settings = load_settings({"FLOW_ROOT": str(tmp_path), "FLOW_SECRET_FILE": "keys/jwt",
+                              "FLOW_APP_SECRET_FILE": "keys/app"})
+    assert (settings.secret, settings.app_secret) == (SECRET, "d" * 40)
+    assert settings.secret_file == str(tmp_path.resolve() / "keys" / "jwt")
+
+
 def test_secret_file_not_utf8(tmp_path):
     secret_file = tmp_path / "s"
     secret_file.write_bytes(b"\xff" * 40)
@@ -419,18 +479,18 @@ def test_as_env_round_trips(load, nowhere):
     assert env["FLOW_ALLOWED_ORIGINS"] == "https://a.example,https://b.example"
     assert env["FLOW_JWT_ALGORITHMS"] == "HS256,HS384"
     assert all(key.startswith("FLOW_") and isinstance(value, str) for key, value in env.items())
-    assert load_settings(env, env_file=nowhere, secret_file=nowhere) == settings
+    assert load_settings(env, env_file=nowhere) == settings
 
 
 def test_as_env_round_trips_defaults(load, nowhere):
     settings = load(ok_env())
-    assert load_settings(settings.as_env(), env_file=nowhere, secret_file=nowhere) == settings
+    assert load_settings(settings.as_env(), env_file=nowhere) == settings
 
 
 def test_as_env_round_trips_a_secret_from_the_secret_file(load, nowhere):
     settings = load({}, secret_text=SECRET)
     assert settings.as_env()["FLOW_SECRET"] == SECRET
-    assert load_settings(settings.as_env(), env_file=nowhere, secret_file=nowhere) == settings
+    assert load_settings(settings.as_env(), env_file=nowhere) == settings
 
 
 def test_as_env_round_trips_keys_read_from_files(load, tmp_path, nowhere, rsa_pems):
@@ -444,7 +504,7 @@ def test_as_env_round_trips_keys_read_from_files(load, tmp_path, nowhere, rsa_pe
             "FLOW_JWT_PUBLIC_KEY": str(public_path),
         }
     )
-    assert load_settings(settings.as_env(), env_file=nowhere, secret_file=nowhere) == settings
+    assert load_settings(settings.as_env(), env_file=nowhere) == settings
 
 
 def test_as_env_round_trip_beats_the_env_file(load, tmp_path, nowhere):
@@ -452,7 +512,7 @@ def test_as_env_round_trip_beats_the_env_file(load, tmp_path, nowhere):
     settings = load(ok_env(FLOW_HTTP_PORT="8082"))
     other_file = tmp_path / "other.env"
     other_file.write_text("FLOW_HTTP_PORT=9000\nFLOW_HEARTBEAT=7\n")
-    assert load_settings(settings.as_env(), env_file=other_file, secret_file=nowhere) == settings
+    assert load_settings(settings.as_env(), env_file=other_file) == settings
 
 
 def test_describe_masks_the_secret(load):
@@ -529,8 +589,187 @@ def test_config_command_bad_value_exits_2_with_one_line(tmp_path):
     assert "Traceback" not in result.stderr
 
 
-def test_config_command_missing_secret_exits_2(tmp_path):
-    result = _run_config(tmp_path, FLOW_SECRET="")
-    assert result.returncode == 2
-    assert len(result.stderr.splitlines()) == 1
-    assert "FLOW_SECRET" in result.stderr
+def test_config_command_needs_no_secret(tmp_path):
+    """Printing the settings is no role that holds a secret; `flow check` reports it missing."""
+    result = _run_config(tmp_path, FLOW_SECRET="", FLOW_APP_SECRET_FILE=str(tmp_path / "none"))
+    assert result.returncode == 0, result.stderr
+    assert "FLOW_SECRET=(unset)" in result.stdout.splitlines()
+
+
+# ---------------------------------------------------------------- error sentences
+
+
+@pytest.mark.parametrize(
+    "variable, value, sentence",
+    [
+        ("FLOW_WS_PORT", "abc", "must be a TCP port, a whole number from 1 to 65535"),
+        ("FLOW_HTTP_PORT", "50.5", "must be a TCP port, a whole number from 1 to 65535"),
+        ("FLOW_HTTP_PORT", "", "must be a TCP port, a whole number from 1 to 65535"),
+        ("FLOW_WS_PROCESSES", "two", "must be a whole number"),
+        ("FLOW_MAX_MESSAGE", "1.5", "must be a whole number"),
+        ("FLOW_HISTORY_SIZE", "", "must be a whole number"),
+        ("FLOW_MAX_CONNECTIONS", "lots", "must be a whole number"),
+        ("FLOW_APP_WORKERS", "0", "must be a whole number of at least 1"),
+        ("FLOW_HEARTBEAT", "soon", "must be a number"),
+        ("FLOW_HISTORY_TTL", "5m", "must be a number"),
+        ("FLOW_RATE_LIMIT", "", "must be a number"),
+        ("FLOW_HEARTBEAT", "inf", "must be a finite number"),
+        ("FLOW_NGINX_WORKERS", "many", "must be 'auto' or a whole number of at least 1"),
+        ("FLOW_NGINX_WORKERS", "0", "must be 'auto' or a whole number of at least 1"),
+    ],
+)
+def test_bad_numbers_get_a_sentence(load, variable, value, sentence):
+    """Not int()'s "invalid literal for int() with base 10": a sentence, the variable, the value."""
+    with pytest.raises(SettingsError) as info:
+        load(ok_env(**{variable: value}))
+    message = str(info.value)
+    assert message.startswith(f"{variable}={value!r}: {sentence}"), message
+    for python_words in ("invalid literal", "could not convert", "base 10"):
+        assert python_words not in message
+
+
+def test_every_number_parser_speaks_a_sentence(load):
+    """Each int, float and port setting, given a word: no Python error text in the line."""
+    numeric = [f for f in dataclasses.fields(Settings) if f.type in ("int", "float", int, float)]
+    assert len(numeric) > 20
+    for field in numeric:
+        variable = "FLOW_" + field.name.upper()
+        with pytest.raises(SettingsError) as info:
+            load(ok_env(**{variable: "lots"}))
+        message = str(info.value)
+        assert message.startswith(f"{variable}='lots': must be "), message
+        assert "must be a" in message and "invalid literal" not in message and "convert" not in message
+
+
+def test_secret_values_are_not_echoed_in_sentences(load):
+    with pytest.raises(SettingsError) as info:
+        load({"FLOW_APP_SECRET": "secret-\udcff"})
+    assert info.value.args[0].startswith("FLOW_APP_SECRET=(hidden)")
+
+
+@pytest.mark.parametrize("value, expected", [("auto", "auto"), (" AUTO ", "auto"), ("4", "4"), (" 2 ", "2")])
+def test_nginx_workers_accepted(load, value, expected):
+    assert load(ok_env(FLOW_NGINX_WORKERS=value)).nginx_workers == expected
+
+
+# ---------------------------------------------------------------- unknown FLOW_ names
+
+
+def test_unknown_names_reported_with_a_suggestion(load):
+    settings = load(ok_env(FLOW_HTTP_PROT="6000", FLOW_WS_PROCESSSES="3", FLOW_ZZZ="1"),
+                    env_text="FLOW_HEARTBEET=5\nFLOW_WS_PORT=5999\n")
+    assert settings.unknown == ("FLOW_HEARTBEET", "FLOW_HTTP_PROT", "FLOW_WS_PROCESSSES", "FLOW_ZZZ")
+    assert settings.http_port == 5000  # a typo sets nothing
+    lines = settings.describe_unknown()
+    assert lines == [
+        "FLOW_HEARTBEET is not a Flow setting (did you mean FLOW_HEARTBEAT?); it is ignored",
+        "FLOW_HTTP_PROT is not a Flow setting (did you mean FLOW_HTTP_PORT?); it is ignored",
+        "FLOW_WS_PROCESSSES is not a Flow setting (did you mean FLOW_WS_PROCESSES?); it is ignored",
+        "FLOW_ZZZ is not a Flow setting; it is ignored",
+    ]
+
+
+def test_known_names_are_not_unknown(load, tmp_path):
+    """Every setting, and what the stack itself passes to its processes (flowcore.nginx's
+    derived variables, FLOW_ENV_FILE, FLOW_ROOT), is known."""
+    from flowcore.nginx import stack_env
+    from flowcore.settings import META_VARIABLES
+
+    settings = load(ok_env())
+    env = {**settings.as_env(), **stack_env(settings), "FLOW_ENV_FILE": str(tmp_path / "none")}
+    assert load_settings(env, env_file=tmp_path / "none").unknown == ()
+    assert {"FLOW_ENV_FILE", "FLOW_WS_READ_TIMEOUT"} <= META_VARIABLES
+    assert settings.describe_unknown() == []
+
+
+def test_stack_environment_of_the_tests_is_known(tmp_path):
+    from support import base_env
+
+    env = base_env(tmp_path, FLOW_WS_PROCESSES=3, FLOW_NGINX_WORKERS=1, FLOW_ROOT=str(PROJECT_ROOT))
+    assert load_settings(env).unknown == ()
+
+
+def test_lowercase_or_other_prefixes_are_not_reported(load):
+    assert load(ok_env(flow_http_prot="1", FLOWHTTP="2", HTTP_PORT="3")).unknown == ()
+
+
+# ---------------------------------------------------------------- the app's session key
+
+
+def test_app_secret_check(load):
+    refused = [load(ok_env()), load(ok_env(FLOW_APP_SECRET="a" * 31)), load(ok_env(FLOW_APP_SECRET=SECRET))]
+    for settings in refused:
+        with pytest.raises(SettingsError, match="^FLOW_APP_SECRET") as info:
+            settings.check_app_secret()
+        assert "\n" not in str(info.value)
+        assert SECRET not in str(info.value)
+        assert settings.problems("app") == [str(info.value)]
+    good = load(ok_env(FLOW_APP_SECRET="a" * 32))
+    good.check_app_secret()
+    good.check("app")
+    assert good.problems("verifier", "issuer", "app", "proxy", "publisher") == []
+
+
+def test_app_secret_is_not_needed_by_other_roles(load):
+    settings = load(ok_env())
+    for role in ("verifier", "issuer", "proxy", "publisher"):
+        settings.check(role)
+
+
+def test_unknown_role_is_a_programming_error(load):
+    with pytest.raises(ValueError, match="unknown role"):
+        load(ok_env()).check("server")
+
+
+def test_app_secret_is_masked(load):
+    settings = load(ok_env(FLOW_APP_SECRET="q" * 40))
+    assert "q" * 40 not in settings.describe() and "q" * 40 not in repr(settings)
+    assert "FLOW_APP_SECRET=(set)" in settings.describe().splitlines()
+
+
+# ---------------------------------------------------------------- generated secret files
+
+
+def test_ensure_secret_files_generates_both(tmp_path):
+    from flowcore.settings import ensure_secret_files
+
+    root = tmp_path / "project"
+    root.mkdir()
+    env = {"FLOW_ROOT": str(root)}
+    before = load_settings(env)
+    assert before.problems("verifier", "app")  # nothing to sign or keep sessions with yet
+    written = ensure_secret_files(before)
+    assert written == [root.resolve() / ".flow_secret", root.resolve() / ".flow_app_secret"]
+    for path in written:
+        assert path.stat().st_mode & 0o777 == 0o600
+        assert len(path.read_text().strip()) == 64
+    after = load_settings(env)
+    assert after.secret != after.app_secret
+    assert after.problems("verifier", "issuer", "app") == []
+    # Kept, not regenerated.
+    assert ensure_secret_files(after) == []
+    assert load_settings(env) == after
+    assert sorted(p.name for p in root.iterdir()) == [".flow_app_secret", ".flow_secret"]  # no temp files
+
+
+def test_ensure_secret_files_respects_what_is_given(tmp_path, rsa_pems):
+    from flowcore.settings import ensure_secret_files
+
+    root = tmp_path / "project"
+    root.mkdir()
+    # Secrets in the environment: no file.
+    given = load_settings({"FLOW_ROOT": str(root), "FLOW_SECRET": SECRET, "FLOW_APP_SECRET": "a" * 40})
+    assert ensure_secret_files(given) == []
+    # Public-key tokens: no JWT secret, but the app's session key still.
+    rs = load_settings({"FLOW_ROOT": str(root), "FLOW_JWT_ALGORITHMS": "RS256",
+                        "FLOW_JWT_PRIVATE_KEY": rsa_pems[0]})
+    assert ensure_secret_files(rs) == [root.resolve() / ".flow_app_secret"]
+    # An existing file, even a bad one, is never overwritten.
+    (root / "short").write_text("short\n")
+    bad = load_settings({"FLOW_ROOT": str(root), "FLOW_SECRET_FILE": "short"})
+    assert ensure_secret_files(bad) == []
+    assert (root / "short").read_text() == "short\n"
+    # Custom places, in a directory that does not exist yet.
+    custom = load_settings({"FLOW_ROOT": str(root), "FLOW_SECRET_FILE": "keys/jwt",
+                            "FLOW_APP_SECRET_FILE": str(tmp_path / "elsewhere" / "app")})
+    assert ensure_secret_files(custom) == [root.resolve() / "keys" / "jwt", tmp_path / "elsewhere" / "app"]
