@@ -6,11 +6,16 @@
 
 ``push`` validates and encodes in the caller, then hands the bytes to the engine
 FLOW_ENGINE names (:func:`flowcore.engine.publisher_engine`) without waiting on the
-network. The engine queues before its link is up and is flushed at exit, so a message
-pushed right after start or right before exit is delivered. It is bounded
-(FLOW_PUSH_QUEUE): when the engine is unreachable and the queue is full, ``QueueFull`` is
-raised in the caller instead of a silent drop. Safe from many threads, and in pre-forked
-workers: a forked child opens its own link.
+network. The engine queues before its link is up, so a message pushed right after start
+is delivered. It is bounded (FLOW_PUSH_QUEUE): when the engine is unreachable and the
+queue is full, ``QueueFull`` is raised in the caller instead of a silent drop. Safe from
+many threads, and in pre-forked workers: a forked child opens its own link.
+
+Nothing is dropped in silence (PROTOCOL.md section 5): ``flush(timeout)`` asks the engine
+to confirm that it took every message pushed so far and returns how many are still
+unconfirmed; at exit each publisher flushes for up to FLOW_PUSH_LINGER seconds, and what
+is still unconfirmed then is reported, once, with its count, on stderr and in the
+"flow.publisher" log.
 """
 
 from __future__ import annotations
@@ -18,7 +23,9 @@ from __future__ import annotations
 import atexit
 import logging
 import os
+import sys
 import threading
+import time
 import weakref
 from typing import Any, Callable, Mapping
 
@@ -27,7 +34,7 @@ from flowcore.engine import PublisherEngine, QueueFull, publisher_engine
 from flowcore.engines import zmq as _zmq_engine
 from flowcore.settings import Settings, load_settings
 
-__all__ = ["Flow", "QueueFull", "InvalidMessage", "push", "push_all", "configure"]
+__all__ = ["Flow", "QueueFull", "InvalidMessage", "push", "push_all", "flush", "configure", "issue_token"]
 
 log = logging.getLogger("flow.publisher")
 
@@ -62,6 +69,7 @@ class Flow:
         serializer: Callable[[Any], bytes] | None = None,  # must produce JSON
     ) -> None:
         settings = settings or load_settings()
+        self.settings = settings
         self.max_message = max_message or settings.max_message
         self.queue_size = queue_size or settings.push_queue
         self.linger = settings.push_linger if linger is None else linger
@@ -77,6 +85,11 @@ class Flow:
         self._serializer = None if serializer is protocol.fast_dumps else serializer
         self._lock = threading.Lock()
         self._closed = False
+        self._closing = False
+        # Frames handed to the engine, and how many of the first ones it confirmed taking
+        # (flush): the difference is what would be lost if the process ended now.
+        self._handed_over = 0
+        self._confirmed = 0
         _instances.add(self)
 
     @classmethod
@@ -115,6 +128,7 @@ class Flow:
             if sock is not None:  # ZeroMQ fast path (_hand_over, inlined)
                 try:
                     _zmq_send(sock, frame, _ZMQ_NOBLOCK)
+                    self._handed_over += 1
                     return
                 except _ZmqRefused:
                     pass  # the engine tries once more, and raises QueueFull
@@ -136,6 +150,7 @@ class Flow:
         if sock is not None:
             try:
                 _zmq_send(sock, frame, _ZMQ_NOBLOCK)
+                self._handed_over += 1
                 return
             except _ZmqRefused:
                 pass
@@ -146,6 +161,7 @@ class Flow:
             raise RuntimeError("this Flow publisher is closed")
         engine = self._engine
         engine.send(frame)  # opens the engine's link at the first push; may raise QueueFull
+        self._handed_over += 1
         if type(engine) is _zmq_engine.ZmqPublisherEngine:
             self._zmq_socket = engine.socket
 
@@ -155,16 +171,70 @@ class Flow:
             raise InvalidMessage('username "*" is reserved: use push_all for broadcasts')
         return protocol.push_parts(username, message_id)  # type: ignore[arg-type]
 
+    def flush(self, timeout: float | None = None) -> int:
+        """Wait up to ``timeout`` seconds (default: the linger, FLOW_PUSH_LINGER) for the
+        engine to confirm it took every message pushed so far; the number still unconfirmed
+        (0: all handed over). Returns 0 at once when there is nothing to confirm. Pushes
+        from other threads go on meanwhile; those made after the call began may count in
+        the result. Safe from many threads at once."""
+        timeout = self.linger if timeout is None else max(0.0, timeout)
+        deadline = time.monotonic() + timeout
+        engine = self._engine
+        while True:
+            with self._lock:
+                covered = self._handed_over
+                if covered == self._confirmed:
+                    return 0
+                # Under the lock: the marker is then behind every push counted in `covered`.
+                token = None if self._closed or timeout <= 0 else engine.flush_marker()
+            if token is not None:
+                break
+            if self._closed or time.monotonic() >= deadline:
+                return covered - self._confirmed
+            time.sleep(0.02)  # the queue is full: room comes when the engine does
+        if engine.wait_flushed(token, deadline - time.monotonic()):
+            with self._lock:
+                self._confirmed = max(self._confirmed, covered)
+        return self._handed_over - self._confirmed
+
     def close(self) -> None:
-        """Flush what is queued (up to the linger time) and release the engine's link."""
+        """Flush (up to the linger time), release the engine's link, and report what the
+        engine did not confirm taking: once, with its count, on stderr and in the log.
+        Pushing to a closed publisher raises RuntimeError (a programming error, not a
+        refused message)."""
         with self._lock:
-            if self._closed:
+            if self._closed or self._closing:
                 return
-            self._closed = True
-            self._zmq_socket = None
-        # Outside the lock: a push from another thread meanwhile is refused at once
-        # (closed) instead of waiting for the flush.
-        self._engine.close()
+            self._closing = True
+        # Outside the lock: pushes from other threads go on during the flush; any the flush
+        # did not cover are counted below.
+        try:
+            self.flush(self.linger)
+        finally:
+            with self._lock:
+                self._closed = True
+                self._zmq_socket = None
+                lost = self._handed_over - self._confirmed
+        # Everything was confirmed, or the linger is spent: no second wait.
+        self._engine.close(linger=0)
+        if lost:
+            self._report_lost(lost)
+
+    def _report_lost(self, lost: int) -> None:
+        text = (
+            f"{lost} message{'' if lost == 1 else 's'} pushed by this process could not be handed "
+            f"over to the engine at {self.endpoint} (not confirmed within {self.linger:g}s: proxy "
+            f"unreachable or too slow, see FLOW_PUSH_LINGER); they are lost"
+        )
+        try:
+            if sys.stderr is not None:
+                sys.stderr.write(f"flow: {text}\n")
+                sys.stderr.flush()
+        except (OSError, ValueError):
+            pass  # stderr closed: the log below is all there is
+        # Without a handler, logging would print the same line on stderr a second time.
+        if log.hasHandlers():
+            log.warning("%s", text)
 
     def _forget_after_fork(self) -> None:
         # The parent's link belongs to the parent: the engine drops it without touching it,
@@ -172,6 +242,8 @@ class Flow:
         self._engine.forget_after_fork()
         self._zmq_socket = None
         self._lock = threading.Lock()
+        # The parent's pushes are the parent's to confirm and report.
+        self._handed_over = self._confirmed = 0
 
 
 def _after_fork_in_child() -> None:
@@ -223,3 +295,41 @@ def push(username: str, message_id: str, data: Any = None) -> None:
 def push_all(message_id: str, data: Any = None) -> None:
     """Push to every authenticated socket (see :meth:`Flow.push_all`)."""
     _get_default().push_all(message_id, data)
+
+
+def flush(timeout: float | None = None) -> int:
+    """Flush the default publisher (see :meth:`Flow.flush`): the number of its messages the
+    engine has not confirmed taking within ``timeout``. 0 when nothing was pushed."""
+    default = _default
+    return 0 if default is None else default.flush(timeout)
+
+
+# Claims a token's holder must not choose: the identity, the times, and the audience and
+# issuer the servers check.
+_RESERVED_CLAIMS = frozenset({"username", "sub", "exp", "iat", "nbf", "aud", "iss"})
+
+
+def issue_token(username: str, /, ttl: int | None = None, **claims: Any) -> str:
+    """A signed socket token for ``username`` (PROTOCOL.md section 2), valid ``ttl`` seconds
+    (default FLOW_TOKEN_TTL), for the app's ``/socket_auth_token``. Signed with the default
+    publisher's settings (FLOW_SECRET, or FLOW_JWT_PRIVATE_KEY for public-key algorithms).
+    Extra ``claims`` are added to the token; the reserved ones (username, sub, exp, iat,
+    nbf, aud, iss) are refused with ValueError, as is a bad username."""
+    # Imported here: a process that only pushes needs neither the JWT library nor a secret.
+    from flowcore import tokens
+
+    protocol.check_username(username)  # before settings are read: a bad name is the caller's
+    reserved = _RESERVED_CLAIMS.intersection(claims)
+    if reserved:
+        raise ValueError(f"claim {sorted(reserved)[0]!r} is set by Flow, not by the caller")
+    settings = _get_default().settings
+    token = tokens.issue_token(settings, username, ttl)
+    if not claims:
+        return token
+    import jwt
+
+    # The standard claims stay exactly as tokens.issue_token made them.
+    payload = {**claims, **jwt.decode(token, options={"verify_signature": False})}
+    # The key tokens.issue_token just signed with (its helper's public name, or the old private one).
+    signing_key = getattr(tokens, "signing_key", None) or getattr(tokens, "_signing_key")
+    return jwt.encode(payload, signing_key(settings), algorithm=settings.jwt_algorithms[0])

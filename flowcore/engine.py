@@ -4,7 +4,8 @@ An engine has two sides:
 
 - the publisher side (:class:`PublisherEngine`), inside ``flow.Flow``: takes the one
   frame of a push (``protocol.encode_push``) without blocking, queues it (bounded) while
-  the engine is unreachable, flushes at exit;
+  the engine is unreachable, and confirms on request that what it took has reached the
+  engine (``flow.flush``, and at exit, where what is not confirmed is reported);
 - the server side (:class:`ServerEngine`), inside each WebSocket server: subscribes to
   streams, hands every numbered message and position to the server's hub
   (:class:`EngineSink`), and answers history requests.
@@ -103,8 +104,24 @@ class PublisherEngine(Protocol):
         """Hand one push frame over without blocking; raise :class:`QueueFull` when the
         engine is unreachable and the queue is full."""
 
-    def close(self) -> None:
-        """Flush what is queued (up to the linger time), then release everything."""
+    def flush_marker(self) -> str | None:
+        """Mark the point behind every frame sent so far, without blocking (thread-safety
+        is the caller's, as for :meth:`send`); a token for :meth:`wait_flushed`. None when
+        nothing can be marked now: nothing sent, closed, or the queue is full."""
+
+    def wait_flushed(self, token: str, timeout: float) -> bool:
+        """Whether the engine confirms, within ``timeout`` seconds, that it has taken every
+        frame sent before the marker ``token``. Safe from many threads at once, without
+        the caller's lock (pushes go on meanwhile)."""
+
+    def flush(self, timeout: float) -> bool:
+        """:meth:`flush_marker` then :meth:`wait_flushed`, retrying the marker while the
+        queue is full; True at once when nothing was sent. Thread-safety is the caller's."""
+
+    def close(self, linger: float | None = None) -> None:
+        """Release everything, after waiting up to ``linger`` seconds (default: the
+        engine's linger) for queued frames to go out. ``flow.Flow`` flushes first, reports
+        what was not confirmed, and closes with linger 0."""
 
     def forget_after_fork(self) -> None:
         """In a forked child: drop the parent's resources without touching them."""

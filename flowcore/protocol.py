@@ -724,3 +724,72 @@ def pong() -> str:
 
 def error(reason: str) -> str:
     return dumps({"id": "ERROR", "reason": reason}).decode("utf-8")
+
+
+# ---------------------------------------------------------------- flush (publisher <-> proxy)
+#
+# PUSH/PULL has no acknowledgement, so a publisher learns that the proxy has taken
+# everything it pushed up to some point from two messages carrying one token (16 random
+# bytes as 32 lowercase hex digits):
+#
+#   publisher -> proxy, on the PUSH socket, behind the pushes it covers (one frame):
+#       b"F1\0" token
+#   publisher -> proxy, on a DEALER to the control socket (after the empty delimiter):
+#       {"op": "flush", "rid": n, "token": t}
+#   proxy -> publisher, once it has taken both, in either order:
+#       {"rid": n, "streams": {}, "flushed": t}
+#
+# The marker is never numbered and never fanned out. ZeroMQ keeps one PUSH socket's frames
+# in order, so when the proxy takes the marker it has taken every frame before it. A half
+# whose other half does not come is forgotten after a minute (and only so many are kept).
+# The publisher asks again every second while it waits: a proxy restarted in between has
+# the marker but never got the first request.
+
+FLUSH_PREFIX = b"F1\0"
+FLUSH_TOKEN_CHARS = 32
+_FLUSH_TOKEN = re.compile(rb"[0-9a-f]{32}")
+
+
+def flush_marker(token: str) -> bytes:
+    """The marker frame a publisher sends on its PUSH socket, behind what it covers."""
+    return FLUSH_PREFIX + token.encode("ascii")
+
+
+def parse_flush_marker(raw: bytes) -> str:
+    """The token of a marker frame (which starts with FLUSH_PREFIX). Raises ProtocolError."""
+    token = raw[len(FLUSH_PREFIX) :]
+    if not raw.startswith(FLUSH_PREFIX) or not _FLUSH_TOKEN.fullmatch(token):
+        raise ProtocolError(f"a flush marker is {FLUSH_PREFIX!r} and {FLUSH_TOKEN_CHARS} lowercase hex digits")
+    return token.decode("ascii")
+
+
+def build_flush_request(request_id: int, token: str) -> bytes:
+    return dumps({"op": "flush", "rid": request_id, "token": token})
+
+
+def parse_flush_request(raw: bytes) -> tuple[int, str]:
+    """``(rid, token)`` of a flush request; any other bytes raise ProtocolError."""
+    return _parse_flush(raw, "op", "flush", "token")
+
+
+def build_flush_reply(request_id: int, token: str) -> bytes:
+    return dumps({"rid": request_id, "streams": {}, "flushed": token})
+
+
+def parse_flush_reply(raw: bytes) -> tuple[int, str]:
+    """``(rid, token)`` of a flush reply (the frame after the empty delimiter)."""
+    return _parse_flush(raw, "streams", {}, "flushed")
+
+
+def _parse_flush(raw: bytes, key: str, value: object, token_key: str) -> tuple[int, str]:
+    try:
+        obj = _orjson_loads(raw)
+    except (orjson.JSONDecodeError, RecursionError):
+        raise ProtocolError("not a flush message: not JSON") from None
+    if not isinstance(obj, dict) or obj.get(key) != value:
+        raise ProtocolError("not a flush message")
+    request_id, token = obj.get("rid"), obj.get(token_key)
+    if (type(request_id) is not int or not isinstance(token, str) or not token.isascii()
+            or not _FLUSH_TOKEN.fullmatch(token.encode("ascii"))):
+        raise ProtocolError("bad flush message: rid is not an integer or the token not 32 hex digits")
+    return request_id, token

@@ -46,7 +46,7 @@ from typing import Any, Callable, Iterator, NamedTuple
 import zmq
 
 from . import compat, protocol
-from .settings import PROJECT_ROOT, Settings
+from .settings import Settings
 
 log = logging.getLogger("flow.proxy")
 
@@ -486,6 +486,66 @@ def _short(exc: object, limit: int = 200) -> str:
     return text if len(text) <= limit else text[:limit] + "..."
 
 
+# ---------------------------------------------------------------- publishers' flushes
+
+FLUSH_PREFIX = protocol.FLUSH_PREFIX
+# How long, and how many, halves of a flush (a marker or a request) wait for the other.
+FLUSH_WAIT = 60.0
+FLUSH_KEPT = 10_000
+
+
+class FlushMatcher:
+    """Pairs each publisher's flush marker (taken on PULL) with its request (on control),
+    whichever comes first (protocol.py, the flush section). No I/O. What waits is bounded in
+    time and number, so that halves that never pair (a publisher gone, a proxy restarted,
+    anyone sending junk) cost nothing for long."""
+
+    def __init__(self, warnings: WarningLimiter, wait: float = FLUSH_WAIT, kept: int = FLUSH_KEPT) -> None:
+        self.warnings = warnings
+        self.wait = wait
+        self.kept = kept
+        # token -> when it came; oldest first (dicts keep insertion order).
+        self._markers: dict[str, float] = {}
+        # token -> (when it came, routing id, rid)
+        self._requests: dict[str, tuple[float, bytes, int]] = {}
+
+    def marker(self, token: str, now: float) -> tuple[bytes, int] | None:
+        """The marker came: the request to answer now (routing id, rid), if it came first."""
+        waiting = self._requests.pop(token, None)
+        if waiting is not None:
+            return waiting[1], waiting[2]
+        self._markers.pop(token, None)
+        self._markers[token] = now
+        self._forget(self._markers, now)
+        return None
+
+    def request(self, token: str, identity: bytes, request_id: int, now: float) -> bool:
+        """The request came: True when its marker came first, so it is answered now."""
+        if self._markers.pop(token, None) is not None:
+            return True
+        self._requests.pop(token, None)
+        self._requests[token] = (now, identity, request_id)
+        self._forget(self._requests, now)
+        return False
+
+    def _forget(self, table: dict[str, Any], now: float) -> None:
+        cutoff = now - self.wait
+        crowded = 0
+        while table:
+            oldest = next(iter(table))
+            entry = table[oldest]
+            if (entry if isinstance(entry, float) else entry[0]) >= cutoff and len(table) <= self.kept:
+                break
+            if len(table) > self.kept:
+                crowded += 1
+            del table[oldest]
+        if crowded:
+            self.warnings.warn("flush", "forgot %d unanswered flush halves: more than %d wait", crowded, self.kept)
+
+    def __len__(self) -> int:
+        return len(self._markers) + len(self._requests)
+
+
 # ---------------------------------------------------------------- the loop
 
 
@@ -495,13 +555,14 @@ class Proxy:
 
     def __init__(self, settings: Settings, context: zmq.Context[Any] | None = None) -> None:
         self.settings = settings
-        run_dir = Path(settings.run_dir)
-        self.state_path = (run_dir if run_dir.is_absolute() else PROJECT_ROOT / run_dir) / STATE_FILE
+        self.state_path = settings.path(settings.run_dir) / STATE_FILE
         self.identity = state_identity(settings)
         self.log = MessageLog(settings.history_size, settings.history_ttl)
         self.warnings = WarningLimiter(log)
         self.stop_requested = False
         self.numbered = 0
+        self.flushes = FlushMatcher(self.warnings)
+        self.flushed = 0  # flush requests answered
         # Restored streams -> subscriptions still to come back before we take pushes.
         self.awaited: dict[str, int] = {}
         # The longest push a publisher with our settings may send, plus its head.
@@ -622,7 +683,11 @@ class Proxy:
             try:
                 push = decode(raw)
             except protocol.ProtocolError as exc:
-                self.warnings.warn("push", "dropped a malformed push (%d bytes): %s", len(raw), _short(exc))
+                # Only here, off the hot path: a publisher's flush marker is no push.
+                if raw.startswith(FLUSH_PREFIX):
+                    self.take_flush_marker(raw)
+                else:
+                    self.warnings.warn("push", "dropped a malformed push (%d bytes): %s", len(raw), _short(exc))
                 continue
             _backend_send(xpub, append(push, now), NOBLOCK)
             numbered += 1
@@ -680,8 +745,14 @@ class Proxy:
             try:
                 request = protocol.parse_history_request(raw)
             except protocol.ProtocolError as exc:
-                self.warnings.warn("control", "dropped a control request (%d bytes): %s",
-                                   len(raw), _short(exc))
+                try:
+                    request_id, token = protocol.parse_flush_request(raw)
+                except protocol.ProtocolError:
+                    self.warnings.warn("control", "dropped a control request (%d bytes): %s",
+                                       len(raw), _short(exc))
+                    continue
+                if self.flushes.request(token, identity, request_id, time.monotonic()):
+                    self._answer_flush(identity, request_id, token)
                 continue
             try:
                 control.send_multipart([identity, b"", *self.answer(request)], NOBLOCK)
@@ -696,6 +767,7 @@ class Proxy:
             stats: dict[str, Any] = {
                 **self.log.stats(),
                 "numbered": self.numbered,
+                "flushed": self.flushed,
                 "dropped": dict(self.warnings.counts),
                 "run_epoch": self.log.run_epoch,
             }
@@ -706,6 +778,24 @@ class Proxy:
             request.request_id,
             {name: since(name, seq, epoch, now, max_bytes) for name, (seq, epoch) in request.streams.items()},
         )
+
+    def take_flush_marker(self, raw: bytes) -> None:
+        """A publisher's flush marker: everything its PUSH socket sent before is taken."""
+        try:
+            token = protocol.parse_flush_marker(raw)
+        except protocol.ProtocolError as exc:
+            self.warnings.warn("flush", "dropped a malformed flush marker (%d bytes): %s", len(raw), _short(exc))
+            return
+        waiting = self.flushes.marker(token, time.monotonic())
+        if waiting is not None:
+            self._answer_flush(waiting[0], waiting[1], token)
+
+    def _answer_flush(self, identity: bytes, request_id: int, token: str) -> None:
+        self.flushed += 1
+        try:
+            self.control.send_multipart([identity, b"", protocol.build_flush_reply(request_id, token)], NOBLOCK)
+        except zmq.Again:
+            pass  # a ROUTER drops for a requester that does not read: its own loss
 
     def _resubscribed(self, name: str) -> None:
         left = self.awaited.get(name)

@@ -336,3 +336,31 @@ def test_forget_after_fork_keeps_the_parents_socket_alive(settings):
     zmq_engine._abandoned.remove(kept)
     sock.close(0)
     kept[1].term()
+
+
+def test_publisher_flush_confirms_with_the_proxy_and_times_out_without_one(tmp_path, settings):
+    import time
+
+    absent = zmq_engine.ZmqPublisherEngine(settings, endpoint=f"tcp://127.0.0.1:{free_port()}", linger=5)
+    assert absent.flush_marker() is None  # nothing sent: nothing to mark
+    assert absent.flush(5) is True  # at once
+    absent.send(protocol.encode_push("alice", "ID", 1, 1024))
+    started = time.monotonic()
+    assert absent.flush(0.3) is False
+    assert 0.25 <= time.monotonic() - started < 2
+    started = time.monotonic()
+    absent.close(linger=0)  # its own linger is 5s: not waited for
+    assert time.monotonic() - started < 1
+    assert absent.flush_marker() is None
+
+    infra = ZmqInfrastructure(tmp_path / "live")
+    live = engine_module.publisher_engine(infra.settings, linger=1)
+    try:
+        for i in range(100):
+            live.send(protocol.encode_push("alice", "ID", i, 1024))
+        assert live.flush(15) is True
+        token = live.flush_marker()
+        assert token is not None and live.wait_flushed(token, 15) is True
+    finally:
+        live.close()
+        infra.stop()

@@ -10,6 +10,7 @@ hand, so that the tests check the wire, not our own helpers).
 from __future__ import annotations
 
 import json
+import logging
 import re
 import signal
 import subprocess
@@ -849,3 +850,32 @@ def test_another_proxys_state_file_is_left_alone(tmp_path):
     finally:
         second.stop()
         first.stop()
+
+
+# ---------------------------------------------------------------- publishers' flushes (no I/O)
+
+
+def test_flush_halves_pair_in_either_order_and_unpaired_ones_go(caplog):
+    from flowcore.proxy import FlushMatcher, WarningLimiter
+
+    matcher = FlushMatcher(WarningLimiter(logging.getLogger("flow.proxy")), wait=60.0, kept=3)
+    # The marker first: the request is answered at once.
+    assert matcher.marker("a" * 32, 0.0) is None
+    assert matcher.request("a" * 32, b"id1", 7, 1.0) is True
+    # The request first: answered when the marker comes.
+    assert matcher.request("b" * 32, b"id2", 8, 2.0) is False
+    assert matcher.marker("b" * 32, 3.0) == (b"id2", 8)
+    assert len(matcher) == 0
+    # Halves whose other half never comes are forgotten after a minute...
+    matcher.marker("c" * 32, 10.0)
+    matcher.request("d" * 32, b"id3", 9, 10.0)
+    matcher.marker("e" * 32, 71.0)
+    matcher.request("f" * 32, b"id4", 10, 71.0)
+    assert len(matcher) == 2
+    assert matcher.request("c" * 32, b"id5", 11, 72.0) is False  # its marker was forgotten
+    # ... and at most `kept` of a kind wait, with a warning for the crowded out.
+    with caplog.at_level(logging.WARNING, logger="flow.proxy"):
+        for i in range(5):
+            matcher.marker(f"{i:032x}", 80.0)
+    assert len(matcher._markers) == 3
+    assert any("unanswered flush halves" in r.getMessage() for r in caplog.records)

@@ -195,6 +195,8 @@ def test_fork_after_first_use(pipe):
         proc = subprocess.run([PYTHON, "-W", "error", "-c", FORKER], env=pipe.env, cwd=ROOT,
                               capture_output=True, text=True, timeout=60)
         assert proc.returncode == 0, proc.stderr
+        # The parent's socket, abandoned in the child, is never finalized there either.
+        assert proc.stderr == "", proc.stderr
         got = await collect(ws, 4)
         assert sorted(m["id"] for m in got) == ["CHILD", "CHILD ALL", "PARENT", "PARENT AGAIN"]
         await ws.close()
@@ -389,3 +391,48 @@ def test_proxy_drops_raw_pushes_that_would_corrupt_a_frame(pipe):
     wait_until(lambda: "dropped a malformed push" in pipe.proxy.log(), 10, message="a warning about the drops")
     assert "Traceback" not in pipe.proxy.log()
     assert pipe.proxy.alive()
+
+
+# ---------------------------------------------------------------- flow.issue_token
+
+ISSUE = """
+import json, sys
+import flow
+print(flow.issue_token(*json.loads(sys.argv[1]), **json.loads(sys.argv[2])))
+"""
+
+
+def _issue(env: dict[str, str], *args: object, **claims: object) -> subprocess.CompletedProcess[str]:
+    import json
+
+    return subprocess.run([PYTHON, "-W", "error", "-c", ISSUE, json.dumps(args), json.dumps(claims)], env=env,
+                          cwd=ROOT, capture_output=True, text=True, timeout=60)
+
+
+def test_issue_token_is_public_and_signed_with_the_default_settings(tmp_path):
+    from flowcore.tokens import TokenVerifier
+
+    env = base_env(tmp_path, FLOW_TOKEN_TTL="120")
+    verifier = TokenVerifier(load_settings(env))
+    proc = _issue(env, "alice")
+    assert proc.returncode == 0, proc.stderr
+    verified = verifier.verify_claims(proc.stdout.strip())
+    assert verified.username == "alice"
+    assert verified.claims["exp"] - verified.claims["iat"] == 120
+    proc = _issue(env, "bob", 30, role="admin", channels=["news"])
+    assert proc.returncode == 0, proc.stderr
+    verified = verifier.verify_claims(proc.stdout.strip())
+    assert verified.username == "bob" and verified.claims["exp"] - verified.claims["iat"] == 30
+    assert verified.claims["role"] == "admin" and verified.claims["channels"] == ["news"]
+
+
+@pytest.mark.parametrize("claim", ["username", "sub", "exp", "iat", "nbf", "aud", "iss"])
+def test_issue_token_refuses_claims_flow_sets(tmp_path, claim):
+    env = base_env(tmp_path)
+    proc = _issue(env, "alice", None, **{claim: "mallory"})
+    assert proc.returncode == 1 and "ValueError" in proc.stderr and repr(claim) in proc.stderr
+
+
+def test_issue_token_refuses_a_bad_username():
+    with pytest.raises(ValueError, match="empty"):
+        flow.issue_token("")

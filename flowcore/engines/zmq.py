@@ -16,6 +16,8 @@ from __future__ import annotations
 import asyncio
 import logging
 import math
+import secrets
+import threading
 import time
 from typing import Any, Mapping
 
@@ -54,9 +56,16 @@ FAST_SEND = compat.zmq_fast_send()  # a pyzmq internal: flowcore.compat checks i
 FAST_REFUSED = zmq.Again
 
 
+# A flush asks the proxy again this often while it waits (a proxy restarted meanwhile has
+# the marker but not the first request), and its reader looks at new requests this often.
+FLUSH_ASK_AGAIN = 1.0
+FLUSH_SLICE = 0.02
+
+
 class ZmqPublisherEngine:
-    """A PUSH socket to the proxy, opened at the first send. Thread-safety is the caller's
-    (flow.Flow's lock)."""
+    """A PUSH socket to the proxy, opened at the first send, and a DEALER to its control
+    socket, opened at the first flush. Thread-safety of send and flush_marker is the
+    caller's (flow.Flow's lock); wait_flushed is safe from many threads on its own."""
 
     def __init__(
         self,
@@ -66,6 +75,7 @@ class ZmqPublisherEngine:
         linger: float | None = None,
     ) -> None:
         self.endpoint = endpoint or settings.publish_endpoint
+        self.control_endpoint = settings.control_endpoint
         # Messages ZeroMQ queues while the proxy is unreachable (its high-water mark).
         self.queue_size = queue_size or settings.push_queue
         # Seconds close() waits for the queue to drain.
@@ -74,6 +84,18 @@ class ZmqPublisherEngine:
         self.socket: zmq.Socket[Any] | None = None
         self._context: zmq.Context[Any] | None = None
         self._closed = False
+        self._init_flush()
+
+    def _init_flush(self) -> None:
+        # Only the thread that is the reader (_reading) touches the DEALER: ZeroMQ sockets
+        # are not thread-safe, and a flusher must not hold a lock while it waits.
+        self._control: zmq.Socket[Any] | None = None
+        self._flush_cond = threading.Condition(threading.Lock())
+        self._reading = False
+        self._outbox: list[bytes] = []
+        self._waiting: set[str] = set()
+        self._flushed: set[str] = set()
+        self._request_id = 0
 
     def send(self, frame: bytes) -> None:
         try:
@@ -96,24 +118,163 @@ class ZmqPublisherEngine:
         self.socket = sock
         return sock
 
-    def close(self) -> None:
-        self._closed = True
+    # ---------------------------------------------------------------- flush
+
+    def flush_marker(self) -> str | None:
+        """Queue a flush marker behind every frame sent so far; its token, for
+        :meth:`wait_flushed`. None when there is nothing to mark (nothing sent, or closed)
+        or the queue is full (try again later)."""
+        sock = self.socket
+        if sock is None or self._closed:
+            return None
+        token = secrets.token_hex(protocol.FLUSH_TOKEN_CHARS // 2)
+        try:
+            FAST_SEND(sock, protocol.flush_marker(token), NOBLOCK)
+        except zmq.Again:
+            return None
+        return token
+
+    def wait_flushed(self, token: str, timeout: float) -> bool:
+        """Whether the proxy confirms, within ``timeout`` seconds, that it took everything
+        sent before the marker ``token``."""
+        deadline = time.monotonic() + timeout
+        cond = self._flush_cond
+        with cond:
+            self._waiting.add(token)
+        try:
+            ask_at = 0.0
+            while True:
+                with cond:
+                    if token in self._flushed:
+                        return True
+                    now = time.monotonic()
+                    if now >= deadline or self._closed:
+                        return False
+                    if now >= ask_at:
+                        self._request_id += 1
+                        self._outbox.append(protocol.build_flush_request(self._request_id, token))
+                        ask_at = now + FLUSH_ASK_AGAIN
+                    if self._reading:
+                        cond.wait(min(deadline, ask_at) - now)
+                        continue
+                    self._reading = True
+                try:
+                    if self._control is None:
+                        self._control = self._open_control()
+                    self._read_replies(self._control, min(deadline, ask_at))
+                finally:
+                    with cond:
+                        self._reading = False
+                        cond.notify_all()  # another waiter becomes the reader
+        finally:
+            with cond:
+                self._waiting.discard(token)
+                self._flushed.discard(token)
+
+    def _open_control(self) -> zmq.Socket[Any]:
+        assert self._context is not None  # a marker was sent: the PUSH socket is open
+        control = self._context.socket(zmq.DEALER)
+        control.setsockopt(zmq.LINGER, 0)
+        control.connect(self.control_endpoint)
+        return control
+
+    def _read_replies(self, control: zmq.Socket[Any], until: float) -> None:
+        """As the reader: send what waiters asked, and take answers until ``until`` or
+        until one is for a waiter, in slices, so that new requests go out promptly."""
+        cond = self._flush_cond
+        while True:
+            with cond:
+                outbox, self._outbox = self._outbox, []
+                if self._closed:
+                    return
+            for request in outbox:
+                try:
+                    control.send_multipart([b"", request], NOBLOCK)
+                except zmq.Again:
+                    pass  # a thousand requests queued for a proxy that is away: asked again later
+            left = until - time.monotonic()
+            if left <= 0:
+                return
+            answered = []
+            if control.poll(max(1, int(min(left, FLUSH_SLICE) * 1000))):
+                for _ in range(1000):
+                    try:
+                        frames = control.recv_multipart(NOBLOCK)
+                    except zmq.Again:
+                        break
+                    try:
+                        if len(frames) != 2 or frames[0] != b"":
+                            raise protocol.ProtocolError(f"{len(frames)} frames")
+                        answered.append(protocol.parse_flush_reply(frames[1])[1])
+                    except protocol.ProtocolError as exc:
+                        log.warning("ignored a bad flush answer from the proxy at %s: %s",
+                                    self.control_endpoint, exc)
+            if answered:
+                with cond:
+                    done = [token for token in answered if token in self._waiting]
+                    self._flushed.update(done)
+                    if done:
+                        cond.notify_all()
+                        return
+
+    def flush(self, timeout: float) -> bool:
+        """Whether everything sent so far reached the proxy within ``timeout`` seconds
+        (True at once when nothing was ever sent). Thread-safety is the caller's, as for send."""
+        if self.socket is None:
+            return True
+        deadline = time.monotonic() + timeout
+        while True:
+            token = self.flush_marker()
+            if token is not None:
+                return self.wait_flushed(token, deadline - time.monotonic())
+            if self._closed or time.monotonic() >= deadline:
+                return False
+            time.sleep(FLUSH_SLICE)  # the queue is full: room comes when the proxy does
+
+    # ---------------------------------------------------------------- close, fork
+
+    def close(self, linger: float | None = None) -> None:
+        cond = self._flush_cond
+        with cond:
+            self._closed = True
+            cond.notify_all()
+            # A reader sees _closed within a slice, then leaves the DEALER alone.
+            cond.wait_for(lambda: not self._reading, 1.0)
+            control, self._control = self._control, None
         sock, context = self.socket, self._context
         self.socket = self._context = None
+        if control is not None:
+            control.close(linger=0)
         if sock is not None:
-            sock.close()  # waits up to LINGER for the queue to drain (in term, below)
+            if linger is None:
+                sock.close()  # waits up to LINGER for the queue to drain (in term, below)
+            else:
+                sock.close(linger=int(linger * 1000))
         if context is not None:
             context.term()
 
     def forget_after_fork(self) -> None:
-        # The parent's socket and context belong to the parent: never touch or close them
+        # The parent's sockets and context belong to the parent: never touch or close them
         # here. Keep references, so that their finalizers never run in this child.
-        if self.socket is not None or self._context is not None:
-            _abandoned.append((self.socket, self._context))
+        kept = (self.socket, self._context, self._control)
+        if any(part is not None for part in kept):
+            _abandoned.append(kept)
+            _never_finalize(kept)
         self.socket = self._context = None
+        # Another thread of the parent may have held the lock or been the reader.
+        self._init_flush()
 
 
-_abandoned: list[tuple[Any, Any]] = []
+_abandoned: list[tuple[Any, ...]] = []
+
+
+def _never_finalize(kept: object) -> None:
+    # A list is not enough: at interpreter exit the child clears it, and each socket's
+    # finalizer then closes it (with a ResourceWarning, an error under -W error). One
+    # reference nobody owns keeps them out of that; the child exits without them.
+    import ctypes
+
+    ctypes.pythonapi.Py_IncRef(ctypes.py_object(kept))
 
 
 class _Throttled:
