@@ -2,8 +2,9 @@
 # Ctrl-C stops everything); `make test` runs the test suite. `make help` lists the rest.
 #
 # Ports, pool size, log dir...: FLOW_ variables or a flow.env file beside this Makefile
-# (see README.md). Every recipe that needs them evaluates `python -m flowcore.nginx
-# --print-env`, so make, supervisord, nginx and the processes resolve the same values.
+# (see README.md). make sets none of them: the stack's targets are the `flow` command
+# (python -m flowcore run | stop | status | config | secret), which resolves every value
+# through flowcore.settings, flow.env included, exactly as an installed `flow` does.
 
 SHELL := /bin/bash
 .DEFAULT_GOAL := run
@@ -14,13 +15,11 @@ PYTHON   := $(VENV)/bin/python
 # The interpreter that creates the venv (Debian 12: python3 is 3.11).
 BOOTSTRAP_PYTHON ?= python3
 
-export FLOW_ROOT    := $(ROOT)
-export FLOW_PYTHON  ?= $(PYTHON)
-export FLOW_RUN_DIR ?= $(ROOT)/run
-FLOW_SECRET_FILE    ?= $(ROOT)/.flow_secret
-export FLOW_SECRET_FILE
+# The checkout is the project: flow.env and the secrets are read from here, and the demo
+# app (FLOW_APP's default) is imported from here, whatever directory make was called from.
+export FLOW_ROOT := $(ROOT)
+FLOW := cd "$(ROOT)" && "$(PYTHON)" -m flowcore
 
-SUPERVISOR_CONF := $(ROOT)/supervisord.conf
 STAMP_RUNTIME   := $(VENV)/.stamp-requirements
 STAMP_TEST      := $(VENV)/.stamp-requirements-test
 
@@ -41,7 +40,7 @@ define apt_install
 	fi
 endef
 
-.PHONY: run stop status logs test clean distclean config bench secret venv deps \
+.PHONY: run stop status logs test clean distclean config check bench secret venv deps \
         deps-test nginx-check help
 
 help:
@@ -50,44 +49,38 @@ help:
 	@echo "make status     show the supervised processes"
 	@echo "make logs       tail every process log"
 	@echo "make test       install test dependencies, run mypy and pytest"
-	@echo "make config     print the resolved configuration"
+	@echo "make config     print the resolved configuration (secrets masked)"
+	@echo "make check      find what would stop the stack (ports in use, nginx, FLOW_APP...)"
 	@echo "make bench      run bench/run.py"
-	@echo "make secret     generate the JWT secret (.flow_secret) if missing"
+	@echo "make secret     generate the secrets (.flow_secret, .flow_app_secret) if missing"
 	@echo "make clean      remove run state, logs and caches (keeps .venv and the secret)"
 	@echo "make distclean  clean, and remove .venv"
 
 # --- the stack ---------------------------------------------------------------------------
 
-run: deps secret
-	@$(LOAD_ENV) && \
-	  mkdir -p "$$FLOW_LOG_DIR" "$$FLOW_RUN_DIR" && \
-	  if [ -S "$$FLOW_RUN_DIR/supervisor.sock" ] && \
-	     "$(PYTHON)" -m supervisor.supervisorctl -c "$(SUPERVISOR_CONF)" pid >/dev/null 2>&1; then \
-	    echo "flow: already running (make status / make stop)"; exit 1; \
-	  fi && \
-	  echo "flow: demo at http://localhost:$$FLOW_HTTP_PORT  ($$FLOW_WS_PROCESSES WebSocket servers; logs in $$FLOW_LOG_DIR; Ctrl-C stops)" && \
-	  exec "$(PYTHON)" -m supervisor.supervisord -n -c "$(SUPERVISOR_CONF)"
+# `flow run`: generates missing secrets, stops with one line per problem (a port in use,
+# naming it and its setting; nginx missing; FLOW_APP not importable), then execs
+# supervisord in the foreground.
+run: deps
+	@$(FLOW) run
 
-stop:
-	@$(LOAD_ENV) && \
-	  if [ -S "$$FLOW_RUN_DIR/supervisor.sock" ]; then \
-	    "$(PYTHON)" -m supervisor.supervisorctl -c "$(SUPERVISOR_CONF)" shutdown; \
-	  else echo "flow: not running"; fi
+stop: $(STAMP_RUNTIME)
+	@$(FLOW) stop
 
-status:
-	@$(LOAD_ENV) && \
-	  if [ -S "$$FLOW_RUN_DIR/supervisor.sock" ]; then \
-	    "$(PYTHON)" -m supervisor.supervisorctl -c "$(SUPERVISOR_CONF)" status; \
-	  else echo "flow: not running"; exit 3; fi
+status: $(STAMP_RUNTIME)
+	@$(FLOW) status
 
-logs:
+logs: $(STAMP_RUNTIME)
 	@$(LOAD_ENV) && mkdir -p "$$FLOW_LOG_DIR" && \
 	  shopt -s nullglob && logs=("$$FLOW_LOG_DIR"/*.log) && \
 	  if [ $${#logs[@]} -eq 0 ]; then echo "flow: no logs yet in $$FLOW_LOG_DIR"; exit 0; fi && \
 	  exec tail -n 20 -F "$${logs[@]}"
 
-config: $(STAMP_RUNTIME) secret
-	@"$(PYTHON)" -m flowcore config
+config: $(STAMP_RUNTIME)
+	@$(FLOW) config
+
+check: $(STAMP_RUNTIME)
+	@$(FLOW) check
 
 bench: deps
 	@if [ -f "$(ROOT)/bench/run.py" ]; then \
@@ -124,12 +117,11 @@ nginx-check:
 _apt:
 	$(call apt_install,$(PACKAGES))
 
-# Generated once, reused forever (git-ignored). FLOW_SECRET in the environment wins.
-secret: $(FLOW_SECRET_FILE)
-
-$(FLOW_SECRET_FILE): | $(PYTHON)
-	@umask 077 && "$(PYTHON)" -c 'import secrets; print(secrets.token_hex(32))' > "$@.tmp" && mv "$@.tmp" "$@"
-	@echo "flow: generated the JWT secret in $@"
+# The JWT secret and the app's session key, generated once into FLOW_SECRET_FILE and
+# FLOW_APP_SECRET_FILE (default .flow_secret, .flow_app_secret: git-ignored) and reused;
+# FLOW_SECRET / FLOW_APP_SECRET in the environment win. `flow run` does this too.
+secret: $(STAMP_RUNTIME)
+	@$(FLOW) secret
 
 # --- tests -------------------------------------------------------------------------------
 
@@ -148,11 +140,11 @@ test: deps-test
 
 # --- cleaning ----------------------------------------------------------------------------
 
-clean:
-	@if [ -S "$(FLOW_RUN_DIR)/supervisor.sock" ] && \
-	   "$(PYTHON)" -m supervisor.supervisorctl -c "$(SUPERVISOR_CONF)" pid >/dev/null 2>&1; then \
-	  echo "flow: the stack is running; make stop first"; exit 1; fi
-	rm -rf "$(FLOW_RUN_DIR)" "$(ROOT)/.pytest_cache"
+clean: $(STAMP_RUNTIME)
+	@$(LOAD_ENV) && \
+	  if [ -S "$$FLOW_RUN_DIR/supervisor.sock" ] && $(FLOW) status >/dev/null 2>&1; then \
+	    echo "flow: the stack is running; make stop first"; exit 1; fi && \
+	  rm -rf "$$FLOW_RUN_DIR" "$(ROOT)/.pytest_cache"
 	find "$(ROOT)/log" -mindepth 1 ! -name .gitkeep -delete 2>/dev/null || true
 	find "$(ROOT)" -path "$(VENV)" -prune -o -name __pycache__ -type d -prune -exec rm -rf {} +
 
