@@ -38,6 +38,7 @@ BENCH = Path(__file__).resolve().parent
 ROOT = BENCH.parent
 sys.path.insert(0, str(ROOT))
 
+from flowcore.nginx import find_nginx  # noqa: E402
 from flowcore.settings import load_settings  # noqa: E402
 from flowcore.tokens import issue_token  # noqa: E402
 
@@ -111,6 +112,20 @@ def rss_kib(pid: int) -> int:
             if line.startswith("VmRSS:"):
                 return int(line.split()[1])
     return 0
+
+
+def process_tree(pid: int) -> list[int]:
+    """``pid`` and its live children (nginx: the master and its workers)."""
+    children = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/stat") as stat:
+                    if int(stat.read().rsplit(")", 1)[1].split()[1]) == pid:
+                        children.append(int(entry))
+            except (OSError, IndexError, ValueError):
+                pass
+    return [pid, *children]
 
 
 def cpu_of(pid: int) -> float:
@@ -193,6 +208,7 @@ class Flow(System):
             **overrides,
         }
         self.settings = load_settings(self.flow_env)
+        self.nginx: Proc | None = None
 
     def start(self) -> "Flow":
         env = {k: v for k, v in os.environ.items() if not k.startswith("FLOW_")}
@@ -208,6 +224,46 @@ class Flow(System):
         self.url = f"ws://127.0.0.1:{port}/websocket"
         self.check_alive()
         return self
+
+    def start_nginx(self) -> str | None:
+        """The shipped nginx in front of the pool (rendered by flowcore.nginx, on an
+        ephemeral port): the URL clients reach the pool through, or None without nginx."""
+        if find_nginx() is None:
+            return None
+        http_port = free_port()
+        env = {k: v for k, v in os.environ.items() if not k.startswith("FLOW_")}
+        # No app behind it: W3 only opens /websocket.
+        env.update(self.flow_env, PYTHONUNBUFFERED="1", FLOW_HTTP_PORT=str(http_port),
+                   FLOW_APP_PORT=str(free_port()))
+        nginx = self.nginx = Proc([PYTHON, "-m", "flowcore.nginx"], env, self.logdir / "nginx.log")
+        try:
+            wait_until(lambda: port_open(http_port) or not nginx.alive(), 15, message="the shipped nginx")
+        except AssertionError:
+            pass
+        if not (nginx.alive() and port_open(http_port)):
+            log_text = nginx.log()[-2000:]
+            self.stop_nginx()
+            raise RuntimeError(f"{self.name}: nginx did not start:\n{log_text}")
+        capacity = [line for line in nginx.log().splitlines() if "nginx capacity" in line]
+        log(f"{self.name}: the shipped nginx on port {http_port} in front of the pool; "
+            + (capacity[0] if capacity else "no capacity line"))
+        return f"ws://127.0.0.1:{http_port}/websocket"
+
+    def nginx_pids(self) -> list[int]:
+        return process_tree(self.nginx.pid) if self.nginx and self.nginx.alive() else []
+
+    def stop_nginx(self) -> int | None:
+        nginx, self.nginx = self.nginx, None
+        return nginx.stop() if nginx else None
+
+    def check_alive(self) -> None:
+        super().check_alive()
+        if self.nginx and not self.nginx.alive():
+            raise RuntimeError(f"{self.name}: nginx exited ({self.nginx.popen.returncode}):\n"
+                               f"{self.nginx.log()[-2000:]}")
+
+    def stop(self) -> list[int | None]:
+        return [self.stop_nginx(), *super().stop()] if self.nginx else super().stop()
 
     def pusher(self) -> dict[str, Any]:
         return {"kind": "flow", "env": self.flow_env}
@@ -357,8 +413,9 @@ class Bench:
             self._tokens.append(issue_token(self.token_settings, f"user{len(self._tokens):05d}"))
         return self._tokens[:n]
 
-    def clients(self, system: System, n: int, procs: int | None = None) -> Clients:
-        clients = Clients(self.args.client, system.url, self.tokens(n),
+    def clients(self, system: System, n: int, procs: int | None = None, url: str | None = None
+                ) -> Clients:
+        clients = Clients(self.args.client, url or system.url, self.tokens(n),
                           procs or self.args.client_procs, timeout=max(30.0, n / 50))
         if clients.authed != n:
             raise RuntimeError(f"{system.name}: only {clients.authed} of {n} clients authenticated "
@@ -443,26 +500,52 @@ class Bench:
         return {key: pool_rounds(parts) for key, parts in rounds.items()}
 
     def memory(self, system: System) -> dict[str, Any]:
-        """W3: RSS of every server process, before and with ``w3_clients`` idle sockets."""
-        warm = self.clients(system, 20, procs=1)  # first-connection imports and caches
+        """W3: RSS of every server process, before and with ``w3_clients`` idle sockets.
+        Flow's clients connect through the shipped nginx, as in production; nginx's own
+        RSS is reported apart, so the server figures compare with the reference's."""
+        url = system.start_nginx() if isinstance(system, Flow) else None
+        if isinstance(system, Flow) and url is None:
+            log(f"{system.name}: nginx is not installed; W3 connects to the pool directly")
+        try:
+            return self._memory(system, url)
+        finally:
+            if isinstance(system, Flow):
+                system.stop_nginx()
+
+    def _memory(self, system: System, url: str | None) -> dict[str, Any]:
+        nginx_pids = system.nginx_pids() if isinstance(system, Flow) else []
+        warm = self.clients(system, 20, procs=1, url=url)  # first-connection imports and caches
         warm.close()
         time.sleep(1.0)
         pids = system.server_pids()
         before_each = [rss_kib(p) for p in pids]
         before = sum(before_each)
+        nginx_before = sum(rss_kib(p) for p in nginx_pids)
         n = self.sizes.w3_clients
         t0 = time.monotonic()
-        clients = self.clients(system, n)
+        # clients() fails the run unless every one of the n sockets authenticated.
+        clients = self.clients(system, n, url=url)
         connect = time.monotonic() - t0
         time.sleep(2.0)
         after_each = [rss_kib(p) for p in pids]
         after = sum(after_each)
+        nginx_after = sum(rss_kib(p) for p in nginx_pids)
+        failed = clients.failed
         clients.close()
         system.check_alive()
-        return {"clients": n, "rss_before_kib": before, "rss_after_kib": after,
-                "kib_per_connection_each": {proc.log_path.stem: (a - b) / n for proc, a, b
-                                            in zip(system.procs, after_each, before_each)},
-                "kib_per_connection": (after - before) / n, "connect_seconds": connect}
+        out: dict[str, Any] = {
+            "clients": n, "refused": failed, "rss_before_kib": before, "rss_after_kib": after,
+            "kib_per_connection_each": {proc.log_path.stem: (a - b) / n for proc, a, b
+                                        in zip(system.procs, after_each, before_each)},
+            "kib_per_connection": (after - before) / n, "connect_seconds": connect,
+        }
+        if isinstance(system, Flow):
+            out["through"] = "nginx" if url else "direct"
+        if nginx_pids:
+            out.update(nginx_processes=len(nginx_pids), nginx_rss_before_kib=nginx_before,
+                       nginx_rss_after_kib=nginx_after,
+                       nginx_kib_per_connection=(nginx_after - nginx_before) / n)
+        return out
 
     def measure(self, system: System, wanted: set[str], pushcost: bool) -> dict[str, Any]:
         out: dict[str, Any] = {}
@@ -657,6 +740,13 @@ def render(results: dict[str, Any], args: argparse.Namespace) -> str:
         rm, fm = get(ref, "W3", "kib_per_connection"), get(fl, "W3", "kib_per_connection")
         row(f"W3 KiB/connection ({(ref.get('W3') or fl.get('W3'))['clients']} idle)", fmt(rm, ".1f"),
             fmt(fm, ".1f"), ratio(fm, rm), "<= 1x", None if rm is None or fm is None else fm <= rm)
+        f3 = fl.get("W3") or {}
+        if f3.get("through") == "nginx":
+            # Not in the row above: the reference has no nginx to compare it with.
+            row(f"W3 nginx KiB/connection ({f3['nginx_processes']} processes, extra)", "-",
+                fmt(f3.get("nginx_kib_per_connection"), ".1f"), f"refused {f3['refused']}")
+        elif f3:
+            row("W3 flow clients", "-", "direct (no nginx installed)")
     if "W4" in ref or "W4" in fl:
         r4, f4 = ref.get("W4"), fl.get("W4")
         row("W4 delivered/sent", delivered(r4), delivered(f4), "", "flow 100%",

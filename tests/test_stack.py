@@ -83,6 +83,8 @@ def test_one_log_file_per_process(shared_stack: Stack) -> None:
     # Output arrives unbuffered: nginx's launcher line is already there.
     wait_until(lambda: "flow: exec" in (stack.log_dir / "nginx.log").read_text(), 10,
                message="the nginx launcher's line in nginx.log")
+    # ...after the capacity it sized nginx for (FLOW_MAX_CONNECTIONS, open-file limits).
+    assert "flow: nginx capacity: " in (stack.log_dir / "nginx.log").read_text()
 
 
 @pytest.mark.stack
@@ -153,6 +155,8 @@ def test_rendered_nginx_conf_passes_nginx_t(tmp_path: Path) -> None:
     assert "${" not in text
     assert f"listen 127.0.0.1:{env['FLOW_HTTP_PORT']};" in text
     assert "proxy_read_timeout 201s;" in text  # above a 100 s heartbeat
+    assert "client_header_timeout 10s;" in text  # slow and half-open requests are cut
+    assert "worker_connections 4096;" not in text  # sized from FLOW_MAX_CONNECTIONS now
     log_dir = Path(env["FLOW_LOG_DIR"])
     checked = subprocess.run(
         [nginx, "-t", "-c", str(conf), "-p", str(run_dir), "-e", str(log_dir / "nginx-error.log")],
