@@ -1,25 +1,83 @@
-"""Log in (demo: a user name, no password), log out, and the socket token (PROTOCOL.md 2)."""
+"""Log in (demo: a user name, no password), log out, the socket token (PROTOCOL.md 2), and
+what guards every page of the app: CSRF protection on each POST and security headers.
+
+The guards are registered with this blueprint (``bp.record_once``), so any app that
+registers ``auth.bp`` gets them, as ``create_app`` does.
+"""
 
 from __future__ import annotations
 
 import logging
+import re
 
-from flask import Blueprint, Response, current_app, jsonify, redirect, request, session, url_for
+from flask import (Blueprint, Response, current_app, jsonify, redirect, render_template,
+                   request, session, url_for)
+from flask.blueprints import BlueprintSetupState
+from flask_wtf.csrf import CSRFError, CSRFProtect  # type: ignore[import-untyped]
 
 from flowcore.protocol import ProtocolError, check_username
 from flowcore.tokens import issue_token
 
 bp = Blueprint("auth", __name__)
 log = logging.getLogger("flow.app")
+csrf = CSRFProtect()
+
+# A Host header we are willing to repeat inside the policy (anything else could smuggle in
+# directives of its own); without one, 'self' alone still allows the same origin's sockets
+# in current browsers.
+_HOST = re.compile(r"^[A-Za-z0-9.\-]+(:[0-9]{1,5})?$|^\[[0-9A-Fa-f:.]+\](:[0-9]{1,5})?$")
+_POLICY = ("default-src 'self'; script-src 'self'; style-src 'self'; img-src 'self'; "
+           "object-src 'none'; base-uri 'none'; form-action 'self'; frame-ancestors 'none'")
+
+
+@bp.record_once
+def _guard(state: BlueprintSetupState) -> None:
+    app = state.app
+    # The token lives as long as the session: a tab left open for hours still sends.
+    app.config.setdefault("WTF_CSRF_TIME_LIMIT", None)
+    csrf.init_app(app)
+    # Flask-WTF reports each refusal at INFO too; refused() below logs it once, as a warning.
+    logging.getLogger("flask_wtf.csrf").setLevel(logging.WARNING)
 
 
 def current_user() -> str | None:
     return session.get("username")
 
 
-def bad_request(message: str) -> tuple[Response, int]:
-    log.warning("bad request to %s: %s", request.path, message)
-    return jsonify(error=message), 400
+def wants_html() -> bool:
+    """A browser's form post (Accept prefers text/html), not a fetch or a script."""
+    best = request.accept_mimetypes.best_match(["application/json", "text/html"], "application/json")
+    return best == "text/html"
+
+
+def refused(message: str, status: int = 400) -> tuple[Response | str, int]:
+    """Answer a request we refuse: the page again with the message for a browser's form,
+    JSON ``{"error": message}`` for anything else; one warning line, no traceback."""
+    log.warning("refused %s %s (%d): %s", request.method, request.path, status, message)
+    if wants_html():
+        return render_template("index.html", username=current_user(), error=message), status
+    return jsonify(error=message), status
+
+
+def bad_request(message: str) -> tuple[Response | str, int]:
+    return refused(message, 400)
+
+
+@bp.app_errorhandler(CSRFError)
+def csrf_refused(error: CSRFError) -> tuple[Response | str, int]:
+    return refused(f"CSRF check failed: {error.description} Reload the page and try again.")
+
+
+@bp.after_app_request
+def security_headers(response: Response) -> Response:
+    host = request.host
+    sockets = f" ws://{host} wss://{host}" if _HOST.match(host) else ""
+    headers = response.headers
+    headers.setdefault("Content-Security-Policy", f"{_POLICY}; connect-src 'self'{sockets}")
+    headers.setdefault("X-Content-Type-Options", "nosniff")
+    headers.setdefault("X-Frame-Options", "DENY")
+    headers.setdefault("Referrer-Policy", "same-origin")
+    return response
 
 
 @bp.post("/login")

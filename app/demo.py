@@ -10,7 +10,7 @@ import time
 from pathlib import Path
 from typing import Any, Callable
 
-from flask import Blueprint, Flask, current_app, jsonify, render_template, request
+from flask import Blueprint, Flask, Response, current_app, jsonify, render_template, request, send_from_directory
 
 from .auth import bad_request, current_user
 
@@ -94,6 +94,13 @@ def login_required() -> tuple[Any, int] | None:
 @bp.get("/")
 def index():
     return render_template("index.html", username=current_user())
+
+
+@bp.get("/favicon.ico")
+def favicon() -> Response:
+    # Browsers ask for /favicon.ico whatever the page links; one SVG answers both.
+    return send_from_directory(current_app.static_folder or "static", "favicon.svg",
+                               mimetype="image/svg+xml", max_age=86400)
 
 
 @bp.post("/send")

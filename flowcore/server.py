@@ -25,6 +25,7 @@ import tornado.websocket
 from . import compat, protocol
 from .engine import server_engine
 from .hub import Hub, Timers
+from .proxy import WarningLimiter
 from .session import CLOSED, JoinRequest, Session
 from .runtime import spawn
 from .settings import Settings
@@ -45,12 +46,13 @@ class FlowSocket(tornado.websocket.WebSocketHandler):
     # Our state lives in slots, not in the instance dict: tornado already puts 27
     # attributes there, and past 30 CPython stops sharing the dict's keys between
     # instances, which costs ~1.5 KiB per connection.
-    __slots__ = ("server", "session", "closing", "at_header")
+    __slots__ = ("server", "session", "closing", "at_header", "sent")
 
     def initialize(self, server: "Server") -> None:
         self.server = server
         self.session: Session | None = None
         self.closing = False
+        self.sent: tuple[int | None, str] | None = None  # the close we sent, for the one close line
         self.at_header: Any = False  # see compat's protocol: where the frame header stands
 
     # -- handshake
@@ -60,7 +62,9 @@ class FlowSocket(tornado.websocket.WebSocketHandler):
             return True
         if super().check_origin(origin):
             return True
-        client_log.warning("refused handshake from origin %r (host %r)", origin, self.request.host)
+        # Anyone can send these: rate-limited, so a flood cannot fill the disk.
+        self.server.refusals.warn("origin", "refused handshake from origin %r (Host %r): add it to "
+                                  "FLOW_ALLOWED_ORIGINS to allow it", origin, self.request.host)
         return False
 
     def get_compression_options(self) -> None:
@@ -149,19 +153,39 @@ class FlowSocket(tornado.websocket.WebSocketHandler):
         if self.closing:
             return
         self.closing = True
-        client_log.info("%s (%s): closing %s %s", self.session and self.session.peer,
-                        self.session and self.session.username, code, reason or "")
+        self.sent = (code, reason or "")
         super().close(code, reason)
+
+    def on_connection_close(self) -> None:
+        conn: Any = self.ws_connection
+        if self.sent is None and conn is not None:
+            # A close tornado's protocol sent by itself (1009), not an echo of the client's.
+            code = getattr(conn, "sent_code", None)
+            if code is not None and code != conn.close_code:
+                self.sent = (code, "")
+        super().on_connection_close()
 
     def on_close(self) -> None:
         self.closing = True
+        session = self.session
+        if session is not None:
+            # The one line per socket, whoever closed it (tornado calls on_close once).
+            sent = self.sent
+            if sent is not None:
+                client_log.info("%s (%s): closed %s %r by the server%s", session.peer, session.username,
+                                sent[0], sent[1], "" if self.close_code is not None else ", unanswered")
+            elif self.close_code is not None:
+                client_log.info("%s (%s): closed %s %r by the client", session.peer, session.username,
+                                self.close_code, self.close_reason or "")
+            else:
+                client_log.info("%s (%s): closed 1006 '' by the client or the network: no close code "
+                                "came", session.peer, session.username)
         server = self.server
         server.sockets.pop(self, None)
         if self.session is not None:
             server.awaiting.pop(self.session, None)
         if server.draining and self.close_code is not None:
             server.answered_close += 1  # the client's close frame came back
-        session = self.session
         if session is not None:
             session.closed()
             self.server.hub.leave(session)
@@ -206,6 +230,7 @@ class Server:
         self.auth_tasks: set[asyncio.Task[None]] = set()
         self.draining = False
         self.answered_close = 0
+        self.refusals = WarningLimiter(client_log)
 
     def spawn(self, coro: Coroutine[Any, Any, None]) -> None:
         spawn(coro, self.auth_tasks, log, "authenticating a socket")
@@ -278,6 +303,7 @@ class Server:
             for session in [s for s in self.awaiting if s.auth_deadline <= now]:
                 del self.awaiting[session]
                 session.tick()
+            self.refusals.flush()  # what a flood of refused handshakes held back
 
     async def _heartbeats(self) -> None:
         ring = self.hub.ring

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import logging
+import re
 import threading
 
 import pytest
@@ -36,12 +38,30 @@ def pushes():
 @pytest.fixture
 def client(settings, pushes, tmp_path):
     app = create_app({"FLOW_SETTINGS": settings, "PUSH": pushes, "TASK_DELAY": 0, "TESTING": True,
-                      "STATE_DB": str(tmp_path / "state.sqlite3")})
+                      "STATE_DB": str(tmp_path / "state.sqlite3"), "SECRET_KEY": SESSION_KEY})
     return app.test_client()
 
 
+SESSION_KEY = "a test session key that is not a constant of the app"
+META = re.compile(r'<meta name="csrf-token" content="([^"]+)">')
+
+
+def csrf_token(client) -> str:
+    """The token the page hands out, as a browser would read it (meta tag and forms)."""
+    page = client.get("/").get_data(as_text=True)
+    match = META.search(page)
+    assert match, "no csrf-token meta tag on the page"
+    assert f'name="csrf_token" value="{match.group(1)}"' in page
+    return match.group(1)
+
+
+def post(client, url, data=None, **kwargs):
+    """A POST as the demo's page makes it: with the page's CSRF token in the form."""
+    return client.post(url, data={"csrf_token": csrf_token(client), **(data or {})}, **kwargs)
+
+
 def login(client, username="alice"):
-    reply = client.post("/login", data={"username": username})
+    reply = post(client, "/login", {"username": username})
     assert reply.status_code == 302
     return reply
 
@@ -58,7 +78,7 @@ def test_token_requires_a_session(client):
     reply = client.get("/socket_auth_token")
     assert reply.status_code == 401
     login(client)
-    client.post("/logout")
+    assert post(client, "/logout").status_code == 302
     assert client.get("/socket_auth_token").status_code == 401
 
 
@@ -80,7 +100,7 @@ def test_token_json_form(client, settings):
 
 @pytest.mark.parametrize("username", ["", "   ", "*", "x" * 300])
 def test_bad_login_is_400(client, username, caplog):
-    reply = client.post("/login", data={"username": username})
+    reply = post(client, "/login", {"username": username}, headers={"Accept": "application/json"})
     assert reply.status_code == 400 and "username" in reply.json["error"]
     assert client.get("/socket_auth_token").status_code == 401
     warnings = [r for r in caplog.records if r.name == "flow.app"]
@@ -89,7 +109,7 @@ def test_bad_login_is_400(client, username, caplog):
 
 def test_send_answers_at_once_then_pushes_task_done(client, pushes):
     login(client)
-    reply = client.post("/send", data={"message": "hello"})
+    reply = post(client, "/send", {"message": "hello"})
     assert reply.json == {"status": "OK", "data": "hello"}
     wait_until(lambda: pushes.pushes, 5, message="the push")
     assert pushes.pushes == [("alice", "TASK DONE", "hello")]
@@ -98,17 +118,17 @@ def test_send_answers_at_once_then_pushes_task_done(client, pushes):
 @pytest.mark.parametrize("form, status", [({}, 400), ({"message": "  "}, 400), ({"message": "x" * 1001}, 400)])
 def test_send_bad_input(client, pushes, form, status):
     login(client)
-    assert client.post("/send", data=form).status_code == status
+    assert post(client, "/send", form).status_code == status
     assert pushes.pushes == []
 
 
 def test_send_needs_login(client):
-    assert client.post("/send", data={"message": "hi"}).status_code == 401
+    assert post(client, "/send", {"message": "hi"}).status_code == 401
 
 
 def test_card_check_masks_and_pushes_progress_then_result(client, pushes):
     login(client)
-    reply = client.post("/cards/check", data={"number": "4111 1111 1111 1111"})
+    reply = post(client, "/cards/check", {"number": "4111 1111 1111 1111"})
     assert reply.json["data"]["card"].endswith("1111")
     assert "4111" not in reply.get_data(as_text=True)
     wait_until(lambda: len(pushes.pushes) == 4, 5, message="four pushes")
@@ -125,7 +145,7 @@ def test_card_check_masks_and_pushes_progress_then_result(client, pushes):
 @pytest.mark.parametrize("number", ["", "abc", "123", "1" * 20, "4111-1111-1111-1111"])
 def test_card_check_bad_input(client, pushes, number):
     login(client)
-    assert client.post("/cards/check", data={"number": number}).status_code == 400
+    assert post(client, "/cards/check", {"number": number}).status_code == 400
     assert pushes.pushes == []
 
 
@@ -143,10 +163,120 @@ def test_state_needs_login(client):
 def test_state_is_shared_by_every_app_process(settings, pushes, tmp_path):
     """gunicorn runs several workers: what one told a user, another can report."""
     config = {"FLOW_SETTINGS": settings, "PUSH": pushes, "TASK_DELAY": 0, "TESTING": True,
-              "STATE_DB": str(tmp_path / "state.sqlite3")}
+              "STATE_DB": str(tmp_path / "state.sqlite3"), "SECRET_KEY": SESSION_KEY}
     first, second = create_app(config).test_client(), create_app(config).test_client()
     login(first, "erin")
     login(second, "erin")
-    first.post("/send", data={"message": "from worker one"})
+    post(first, "/send", {"message": "from worker one"})
     wait_until(lambda: pushes.pushes, 5, message="the push")
     assert second.get("/api/state").json["recent"] == [{"id": "TASK DONE", "data": "from worker one"}]
+
+
+# --- CSRF, security headers, errors on the page, favicon (issue 11)
+
+BROWSER_ACCEPT = "text/html,application/xhtml+xml,application/xml;q=0.9,*/*;q=0.8"
+
+
+def app_warnings(caplog):
+    return [r for r in caplog.records if r.name == "flow.app" and r.levelno >= logging.WARNING]
+
+
+@pytest.mark.parametrize("url, form", [
+    ("/login", {"username": "mallory"}),
+    ("/logout", {}),
+    ("/send", {"message": "forged"}),
+    ("/cards/check", {"number": "4111111111111111"}),
+])
+@pytest.mark.parametrize("token", [None, "wrong", "header-of-another-session"])
+def test_a_post_without_the_right_csrf_token_is_refused(client, settings, pushes, tmp_path, caplog,
+                                                          url, form, token):
+    login(client)
+    headers = {"Accept": "application/json"}
+    data = dict(form)
+    if token == "header-of-another-session":
+        other = create_app({"FLOW_SETTINGS": settings, "PUSH": pushes, "TESTING": True,
+                            "STATE_DB": str(tmp_path / "other.sqlite3"), "SECRET_KEY": SESSION_KEY})
+        headers["X-CSRFToken"] = csrf_token(other.test_client())  # valid, but not this session's
+    elif token is not None:
+        data["csrf_token"] = token
+    caplog.clear()
+    with caplog.at_level(logging.INFO):
+        reply = client.post(url, data=data, headers=headers)
+    assert reply.status_code == 400 and reply.is_json
+    assert "CSRF" in reply.json["error"] and "Reload the page" in reply.json["error"]
+    [warning] = app_warnings(caplog)
+    assert warning.levelname == "WARNING" and not warning.exc_info and url in warning.getMessage()
+    assert [r for r in caplog.records if "CSRF" in r.getMessage()] == [warning]
+    # Nothing was done: still alice, nothing pushed.
+    assert client.get("/api/state").json["username"] == "alice"
+    assert pushes.pushes == []
+
+
+def test_csrf_token_in_the_header_is_accepted(client, pushes):
+    """What demo.js does: the page's meta tag token as X-CSRFToken on a fetch."""
+    login(client)
+    reply = client.post("/send", data={"message": "by fetch"},
+                        headers={"X-CSRFToken": csrf_token(client), "Accept": "application/json"})
+    assert reply.status_code == 200 and reply.json == {"status": "OK", "data": "by fetch"}
+    wait_until(lambda: pushes.pushes, 5, message="the push")
+
+
+def test_a_forged_form_post_shows_the_error_on_the_page(client):
+    login(client)
+    reply = client.post("/logout", data={"csrf_token": "forged"}, headers={"Accept": BROWSER_ACCEPT})
+    assert reply.status_code == 400 and reply.mimetype == "text/html"
+    page = reply.get_data(as_text=True)
+    assert 'id="error"' in page and "CSRF check failed" in page and 'id="connected"' in page
+    assert client.get("/socket_auth_token").status_code == 200  # not logged out
+
+
+def test_a_bad_login_name_shows_the_page_with_the_message(client, caplog):
+    reply = post(client, "/login", {"username": "*"}, headers={"Accept": BROWSER_ACCEPT})
+    assert reply.status_code == 400 and reply.mimetype == "text/html"
+    page = reply.get_data(as_text=True)
+    assert re.search(r'<p id="error"[^>]*role="alert">username: [^<]+</p>', page), page
+    assert 'name="username"' in page and "{" not in page.split('id="error"', 1)[1].split("</p>")[0]
+    assert len(app_warnings(caplog)) == 1
+
+
+def test_login_page_errors_are_escaped(client):
+    reply = post(client, "/login", {"username": "<script>" + "x" * 300}, headers={"Accept": BROWSER_ACCEPT})
+    assert reply.status_code == 400 and b"<script>x" not in reply.data
+
+
+@pytest.mark.parametrize("path", ["/", "/socket_auth_token", "/static/js/demo.js", "/favicon.ico",
+                                  "/nowhere"])
+def test_security_headers_on_every_response(client, path):
+    login(client)
+    with client.get(path, headers={"Host": "demo.example:8080"}) as reply:  # closes static files
+        pass
+    assert reply.headers["X-Content-Type-Options"] == "nosniff"
+    assert reply.headers["X-Frame-Options"] == "DENY"
+    assert reply.headers["Referrer-Policy"] == "same-origin"
+    policy = {part.split()[0]: part.split()[1:] for part in reply.headers["Content-Security-Policy"].split("; ")}
+    assert policy["frame-ancestors"] == ["'none'"]
+    assert policy["default-src"] == ["'self'"] and policy["script-src"] == ["'self'"]
+    # The page's socket goes to its own origin, ws: or wss: (behind TLS).
+    assert policy["connect-src"] == ["'self'", "ws://demo.example:8080", "wss://demo.example:8080"]
+
+
+def test_a_strange_host_header_adds_nothing_to_the_policy(client):
+    reply = client.get("/", headers={"Host": "evil; script-src *"})
+    policy = reply.headers["Content-Security-Policy"]
+    assert "connect-src 'self'" in policy and "script-src *" not in policy
+
+
+def test_security_headers_on_refusals_too(client):
+    reply = client.post("/send", data={"message": "x"})
+    assert reply.status_code == 400
+    assert "frame-ancestors 'none'" in reply.headers["Content-Security-Policy"]
+    assert reply.headers["X-Frame-Options"] == "DENY"
+
+
+def test_favicon(client):
+    with client.get("/favicon.ico") as reply:
+        assert reply.status_code == 200 and reply.mimetype == "image/svg+xml"
+        assert reply.data.startswith(b"<svg")
+    with client.get("/static/favicon.svg") as reply:
+        assert reply.status_code == 200
+    assert b'rel="icon"' in client.get("/").data

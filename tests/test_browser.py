@@ -157,3 +157,76 @@ def test_proxy_crash_makes_the_page_reload_its_state(stack, browser):
     expect(page.locator("#resync")).to_be_visible(timeout=WAIT_MS)
     # Reloaded from /api/state, which the app kept.
     expect(page.locator("#messages li")).to_have_text(['TASK DONE: "kept by the app"'], timeout=WAIT_MS)
+
+
+# --- the demo's guards and errors (issue 11): an observing stack shared by these tests
+
+def test_demo_page_headers_favicon_and_status_words(shared_stack, browser):
+    page = browser.new_page()
+    problems: list[str] = []
+    page.on("console", lambda message: problems.append(message.text)
+            if "Content Security Policy" in message.text else None)
+    page.on("response", lambda response: problems.append(f"{response.status} {response.url}")
+            if response.status >= 400 else None)
+    reply = page.goto(shared_stack.base_url + "/")
+    headers = reply.headers
+    assert "frame-ancestors 'none'" in headers["content-security-policy"]
+    assert headers["x-content-type-options"] == "nosniff" and headers["x-frame-options"] == "DENY"
+    assert headers["referrer-policy"] == "same-origin"
+    assert page.request.get(shared_stack.base_url + "/favicon.ico").status == 200
+    assert page.evaluate("fetch(document.querySelector('link[rel=icon]').href).then(r => r.status)") == 200
+    page.fill("#username", "frida")
+    page.click("button[type=submit]")
+    # Under the page's policy the socket still connects to its own origin.
+    expect(page.locator("#connected")).to_have_text("Online", timeout=WAIT_MS)
+    expect(page.locator("#authenticated")).to_have_text("Yes", timeout=WAIT_MS)
+    page.fill("#message", "under the policy")
+    page.click("#send")
+    expect(page.locator("#messages li").first).to_have_text('TASK DONE: "under the policy"', timeout=WAIT_MS)
+    assert problems == []
+
+
+def test_demo_shows_refusals_on_the_page(shared_stack, browser):
+    page = browser.new_page()
+    page.goto(shared_stack.base_url + "/")
+    # A name the app refuses: the page again, with the message, not raw JSON.
+    page.fill("#username", "*")
+    page.click("button[type=submit]")
+    expect(page.locator("#error")).to_contain_text("username:", timeout=WAIT_MS)
+    expect(page.locator("#username")).to_be_visible()
+
+    # A forged form (its CSRF token is not the session's): refused, shown, not logged in.
+    page.fill("#username", "gert")
+    page.evaluate("document.querySelector('#login input[name=csrf_token]').value = 'forged'")
+    page.click("button[type=submit]")
+    expect(page.locator("#error")).to_contain_text("CSRF check failed", timeout=WAIT_MS)
+    expect(page.locator("#username")).to_be_visible()
+
+    page.fill("#username", "gert")
+    page.click("button[type=submit]")
+    expect(page.locator("#authenticated")).to_have_text("Yes", timeout=WAIT_MS)
+    expect(page.locator("#error")).to_be_hidden()
+
+    # A 400 from /cards/check: said on the page, not "checking…" forever.
+    page.fill("#card", "123")
+    page.click("#check")
+    expect(page.locator("#card-result")).to_contain_text("not checked: 400", timeout=WAIT_MS)
+    expect(page.locator("#error")).to_contain_text("12 to 19 digits", timeout=WAIT_MS)
+
+    # A 400 from /send (blank passes the form's `required`).
+    page.fill("#message", "   ")
+    page.click("#send")
+    expect(page.locator("#error")).to_contain_text("/send failed: 400 message: missing or empty",
+                                                   timeout=WAIT_MS)
+    # A good send clears it.
+    page.fill("#message", "fine again")
+    page.click("#send")
+    expect(page.locator("#messages li").first).to_have_text('TASK DONE: "fine again"', timeout=WAIT_MS)
+    expect(page.locator("#error")).to_be_hidden()
+
+    # The fetch's X-CSRFToken header is what lets it through: without it, a visible refusal.
+    page.evaluate("document.querySelector('meta[name=csrf-token]').remove()")
+    status = page.evaluate("""fetch('/send', {method: 'POST', body: new URLSearchParams({message: 'x'}),
+                                             headers: {'Accept': 'application/json'}})
+                              .then(r => r.json().then(b => [r.status, b.error]))""")
+    assert status[0] == 400 and "CSRF" in status[1]

@@ -14,6 +14,7 @@ import asyncio
 import http.cookiejar
 import json
 import os
+import re
 import signal
 import subprocess
 import time
@@ -294,7 +295,14 @@ def test_app_workers_restarted_mid_stream(make_stack):
                 if time.monotonic() > deadline:
                     raise
 
-    call("/login", {"username": "worker-test"})
+    def csrf_token() -> str:
+        # The demo's POSTs are CSRF-protected: a form post carries the page's token.
+        match = re.search(rb'name="csrf-token" content="([^"]+)"', call("/"))
+        assert match, "the page carries a CSRF token"
+        return match.group(1).decode()
+
+    call("/login", {"username": "worker-test", "csrf_token": csrf_token()})
+    token = csrf_token()  # logging in starts a new session, with a new token
     broadcaster = flow.Flow(settings=stack.settings)
 
     async def run():
@@ -309,7 +317,7 @@ def test_app_workers_restarted_mid_stream(make_stack):
                        "authenticated")
 
         async def send(n: int) -> None:
-            reply = await loop.run_in_executor(None, call, "/send", {"message": f"m{n}"})
+            reply = await loop.run_in_executor(None, call, "/send", {"message": f"m{n}", "csrf_token": token})
             assert json.loads(reply) == {"status": "OK", "data": f"m{n}"}
             broadcaster.push_all("BCAST", n)
 
