@@ -19,7 +19,7 @@ import logging
 import re
 import time
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, NoReturn
+from typing import TYPE_CHECKING, Any, Mapping, NoReturn
 
 import jwt
 
@@ -169,11 +169,14 @@ def _cached_signing_key(settings: Settings) -> Any:
     return signing_key(settings)
 
 
-def issue_token(settings: Settings, username: str, ttl: int | None = None) -> str:
-    """A signed token for ``username``, valid ``ttl`` seconds (default FLOW_TOKEN_TTL)."""
+def issue_token(settings: Settings, username: str, ttl: int | None = None,
+                extra: Mapping[str, Any] | None = None) -> str:
+    """A signed token for ``username``, valid ``ttl`` seconds (default FLOW_TOKEN_TTL).
+    ``extra`` claims ride along; the ones Flow sets itself win over them."""
     check_username(username)
     now = int(time.time())
     claims: dict[str, Any] = {
+        **(extra or {}),
         "username": username,
         "iat": now,
         "exp": now + (settings.token_ttl if ttl is None else ttl),

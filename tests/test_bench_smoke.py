@@ -52,6 +52,9 @@ def test_quick_bench_runs_every_workload(tmp_path: Path) -> None:
     assert_flow_delivered_everything(results, ("W1", "W2", "W4"))
     for key in ("reference", "flow"):
         assert results[key]["W3"]["clients"] > 0
+        assert results[key]["W3"]["refused"] == 0
+    # As in production: W3's clients reach Flow's pool through the shipped nginx.
+    assert results["flow"]["W3"]["through"] == "nginx"
     push = results["flow"]["PUSH"]
     assert push["flow_push"] > 0 and push["raw_send"] > 0
 

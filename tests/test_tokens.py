@@ -55,6 +55,15 @@ def test_issue_verify_round_trip():
     assert TokenVerifier(settings).verify(token) == "alice"
 
 
+def test_extra_claims_ride_along_and_never_replace_flows_own():
+    settings = hs()
+    token = issue_token(settings, "alice", 60, {"role": "editor", "username": "mallory", "exp": 1})
+    claims = jwt.decode(token, options={"verify_signature": False})
+    assert claims["role"] == "editor"
+    assert claims["username"] == "alice" and claims["exp"] > time.time()
+    assert TokenVerifier(settings).verify(token) == "alice"
+
+
 def test_round_trip_with_a_32_byte_secret():
     settings = Settings(secret="k" * 32)
     assert TokenVerifier(settings).verify(issue_token(settings, "alice")) == "alice"
