@@ -10,10 +10,12 @@ from __future__ import annotations
 import logging
 import re
 
-from flask import (Blueprint, Response, current_app, jsonify, redirect, render_template,
-                   request, session, url_for)
+from flask import (Blueprint, Flask, Response, current_app, has_request_context, jsonify, redirect,
+                   render_template, request, session, url_for)
 from flask.blueprints import BlueprintSetupState
+from flask.sessions import SecureCookieSessionInterface
 from flask_wtf.csrf import CSRFError, CSRFProtect  # type: ignore[import-untyped]
+from werkzeug.exceptions import HTTPException
 
 from flowcore.protocol import ProtocolError, check_username
 from flowcore.tokens import issue_token
@@ -30,9 +32,25 @@ _POLICY = ("default-src 'self'; script-src 'self'; style-src 'self'; img-src 'se
            "object-src 'none'; base-uri 'none'; form-action 'self'; frame-ancestors 'none'")
 
 
+class _SessionInterface(SecureCookieSessionInterface):
+    """Flask's signed cookie, marked Secure whenever the request came over https.
+
+    SESSION_COOKIE_SECURE is one value for the whole app, but the same app is served over
+    http (make) and https (FLOW_TLS_CERT): behind TLS the cookie must never be sent over a
+    plain connection, where anyone on the network could copy it and be that user.
+    gunicorn trusts nginx's X-Forwarded-Proto, so request.is_secure is the browser's scheme.
+    """
+
+    def get_cookie_secure(self, app: Flask) -> bool:
+        return bool(super().get_cookie_secure(app) or (has_request_context() and request.is_secure))
+
+
 @bp.record_once
 def _guard(state: BlueprintSetupState) -> None:
     app = state.app
+    # Flask's own interface only: an app that brought its own keeps it.
+    if isinstance(app, Flask) and type(app.session_interface) is SecureCookieSessionInterface:
+        app.session_interface = _SessionInterface()
     # The token lives as long as the session: a tab left open for hours still sends.
     app.config.setdefault("WTF_CSRF_TIME_LIMIT", None)
     csrf.init_app(app)
@@ -68,6 +86,21 @@ def csrf_refused(error: CSRFError) -> tuple[Response | str, int]:
     return refused(f"CSRF check failed: {error.description} Reload the page and try again.")
 
 
+@bp.app_errorhandler(HTTPException)
+def http_refused(error: HTTPException) -> Response | HTTPException | tuple[Response | str, int]:
+    # A wrong method or path from a page's fetch gets JSON like every other refusal (the
+    # page shows it), not Werkzeug's HTML; its headers (405's Allow) are kept.
+    status = error.code or 500
+    if not 400 <= status < 500:
+        return error
+    body, status = refused(f"{error.name}: {error.description}", status)
+    response = current_app.make_response((body, status))
+    for name, value in error.get_headers():
+        if name.lower() != "content-type":
+            response.headers[name] = value
+    return response
+
+
 @bp.after_app_request
 def security_headers(response: Response) -> Response:
     host = request.host
@@ -77,6 +110,11 @@ def security_headers(response: Response) -> Response:
     headers.setdefault("X-Content-Type-Options", "nosniff")
     headers.setdefault("X-Frame-Options", "DENY")
     headers.setdefault("Referrer-Policy", "same-origin")
+    # A page that read the session carries that session's CSRF token and user name: no
+    # cache (a shared one, or the browser's back button after logout) may keep it.
+    # (Flask adds its Vary: Cookie only after this runs; session.accessed is what it reads.)
+    if getattr(session, "accessed", False) and "Cache-Control" not in headers:
+        headers["Cache-Control"] = "no-store"
     return response
 
 

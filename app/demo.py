@@ -12,13 +12,21 @@ from typing import Any, Callable
 
 from flask import Blueprint, Flask, Response, current_app, jsonify, render_template, request, send_from_directory
 
-from .auth import bad_request, current_user
+from .auth import bad_request, current_user, refused as refuse
 
 bp = Blueprint("demo", __name__)
 log = logging.getLogger("flow.app")
 
 MAX_MESSAGE_CHARS = 1000
 RECENT = 20
+# Background tasks one app process runs at once (config MAX_TASKS). Each is a thread that
+# lives for seconds; without a bound, one client posting in a loop piles up thousands
+# until the process cannot start a thread (a 500 with a traceback) or runs out of memory.
+MAX_TASKS = 64
+
+
+class Busy(Exception):
+    """Too many background tasks running in this process: refuse the request (503)."""
 
 
 class Tasks:
@@ -33,6 +41,8 @@ class Tasks:
         self.push: Callable[[str, str, Any], None] = app.config["PUSH"]
         self.delay: float = app.config["TASK_DELAY"]
         self.db_path: str = app.config["STATE_DB"]
+        self.limit: int = int(app.config.get("MAX_TASKS", MAX_TASKS))
+        self._slots = threading.BoundedSemaphore(self.limit)
         Path(self.db_path).parent.mkdir(parents=True, exist_ok=True)
         with self._db() as db:
             db.execute("PRAGMA journal_mode=WAL")
@@ -44,15 +54,24 @@ class Tasks:
         return sqlite3.connect(self.db_path, timeout=5)
 
     def start(self, work: Callable[[], None]) -> None:
+        """Run ``work`` in a thread of its own; Busy when MAX_TASKS already run."""
+        if not self._slots.acquire(blocking=False):
+            raise Busy(f"busy: {self.limit} tasks already running, try again in a moment")
         # Not a daemon: a worker that is restarted finishes its tasks (and flow.push
         # flushes at exit) before it goes, so an answered request's push is not lost.
-        threading.Thread(target=self._run, args=(work,)).start()
+        try:
+            threading.Thread(target=self._run, args=(work,)).start()
+        except RuntimeError:  # the process cannot start another thread
+            self._slots.release()
+            raise Busy("busy: cannot start a background task now, try again in a moment") from None
 
     def _run(self, work: Callable[[], None]) -> None:
         try:
             work()
         except Exception:
             log.exception("background task failed")
+        finally:
+            self._slots.release()
 
     def tell(self, username: str, message_id: str, data: Any) -> None:
         with self._db() as db:
@@ -83,6 +102,11 @@ def signed_in_user() -> str:
     if username is None:
         raise RuntimeError("signed_in_user() called before login_required()")
     return username
+
+
+def busy(exc: Busy) -> tuple[Any, int, dict[str, str]]:
+    body, status = refuse(str(exc), 503)
+    return body, status, {"Retry-After": "1"}
 
 
 def login_required() -> tuple[Any, int] | None:
@@ -119,7 +143,10 @@ def send():
         work.wait()
         work.tell(username, "TASK DONE", message)
 
-    work.start(later)
+    try:
+        work.start(later)
+    except Busy as exc:
+        return busy(exc)
     return jsonify(status="OK", data=message)
 
 
@@ -129,7 +156,9 @@ def check_card():
     if refused:
         return refused
     number = "".join((request.form.get("number") or "").split())
-    if not number.isdigit() or not 12 <= len(number) <= 19:
+    # ASCII digits only: str.isdigit() also takes "²" and "٤", which int() then rejects
+    # (or worse, accepts) in the background task, long after the 200.
+    if not (number.isascii() and number.isdigit()) or not 12 <= len(number) <= 19:
         return bad_request("number: 12 to 19 digits expected")
     username, work, masked = signed_in_user(), tasks(), mask(number)
 
@@ -141,7 +170,10 @@ def check_card():
         work.tell(username, "CARD RESULT", {"card": masked, "valid": luhn_valid(number),
                                             "brand": brand(number)})
 
-    work.start(later)
+    try:
+        work.start(later)
+    except Busy as exc:
+        return busy(exc)
     return jsonify(status="OK", data={"card": masked})
 
 

@@ -280,3 +280,126 @@ def test_favicon(client):
     with client.get("/static/favicon.svg") as reply:
         assert reply.status_code == 200
     assert b'rel="icon"' in client.get("/").data
+
+
+# --- adversarial review (adv_c): cookie flags, caching, card digits, HTTP errors ------------------
+
+
+def session_cookie(reply) -> str:
+    [cookie] = [c for c in reply.headers.getlist("Set-Cookie") if c.startswith("session=")]
+    return cookie
+
+
+def test_the_session_cookie_is_secure_over_https_and_still_sent_over_http(client):
+    """Behind TLS a cookie without Secure would also go out over a plain http request
+    (any http:// link to the host), where anyone on the network copies it."""
+    https = {"base_url": "https://demo.example", "headers": {"Referer": "https://demo.example/"}}
+    page = client.get("/", base_url=https["base_url"])
+    cookie = session_cookie(page)
+    flags = [part.strip().lower() for part in cookie.split(";")]
+    assert "secure" in flags and "httponly" in flags and "samesite=lax" in flags, cookie
+    token = META.search(page.get_data(as_text=True)).group(1)
+    reply = client.post("/login", data={"csrf_token": token, "username": "alice"}, **https)
+    assert reply.status_code == 302
+    assert "secure" in [p.strip().lower() for p in session_cookie(reply).split(";")]
+    # Plain http (make's default) keeps a cookie the browser sends back over http.
+    plain = client.application.test_client().get("/")
+    assert "secure" not in [p.strip().lower() for p in session_cookie(plain).split(";")]
+
+
+@pytest.mark.parametrize("path", ["/", "/api/state", "/nowhere"])
+def test_pages_that_read_the_session_are_never_cached(client, path):
+    """The page holds the session's CSRF token and user name: a shared cache (or the back
+    button after logout) must not hand it to the next person."""
+    login(client)
+    reply = client.get(path)
+    assert reply.headers.get("Cache-Control") == "no-store", (path, reply.headers)
+
+
+def test_static_files_stay_cacheable(client):
+    with client.get("/favicon.ico") as reply:
+        assert "no-store" not in reply.headers.get("Cache-Control", "")
+
+
+@pytest.mark.parametrize("number", ["²" * 16, "٤١١١١١١١١١١١١١١١", "４１１１１１１１１１１１１１１１"])
+def test_a_card_number_of_non_ascii_digits_is_400(client, pushes, caplog, number):
+    """str.isdigit() took these: "²" then failed in the background task with a traceback
+    after a 200, the others were checked as if they were 0-9."""
+    login(client)
+    with caplog.at_level(logging.INFO):
+        reply = post(client, "/cards/check", {"number": number}, headers={"Accept": "application/json"})
+    assert reply.status_code == 400 and "number" in reply.json["error"]
+    [warning] = app_warnings(caplog)
+    assert not warning.exc_info
+    assert pushes.pushes == []
+
+
+def test_a_wrong_method_is_a_json_refusal_logged_once(client, caplog):
+    """A fetch with the wrong method or path gets {"error": ...} like any refusal, which
+    demo.js shows on the page, not Werkzeug's HTML page; 405 keeps its Allow header."""
+    login(client)
+    caplog.clear()
+    with caplog.at_level(logging.INFO):
+        reply = client.get("/send", headers={"Accept": "application/json"})
+    assert reply.status_code == 405 and reply.is_json and "Method Not Allowed" in reply.json["error"]
+    assert "POST" in reply.headers["Allow"]
+    [warning] = app_warnings(caplog)
+    assert warning.levelname == "WARNING" and not warning.exc_info and "405" in warning.getMessage()
+
+
+def test_an_unknown_page_shows_the_error_on_the_page(client):
+    reply = client.get("/no/such/page", headers={"Accept": BROWSER_ACCEPT})
+    assert reply.status_code == 404 and reply.mimetype == "text/html"
+    assert re.search(r'<p id="error"[^>]*role="alert">Not Found: [^<]+</p>', reply.get_data(as_text=True))
+
+
+def test_login_never_redirects_off_site(client):
+    for query in ("?next=https://evil.example/", "?next=//evil.example/", "?url=/%2f%2fevil.example"):
+        reply = client.post("/login" + query, data={"csrf_token": csrf_token(client), "username": "alice"})
+        assert reply.status_code == 302 and reply.headers["Location"] == "/", reply.headers
+
+
+def test_the_socket_token_is_not_readable_cross_origin(client):
+    """No CORS header, on the GET or its preflight: another origin's fetch with credentials
+    gets an opaque error, never the token (and SameSite=Lax keeps the cookie off it anyway)."""
+    login(client)
+    origin = {"Origin": "https://evil.example"}
+    for reply in (client.get("/socket_auth_token", headers=origin),
+                  client.options("/socket_auth_token",
+                                 headers={**origin, "Access-Control-Request-Method": "GET"})):
+        assert not [h for h in reply.headers.keys() if h.lower().startswith("access-control-")]
+    assert client.get("/socket_auth_token", headers=origin).headers["Cache-Control"] == "no-store"
+
+
+def test_background_tasks_are_bounded_and_a_full_app_says_busy(settings, tmp_path, caplog):
+    """One client posting in a loop started a thread per request, without limit; now a
+    process runs MAX_TASKS at once and refuses the next with 503, logged once."""
+    release = threading.Event()
+    started = threading.Semaphore(0)
+
+    def held_push(username, message_id, data):
+        started.release()
+        release.wait(10)
+
+    app = create_app({"FLOW_SETTINGS": settings, "PUSH": held_push, "TASK_DELAY": 0, "TESTING": True,
+                      "STATE_DB": str(tmp_path / "state.sqlite3"), "SECRET_KEY": SESSION_KEY,
+                      "MAX_TASKS": 2})
+    client = app.test_client()
+    login(client)
+    json_accept = {"Accept": "application/json"}
+    try:
+        for n in range(2):
+            assert post(client, "/send", {"message": f"m{n}"}, headers=json_accept).status_code == 200
+        for _ in range(2):
+            assert started.acquire(timeout=5), "a task did not start"
+        caplog.clear()
+        reply = post(client, "/cards/check", {"number": "4111111111111111"}, headers=json_accept)
+        assert reply.status_code == 503 and "busy" in reply.json["error"]
+        assert reply.headers["Retry-After"] == "1"
+        [warning] = app_warnings(caplog)
+        assert not warning.exc_info
+    finally:
+        release.set()
+    # The slots come back when the tasks end.
+    wait_until(lambda: post(client, "/send", {"message": "again"}, headers=json_accept).status_code == 200,
+               5, 0.02, "a free task slot")

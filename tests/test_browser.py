@@ -4,11 +4,14 @@ from __future__ import annotations
 
 import os
 import signal
+import ssl
 from pathlib import Path
 
 import pytest
 
 import flow
+from conftest import _stop_all
+from test_nginx import TlsStack, self_signed
 
 CHROMIUM = Path("/usr/bin/chromium")
 playwright_sync = pytest.importorskip(
@@ -230,3 +233,55 @@ def test_demo_shows_refusals_on_the_page(shared_stack, browser):
                                              headers: {'Accept': 'application/json'}})
                               .then(r => r.json().then(b => [r.status, b.error]))""")
     assert status[0] == 400 and "CSRF" in status[1]
+
+
+def test_the_policy_blocks_inline_script_on_the_demo_page(shared_stack, browser):
+    """Escaping is one guard against a hostile name or message; the policy is the second:
+    script injected into the page (an inline <script>, an on* attribute) never runs.
+    (eval is not tried: code Playwright evaluates is exempt from the page's policy.)"""
+    page = browser.new_page()
+    violations: list[str] = []
+    page.on("console", lambda message: violations.append(message.text)
+            if "Content Security Policy" in message.text else None)
+    page.goto(shared_stack.base_url + "/")
+    ran = page.evaluate("""() => new Promise(resolve => {
+        window.injected = [];
+        const script = document.createElement('script');
+        script.textContent = "window.injected.push('inline')";
+        document.body.appendChild(script);
+        const img = document.createElement('img');
+        img.setAttribute('onerror', "window.injected.push('onerror')");
+        img.src = '/no-such-image';
+        document.body.appendChild(img);
+        // The image's error fires (or is refused) within a moment; then report.
+        img.addEventListener('error', () => setTimeout(() => resolve(window.injected), 50));
+    })""")
+    assert ran == [], ran
+    assert any("inline" in text for text in violations), violations
+
+
+@pytest.fixture
+def tls_stack(tmp_path):
+    cert, key = self_signed(tmp_path)
+    (tmp_path / "stack").mkdir()
+    stack = TlsStack(tmp_path / "stack", {"FLOW_TLS_CERT": cert, "FLOW_TLS_KEY": key},
+                     ssl.create_default_context(cafile=str(cert)))
+    try:
+        yield stack.start()
+    finally:
+        _stop_all([stack])
+
+
+def test_the_demo_works_over_tls_with_a_secure_cookie(tls_stack, browser):
+    """Under TLS Flask-WTF also checks the Referer of each POST and the cookie is Secure:
+    a real browser still logs in, sends, and gets its push over wss."""
+    context = browser.new_context(ignore_https_errors=True)  # the test's own certificate
+    page = context.new_page()
+    log_in(page, tls_stack, "tilde")
+    [cookie] = [c for c in context.cookies() if c["name"] == "session"]
+    assert cookie["secure"] and cookie["httpOnly"] and cookie["sameSite"] == "Lax", cookie
+    page.fill("#message", "over tls")
+    page.click("#send")
+    expect(page.locator("#messages li").first).to_have_text('TASK DONE: "over tls"', timeout=WAIT_MS)
+    expect(page.locator("#error")).to_be_hidden()
+    context.close()

@@ -20,6 +20,7 @@ import sys
 import time
 import urllib.error
 import urllib.request
+import warnings
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
@@ -471,3 +472,136 @@ def test_without_tls_there_is_no_ssl_and_no_hsts(tmp_path: Path) -> None:
     assert "ssl_certificate" not in include and "Strict-Transport-Security" not in include
     assert re.search(r"listen 127\.0\.0\.1:\d+;", conf.read_text())
 
+
+
+# --- adversarial review (adv_c): what an attacker on the network tries -------------------------
+
+
+@pytest.mark.stack
+def test_a_slow_request_body_is_closed_after_the_timeout(tight_stack: Stack) -> None:
+    """Slowloris on the body: a whole header, then a body that never comes. nginx's default
+    client_body_timeout is 60 s; the stack's is FLOW_HEADER_TIMEOUT (1 s here)."""
+    stack = tight_stack
+    with socket.create_connection(("127.0.0.1", stack.http_port), timeout=5) as sock:
+        sock.sendall(b"POST /send HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: "
+                     b"application/x-www-form-urlencoded\r\nContent-Length: 1000\r\n\r\nmessage=")
+        seconds = closed_within(sock, 15)
+        assert seconds is not None, "nginx kept a stalled request body past its timeout"
+    assert http_get(stack.base_url + "/")[0] == 200
+
+
+@pytest.mark.stack
+@pytest.mark.parametrize("path", ["/flow/websocket.js/../../app/__init__.py", "/flow/websocket.jsx",
+                                  "/flow/websocket.js/", "/flow/websocket.js/x", "/flow/../nginx.conf",
+                                  "/flow/%2e%2e/nginx.conf", "/static/../app/__init__.py"])
+def test_paths_beside_the_client_script_serve_no_file(tight_stack: Stack, path: str) -> None:
+    """location = /flow/websocket.js with alias: only that exact path is the script; the
+    rest goes to the app (404), never to a file beside it."""
+    conn = http.client.HTTPConnection("127.0.0.1", tight_stack.http_port, timeout=5)
+    try:
+        conn.request("GET", path)  # sent as is: http.client does not normalise "..".
+        response = conn.getresponse()
+        body = response.read()
+    finally:
+        conn.close()
+    assert response.status in (400, 404), (path, response.status)
+    for secret in (b"createSocket", b"def create_app", b"worker_connections"):
+        assert secret not in body, (path, secret)
+
+
+@pytest.mark.stack
+def test_request_smuggling_shapes_are_refused(tight_stack: Stack) -> None:
+    """Both Content-Length and Transfer-Encoding, two lengths, an unknown coding: nginx
+    answers 4xx/501 and closes, so nothing after the first request reaches the app as a
+    request of its own."""
+    host = b"Host: 127.0.0.1\r\n"
+    smuggled = b"GET /api/state HTTP/1.1\r\n" + host + b"\r\n"
+    shapes = [
+        b"POST /send HTTP/1.1\r\n" + host + b"Content-Length: 4\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n",
+        b"POST /send HTTP/1.1\r\n" + host + b"Content-Length: 0\r\nContent-Length: 44\r\n\r\n",
+        b"POST /send HTTP/1.1\r\n" + host + b"Transfer-Encoding: xchunked\r\nContent-Length: 0\r\n\r\n",
+    ]
+    for shape in shapes:
+        with socket.create_connection(("127.0.0.1", tight_stack.http_port), timeout=5) as sock:
+            sock.sendall(shape + smuggled)
+            answer = b""
+            while chunk := sock.recv(65536):
+                answer += chunk
+        statuses = re.findall(rb"^HTTP/1\.1 (\d{3})", answer, re.MULTILINE)
+        assert statuses and statuses[0] in (b"400", b"501"), (shape, answer[:200])
+        assert len(statuses) == 1, f"a second response (smuggled request served): {answer[:400]!r}"
+
+
+@pytest.mark.stack
+def test_huge_headers_get_a_clear_status(tight_stack: Stack) -> None:
+    for extra in (b"X-Big: " + b"a" * 20000 + b"\r\n", b"".join(b"X-%d: a\r\n" % i for i in range(3000))):
+        with socket.create_connection(("127.0.0.1", tight_stack.http_port), timeout=5) as sock:
+            sock.sendall(b"GET / HTTP/1.1\r\nHost: 127.0.0.1\r\n" + extra + b"\r\n")
+            head = sock.recv(65536).split(b"\r\n", 1)[0]
+        assert head == b"HTTP/1.1 400 Bad Request", head
+    assert http_get(tight_stack.base_url + "/")[0] == 200
+
+
+@pytest.mark.stack
+def test_a_spoofed_forwarded_for_is_not_what_the_logs_name(tight_stack: Stack) -> None:
+    """A refused handshake is logged with the client's address: nginx's own $remote_addr
+    in X-Real-IP, never the X-Forwarded-For or X-Real-IP the client made up."""
+    stack = tight_stack
+    spoofed = "203.0.113.77"
+    with socket.create_connection(("127.0.0.1", stack.http_port), timeout=5) as sock:
+        sock.sendall(handshake_request(stack.http_port, "https://evil.example").replace(
+            b"\r\n\r\n", f"\r\nX-Forwarded-For: {spoofed}\r\nX-Real-IP: {spoofed}\r\n\r\n".encode()))
+        assert sock.recv(4096).startswith(b"HTTP/1.1 403")
+
+    def logged() -> list[str]:
+        return [line for log in stack.log_dir.glob("websocket-*.log")
+                for line in log.read_text(errors="replace").splitlines() if "evil.example" in line]
+
+    lines = wait_until(logged, 10, 0.05, "the refused origin in a websocket log")
+    assert all(spoofed not in line for line in lines), lines
+    access = (stack.log_dir / "nginx-access.log").read_text()
+    assert spoofed not in "\n".join(l.split(" ", 1)[0] for l in access.splitlines())
+
+
+@pytest.mark.stack
+def test_tls_refuses_old_protocols_and_marks_the_session_cookie_secure(tls_stack: TlsStack) -> None:
+    stack = tls_stack
+    # TLS 1.1: the client offers it (security level 0 lets OpenSSL do so), nginx refuses with
+    # a protocol_version alert; a refusal by our own OpenSSL would be another reason.
+    old = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    old.check_hostname = False
+    old.verify_mode = ssl.CERT_NONE
+    old.set_ciphers("DEFAULT:@SECLEVEL=0")
+    with warnings.catch_warnings():  # deprecated is the point: this is what nginx must refuse
+        warnings.simplefilter("ignore", DeprecationWarning)
+        old.minimum_version = old.maximum_version = ssl.TLSVersion.TLSv1_1
+    with socket.create_connection(("127.0.0.1", stack.http_port), timeout=5) as raw:
+        with pytest.raises(ssl.SSLError) as refused:
+            old.wrap_socket(raw, server_hostname="127.0.0.1").close()
+    assert refused.value.reason == "TLSV1_ALERT_PROTOCOL_VERSION", refused.value
+
+    # The session cookie, through nginx and gunicorn over https: Secure (with HttpOnly,
+    # SameSite=Lax), so a plain http request to the host never carries it.
+    conn = http.client.HTTPSConnection("127.0.0.1", stack.http_port, timeout=5, context=stack.context)
+    try:
+        conn.request("GET", "/")
+        page = conn.getresponse()
+        body = page.read().decode()
+        cookies = [v for k, v in page.getheaders() if k.lower() == "set-cookie"]
+        assert page.status == 200 and cookies, page.getheaders()
+        flags = [part.strip().lower() for part in cookies[0].split(";")]
+        assert {"secure", "httponly", "samesite=lax"} <= set(flags), cookies
+        assert page.getheader("Cache-Control") == "no-store"
+        token = re.search(r'<meta name="csrf-token" content="([^"]+)">', body)
+        assert token
+        session = cookies[0].split(";", 1)[0]
+        form = f"csrf_token={token.group(1)}&username=tess"
+        conn.request("POST", "/login", body=form, headers={
+            "Cookie": session, "Content-Type": "application/x-www-form-urlencoded",
+            "Referer": stack.base_url + "/"})
+        login = conn.getresponse()
+        login.read()
+        assert login.status == 302, login.getheaders()
+        assert "secure" in login.getheader("Set-Cookie", "").lower()
+    finally:
+        conn.close()
