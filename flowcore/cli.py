@@ -47,20 +47,41 @@ STOP_TIMEOUT = 60.0
 APP_IMPORT_TIMEOUT = 60.0
 
 # Run with FLOW_PYTHON in the project directory, as gunicorn would import FLOW_APP.
-# gunicorn's own rule: "module:name" or "module:factory(...)", "module" alone means
-# "module:application". One line on failure, never a traceback.
+# gunicorn's own rule (gunicorn.util.import_app): "module:name" or "module:factory(literal
+# arguments)", "module" alone means "module:application"; no dotted name, no other
+# expression. The factory is not called here (it may open a database). One line on
+# failure, never a traceback.
 _IMPORT_APP = r"""
-import importlib, sys
+import ast, importlib, sys
 spec = sys.argv[1]
-module, _, attr = spec.partition(":")
-name = (attr.split("(", 1)[0].strip() or "application")
-try:
-    obj = importlib.import_module(module)
-    for part in name.split("."):
-        obj = getattr(obj, part)
-except BaseException as exc:
-    print(f"{type(exc).__name__}: {exc}".splitlines()[0] if str(exc) else type(exc).__name__)
+module, colon, attr = spec.partition(":")
+attr = attr if colon else "application"
+def fail(why):
+    print(why)
     sys.exit(1)
+try:
+    expression = ast.parse(attr, mode="eval").body
+except SyntaxError:
+    fail(f"{attr!r} is neither a name nor a call of a factory (gunicorn takes module:name or module:factory())")
+if isinstance(expression, ast.Call):
+    if not isinstance(expression.func, ast.Name):
+        fail(f"{attr!r}: the factory must be a plain name of the module (gunicorn takes no dotted name)")
+    try:
+        [ast.literal_eval(a) for a in expression.args]
+        [ast.literal_eval(k.value) for k in expression.keywords]
+    except ValueError:
+        fail(f"{attr!r}: the factory's arguments must be literal values")
+    name = expression.func.id
+elif isinstance(expression, ast.Name):
+    name = expression.id
+else:
+    fail(f"{attr!r} is neither a name nor a call of a factory (gunicorn takes module:name or module:factory())")
+try:
+    obj = getattr(importlib.import_module(module), name)
+except BaseException as exc:
+    fail(f"{type(exc).__name__}: {exc}".splitlines()[0] if str(exc) else type(exc).__name__)
+if not callable(obj):
+    fail(f"{module}:{name} is not callable (a WSGI application or a factory that returns one)")
 """
 
 
@@ -167,12 +188,67 @@ def port_problems(settings: Settings) -> list[str]:
                             "choose another or stop it")
         else:
             problems.append(f"port {port} ({name}) cannot be bound on {host}: {error.strerror or error}")
+    seen_paths: dict[str, str] = {}
     for name in ("publish_endpoint", "fanout_endpoint", "control_endpoint"):
         endpoint: str = getattr(settings, name)
-        if endpoint.startswith("ipc://") and _unix_listening(Path(endpoint[len("ipc://"):])):
-            problems.append(f"{endpoint} ({'FLOW_' + name.upper()}) is in use by another process; "
+        if not endpoint.startswith("ipc://"):
+            continue
+        variable = "FLOW_" + name.upper()
+        path = Path(endpoint[len("ipc://"):])
+        if str(path) in seen_paths:
+            problems.append(f"{endpoint} is set for both {seen_paths[str(path)]} and {variable}; "
+                            "give each its own")
+            continue
+        seen_paths[str(path)] = variable
+        if len(os.fsencode(path)) > MAX_UNIX_PATH:
+            problems.append(f"{endpoint} ({variable}): a path of {len(os.fsencode(path))} bytes, "
+                            f"longer than a Unix socket's {MAX_UNIX_PATH}; choose a shorter one")
+        elif not path.parent.is_dir():  # the proxy's bind would fail after the stack started
+            problems.append(f"{endpoint} ({variable}): the directory {path.parent} does not exist")
+        elif _unix_listening(path):
+            problems.append(f"{endpoint} ({variable}) is in use by another process; "
                             "choose another or stop it")
     return problems
+
+
+def unusable_secret_files(settings: Settings, app: bool = True) -> list[str]:
+    """A secret file that is there but holds no usable secret, one line each.
+
+    ensure_secret_files never replaces an existing file, so without this `flow secret`
+    said "the secrets exist already" while the role checks said to run it."""
+    from .settings import MIN_APP_SECRET_BYTES, MIN_SECRET_BYTES
+
+    wanted = []
+    hs = [MIN_SECRET_BYTES[a] for a in settings.jwt_algorithms if a in MIN_SECRET_BYTES]
+    if hs:
+        wanted.append(("FLOW_SECRET_FILE", settings.secret_file or ".flow_secret", settings.secret, max(hs)))
+    if app:
+        wanted.append(("FLOW_APP_SECRET_FILE", settings.app_secret_file or ".flow_app_secret",
+                       settings.app_secret, MIN_APP_SECRET_BYTES))
+    lines = []
+    for variable, value, held, minimum in wanted:
+        path = settings.path(value)
+        if not os.path.lexists(path):
+            continue
+        if path.is_symlink() and not path.exists():
+            why = "is a symbolic link to nothing"
+        elif not path.is_file():
+            why = "is not a regular file"
+        else:
+            try:
+                content = path.read_text(encoding="utf-8").strip()
+            except (OSError, UnicodeDecodeError):
+                continue  # load_settings says what is wrong with it
+            if content != held or len(content.encode()) >= minimum:
+                continue  # the secret comes from the environment, or the file is good
+            why = f"holds {len(content.encode())} bytes, fewer than the {minimum} needed"
+        lines.append(f"{variable}={str(path)!r} {why}; Flow never overwrites it: "
+                     "remove it and run `flow secret`")
+    return lines
+
+
+# sun_path holds 108 bytes with the terminating NUL: a longer path cannot be bound.
+MAX_UNIX_PATH = 107
 
 
 def _unix_listening(path: Path) -> bool:
@@ -202,6 +278,17 @@ def _app_problem(settings: Settings, env: Mapping[str, str]) -> str | None:
     return f"FLOW_APP={settings.app!r} cannot be loaded from {settings.root}: {lines[-1]}"
 
 
+# What GUNICORN_CMD_ARGS must not set, by gunicorn's long and short names.
+_GUNICORN_REFUSED = {
+    "--bind": ("-b", "GUNICORN_CMD_ARGS sets --bind: the app must listen on FLOW_APP_PORT, "
+                     "where nginx sends requests; remove it"),
+    "--config": ("-c", "GUNICORN_CMD_ARGS sets --config: the stack's gunicorn reads "
+                       "flowcore.gunicorn_conf; set FLOW_APP_* instead"),
+    "--daemon": ("-D", "GUNICORN_CMD_ARGS sets --daemon: gunicorn would leave supervisord, which "
+                       "starts it again and again, and outlive flow stop; remove it"),
+}
+
+
 def _gunicorn_args_problems() -> list[str]:
     raw = os.environ.get("GUNICORN_CMD_ARGS", "")
     try:
@@ -210,14 +297,16 @@ def _gunicorn_args_problems() -> list[str]:
         return [f"GUNICORN_CMD_ARGS={raw!r}: {exc}"]
     problems = []
     for arg in args:
-        option = arg.split("=", 1)[0]
-        if option in ("--bind", "-b") or (option.startswith("-b") and not option.startswith("--")):
-            problems.append("GUNICORN_CMD_ARGS sets --bind: the app must listen on FLOW_APP_PORT, "
-                            "where nginx sends requests; remove it")
-        elif option in ("--config", "-c"):
-            problems.append("GUNICORN_CMD_ARGS sets --config: the stack's gunicorn reads "
-                            "flowcore.gunicorn_conf; set FLOW_APP_* instead")
-    return problems
+        if arg.startswith("--"):
+            # gunicorn's argparse takes any unambiguous prefix: --bi is --bind.
+            option = arg.split("=", 1)[0]
+            named = [name for name in _GUNICORN_REFUSED if len(option) > 3 and name.startswith(option)]
+        elif arg.startswith("-"):  # -b ADDR, -bADDR, -D
+            named = [name for name, (short, _) in _GUNICORN_REFUSED.items() if arg[:2] == short]
+        else:
+            named = []
+        problems += [_GUNICORN_REFUSED[name][1] for name in named]
+    return list(dict.fromkeys(problems))
 
 
 def _engine_problem(settings: Settings) -> str | None:
@@ -252,6 +341,12 @@ def problems_of(settings: Settings, env: Mapping[str, str], running: bool,
         problems += settings.problems("app")
     if not running:
         problems += port_problems(settings)
+        # supervisord's control socket (and gunicorn's) are in the run dir; a deep one made
+        # supervisord fail after `flow check` said "ready to run".
+        sock = _run_dir(env) / "supervisor.sock"
+        if len(os.fsencode(sock)) > MAX_UNIX_PATH:
+            problems.append(f"FLOW_RUN_DIR={str(_run_dir(env))!r} is too deep: {sock} is longer than "
+                            f"a Unix socket path may be ({MAX_UNIX_PATH} bytes); choose a shorter one")
     missing = [name for name in SERVER_MODULES if importlib.util.find_spec(name) is None]
     if missing:
         problems.append(f"{', '.join(missing)} missing (the stack's server side): {SERVER_EXTRA}")
@@ -260,6 +355,11 @@ def problems_of(settings: Settings, env: Mapping[str, str], running: bool,
     if find_nginx() is None:
         problems.append("nginx is not installed (Debian: apt-get install nginx)")
     problems += _gunicorn_args_problems()
+    python = settings.python or sys.executable
+    if any(c.isspace() for c in python):
+        # supervisord.conf's commands start with it, and supervisord splits them with shlex.
+        problems.append(f"FLOW_PYTHON={python!r}: supervisord cannot start a path with spaces; "
+                        "set FLOW_PYTHON to a path (a symbolic link) without them")
     app = _app_problem(settings, env)
     if app:
         problems.append(app)
@@ -267,7 +367,9 @@ def problems_of(settings: Settings, env: Mapping[str, str], running: bool,
         engine = _engine_problem(settings)
         if engine:
             problems.append(engine)
-    return problems
+    problems += unusable_secret_files(settings, app=settings.app == DEMO_APP)
+    # Several roles share a check (the issuer's is the demo app's too): each line once.
+    return list(dict.fromkeys(problems))
 
 
 # --- supervisord -------------------------------------------------------------------------
@@ -402,6 +504,11 @@ def cmd_secret(args: argparse.Namespace) -> int:
     written = ensure_secrets()
     for path in written:
         say(f"generated a secret in {path}")
+    unusable = unusable_secret_files(_settings())
+    for line in unusable:
+        say(line)
+    if unusable:
+        return EXIT_PROBLEM
     if not written:
         say("the secrets exist already (or are set in the environment)")
     return 0
@@ -414,6 +521,8 @@ def cmd_token(args: argparse.Namespace) -> int:
     settings = _settings()
     if args.ttl is not None and args.ttl < 1:
         raise UsageError("--ttl must be at least 1 second")
+    if args.ttl is not None and args.ttl > MAX_TTL:
+        raise UsageError(f"--ttl must be at most {MAX_TTL} seconds (100 years)")
     try:
         print(issue_token(settings, args.user, ttl=args.ttl))
     except ProtocolError as exc:
@@ -428,6 +537,27 @@ def _parse_json(text: str) -> Any:
         return json.loads(text)
     except ValueError as exc:
         raise UsageError(f"JSON: not valid JSON ({exc})") from None
+    except RecursionError:  # "[[[[...": deeper than the parser's stack
+        raise UsageError("JSON: nested too deeply") from None
+
+
+# Beyond this a token's exp passes 2**53, which the servers refuse as no date (and a
+# browser cannot hold exactly): a ttl that large is a typo, not a wish.
+MAX_TTL = 100 * 365 * 24 * 3600
+# A linger ZeroMQ can hold (milliseconds in a C int); more is a typo, and a negative
+# one would make close() wait for a dead proxy forever.
+MAX_PUSH_TIMEOUT = 24 * 3600.0
+
+
+def _push_timeout(raw: str) -> float:
+    try:
+        value = float(raw)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"invalid float value: {raw!r}") from None
+    if not 0 <= value <= MAX_PUSH_TIMEOUT:  # also false for nan
+        raise argparse.ArgumentTypeError(
+            f"must be a number of seconds from 0 to {MAX_PUSH_TIMEOUT:.0f}, not {raw!r}")
+    return value
 
 
 def cmd_push(args: argparse.Namespace) -> int:
@@ -468,18 +598,35 @@ def cmd_push(args: argparse.Namespace) -> int:
 def _listen_urls(settings: Settings, url: str | None) -> tuple[str, str]:
     secure = bool(settings.tls_cert)
     origin = f"{'https' if secure else 'http'}://127.0.0.1:{settings.http_port}"
+    if url is not None:
+        _check_ws_url(url)
     return url or f"{'wss' if secure else 'ws'}://127.0.0.1:{settings.http_port}/websocket", origin
 
 
+def _check_ws_url(url: str) -> None:
+    # Tornado answers a URL it cannot open with a KeyError or a ValueError from urllib.
+    from urllib.parse import urlsplit
+
+    try:
+        parts = urlsplit(url)
+        parts.port  # raises on a port that is no number or out of range
+    except ValueError as exc:
+        raise UsageError(f"--url {url!r}: {exc}") from None
+    if parts.scheme not in ("ws", "wss") or not parts.hostname:
+        raise UsageError(f"--url {url!r}: must be ws://HOST[:PORT]/PATH or wss://...")
+
+
 async def _listen(url: str, origin: str, user: str, token: Callable[[], str], count: int) -> int:
-    from tornado.httpclient import HTTPClientError, HTTPRequest
+    from tornado.httpclient import HTTPRequest
     from tornado.websocket import websocket_connect
 
     request = HTTPRequest(url, headers={"Origin": origin}, connect_timeout=10, request_timeout=10)
     try:
         conn = await websocket_connect(request)
-    except (OSError, HTTPClientError) as exc:
-        say(f"cannot open {url}: {exc}")
+    except Exception as exc:  # noqa: BLE001
+        # Whatever the peer is: refused (OSError), an HTTP error page (HTTPClientError), a
+        # plain 200 (WebSocketError), endless bytes (UnsatisfiableReadError)... one line.
+        say(f"cannot open {url}: {str(exc) or type(exc).__name__}")
         return EXIT_PROBLEM
     received = 0
     authenticated = False
@@ -567,7 +714,7 @@ def _parser() -> _Parser:
     token.add_argument("--ttl", type=int, help="lifetime in seconds (default FLOW_TOKEN_TTL)")
     push = command("push", cmd_push, "push a message: USER ID JSON, or --all ID JSON")
     push.add_argument("--all", action="store_true", help="to every authenticated socket")
-    push.add_argument("--timeout", type=float,
+    push.add_argument("--timeout", type=_push_timeout,
                       help="seconds to hand the message over (default FLOW_PUSH_LINGER)")
     push.add_argument("values", nargs="*", metavar="USER ID JSON")
     listen = command("listen", cmd_listen, "print what USER receives, one JSON line per message")

@@ -227,13 +227,17 @@ class Settings:
             value = getattr(self, field.name)
             if field.name in _SECRET_FIELDS:
                 value = "(set)" if value else "(unset)"
+            elif field.name == "jwt_public_key" and "PRIVATE KEY" in value:
+                # A private key put where the public one goes (check_verifier refuses it):
+                # `flow config` output gets pasted into bug reports.
+                value = "(set: holds a private key, hidden)"
             elif isinstance(value, tuple):
                 value = ",".join(value) or "(none)"
             lines.append(f"FLOW_{field.name.upper()}={value}")
         return "\n".join(lines)
 
 
-def _int(minimum: int) -> Callable[[str], int]:
+def _int(minimum: int, maximum: int | None = None) -> Callable[[str], int]:
     def parse(raw: str) -> int:
         try:
             value = int(raw.strip())
@@ -241,12 +245,14 @@ def _int(minimum: int) -> Callable[[str], int]:
             raise ValueError(f"must be a whole number (at least {minimum})") from None
         if value < minimum:
             raise ValueError(f"must be a whole number of at least {minimum}")
+        if maximum is not None and value > maximum:
+            raise ValueError(f"must be a whole number from {minimum} to {maximum}")
         return value
 
     return parse
 
 
-def _float(minimum: float) -> Callable[[str], float]:
+def _float(minimum: float, maximum: float | None = None) -> Callable[[str], float]:
     def parse(raw: str) -> float:
         try:
             value = float(raw.strip())
@@ -254,9 +260,18 @@ def _float(minimum: float) -> Callable[[str], float]:
             raise ValueError(f"must be a number (at least {minimum:g}; seconds may have decimals)") from None
         if not value >= minimum or value == float("inf"):
             raise ValueError(f"must be a finite number of at least {minimum:g}")
+        if maximum is not None and value > maximum:
+            raise ValueError(f"must be a number from {minimum:g} to {maximum:g}")
         return value
 
     return parse
+
+
+# A token's exp past 2**53 is refused by the servers as no date: a longer ttl is a typo.
+MAX_TOKEN_TTL = 100 * 365 * 24 * 3600
+# ZeroMQ's linger is milliseconds in a C int (about 24 days): a longer one raised
+# OverflowError in the publisher, so a day is the limit.
+MAX_LINGER = 24 * 3600.0
 
 
 def _port(raw: str) -> int:
@@ -296,13 +311,18 @@ def _algorithms(raw: str) -> tuple[str, ...]:
     return algorithms
 
 
-_ENDPOINT = re.compile(r"^(tcp://[^\s]+:\d+|ipc://[^\s]+)$")
+# HOST is a name, an IPv4 address, [an IPv6 address] or * (ZeroMQ's "every interface").
+_ENDPOINT = re.compile(r"^(tcp://(\[[0-9A-Fa-f:.]+\]|[^\s\[\]:;/]+):(\d+)|ipc://[^\s]+)$")
 
 
 def _endpoint(raw: str) -> str:
     raw = raw.strip()
-    if not _ENDPOINT.match(raw):
+    match = _ENDPOINT.match(raw)
+    if not match:
         raise ValueError("must be tcp://HOST:PORT or ipc://PATH")
+    # Port 0 would bind a random port no publisher finds; past 65535 bind() raises.
+    if match.group(3) is not None and not 0 < int(match.group(3)) < 65536:
+        raise ValueError("must be tcp://HOST:PORT with a PORT from 1 to 65535")
     return raw
 
 
@@ -335,6 +355,15 @@ def _text(raw: str) -> str:
     return raw.strip()
 
 
+def _line(raw: str) -> str:
+    """A name or a path: a control character in one is a paste error, and a newline would
+    forge a line of `flow config` or of supervisord's environment."""
+    value = raw.strip()
+    if any(ord(c) < 32 or ord(c) == 127 for c in value):
+        raise ValueError("must be one line of text, without control characters")
+    return value
+
+
 # Engines this version ships; the Redis engine is the next one (PROTOCOL section 11).
 ENGINES = ("zmq",)
 
@@ -351,9 +380,9 @@ _PARSERS: dict[str, Callable[[str], Any]] = {
     "jwt_algorithms": _algorithms,
     "jwt_private_key": _key,
     "jwt_public_key": _key,
-    "jwt_audience": _text,
-    "jwt_issuer": _text,
-    "token_ttl": _int(1),
+    "jwt_audience": _line,
+    "jwt_issuer": _line,
+    "token_ttl": _int(1, MAX_TOKEN_TTL),
     "http_port": _port,
     "ws_port": _port,
     "app_port": _port,
@@ -376,24 +405,24 @@ _PARSERS: dict[str, Callable[[str], Any]] = {
     "rate_limit": _float(0.01),
     "rate_burst": _int(1),
     "push_queue": _int(1),
-    "push_linger": _float(0),
+    "push_linger": _float(0, MAX_LINGER),
     "drain_timeout": _float(0),
     "log_level": _log_level,
-    "log_dir": _text,
-    "run_dir": _text,
-    "root": _text,
-    "secret_file": _text,
+    "log_dir": _line,
+    "run_dir": _line,
+    "root": _line,
+    "secret_file": _line,
     "app_secret": _text,
-    "app_secret_file": _text,
-    "python": _text,
-    "app": _text,
+    "app_secret_file": _line,
+    "python": _line,
+    "app": _line,
     "app_workers": _int(1),
     "app_threads": _int(1),
     "nginx_workers": _workers,
     "max_connections": _int(16),
     "header_timeout": _int(1),
-    "tls_cert": _text,
-    "tls_key": _text,
+    "tls_cert": _line,
+    "tls_key": _line,
 }
 
 
@@ -424,7 +453,11 @@ def read_env_file(path: Path) -> dict[str, str]:
         text = path.read_text(encoding="utf-8")
     except UnicodeDecodeError:
         raise SettingsError(f"{path}: not UTF-8 text") from None
+    except OSError as exc:  # unreadable (mode 0600, another owner): never silently skipped
+        raise SettingsError(f"{path}: cannot be read ({exc.strerror or exc})") from None
     for number, line in enumerate(text.splitlines(), 1):
+        if "\0" in line:  # no environment can hold one: subprocess would raise ValueError
+            raise SettingsError(f"{path}:{number}: a NUL character (is this a text file?)")
         line = line.strip()
         if not line or line.startswith("#"):
             continue
@@ -453,6 +486,9 @@ def load_settings(
     environ = os.environ if environ is None else environ
     # FLOW_ROOT and FLOW_ENV_FILE say where flow.env is, so only the environment sets them.
     root = Path(environ.get("FLOW_ROOT") or default_root()).resolve()
+    if not root.is_dir():
+        # Else flow.env is silently not found there and `flow secret` creates the directory.
+        raise SettingsError(f"FLOW_ROOT={str(root)!r}: not a directory")
     if env_file is None:
         env_file = Path(environ.get("FLOW_ENV_FILE") or root / "flow.env")
     merged = read_env_file(env_file)

@@ -58,9 +58,21 @@ def one_line(result: subprocess.CompletedProcess[str]) -> str:
     (["listen", ""], "username must not be empty"),
     (["listen", "alice", "--count", "x"], "invalid int value: 'x'"),
     (["check", "--everything"], "unrecognized arguments: --everything"),
+    # adv_a: a traceback before (RecursionError; KeyError/ValueError from Tornado), and for
+    # --timeout a process that never ended (a negative linger waits forever).
+    (["push", "alice", "HELLO", "[" * 50000 + "]" * 50000], "JSON: nested too deeply"),
+    (["push", "alice", "HELLO", "1", "--timeout=-1"], "argument --timeout: must be a number of seconds"),
+    (["push", "alice", "HELLO", "1", "--timeout", "nan"], "argument --timeout: must be a number of seconds"),
+    (["push", "alice", "HELLO", "1", "--timeout", "inf"], "argument --timeout: must be a number of seconds"),
+    (["push", "alice", "HELLO", "1", "--timeout", "1e308"], "argument --timeout: must be a number of seconds"),
+    (["token", "alice", "--ttl", "99999999999999999999"], "--ttl must be at most"),
+    (["listen", "alice", "--url", "notaurl"], "--url 'notaurl': must be ws://"),
+    (["listen", "alice", "--url", "http://127.0.0.1:1/websocket"], "must be ws://"),
+    (["listen", "alice", "--url", "ws://[::1/websocket"], "Invalid IPv6 URL"),
+    (["listen", "alice", "--url", "ws://127.0.0.1:99999/websocket"], "Port out of range"),
 ])
 def test_bad_input_is_one_line_and_exit_2(tmp_path: Path, args: list[str], expected: str) -> None:
-    result = flow(*args, env=base_env(tmp_path))
+    result = flow(*args, env=base_env(tmp_path), timeout=30)
     assert result.returncode == 2, result
     assert expected in one_line(result)
 
@@ -317,3 +329,121 @@ def test_flow_run_serves_the_app_sized_by_the_setting_and_flow_stop_ends_it(tmp_
     wait_until(lambda: not [pid for pid in seen if pid_alive(pid)], 15, 0.05, "the stack to exit")
     assert flow("status", env=env).returncode == 3
     assert not (run_dir / "supervisord.pid").exists()
+
+
+# --- adversarial review (adv_a) ---------------------------------------------------------
+
+
+@pytest.mark.parametrize("kind", ["empty", "dangling symlink", "directory"])
+def test_secret_names_a_secret_file_it_will_not_replace(tmp_path: Path, kind: str) -> None:
+    """`flow secret` said "the secrets exist already" while flow check said to run it."""
+    path = tmp_path / "jwt"
+    if kind == "empty":
+        path.write_text("")
+    elif kind == "directory":
+        path.mkdir()
+    else:
+        path.symlink_to(tmp_path / "nowhere")
+    env = base_env(tmp_path, FLOW_SECRET_FILE=str(path))
+    del env["FLOW_SECRET"]
+    result = flow("secret", env=env)
+    assert result.returncode == 1
+    line = one_line(result)
+    assert line.startswith(f"flow: FLOW_SECRET_FILE={str(path)!r} ")
+    assert line.endswith("Flow never overwrites it: remove it and run `flow secret`")
+    check = flow("check", env=env)
+    assert check.returncode == 1 and line in check.stderr.splitlines()
+
+
+def test_a_good_secret_file_is_not_reported(tmp_path: Path) -> None:
+    path = tmp_path / "jwt"
+    path.write_text("k" * 40)
+    env = base_env(tmp_path, FLOW_SECRET_FILE=str(path))
+    del env["FLOW_SECRET"]
+    result = flow("secret", env=env)
+    assert result.returncode == 0
+    assert "exist already" in one_line(result)
+
+
+def test_check_says_each_problem_once(tmp_path: Path) -> None:
+    """The demo app's check includes the issuer's: the same line came twice."""
+    env = base_env(tmp_path, FLOW_JWT_ALGORITHMS="RS256")
+    del env["FLOW_SECRET"]
+    result = flow("check", env=env)
+    lines = result.stderr.splitlines()
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    assert len(lines) == len(set(lines)), lines
+    assert "flow: FLOW_JWT_PRIVATE_KEY: required to issue RS256 tokens" in lines
+
+
+@pytest.mark.parametrize("app, why", [
+    ("app:create_app(", "is neither a name nor a call of a factory"),
+    ("app:create_app(x)", "the factory's arguments must be literal values"),
+    ("os:path.join", "is neither a name nor a call of a factory"),
+    ("app:__name__", "is not callable"),
+])
+def test_check_refuses_a_flow_app_gunicorn_would_refuse(tmp_path: Path, app: str, why: str) -> None:
+    """flow check said "ready to run", then gunicorn exited at once under supervisord."""
+    result = flow("check", env=base_env(tmp_path, FLOW_APP=app))
+    assert result.returncode == 1
+    line = one_line(result)
+    assert line.startswith(f"flow: FLOW_APP={app!r} cannot be loaded") and why in line, line
+
+
+@pytest.mark.parametrize("args, option", [
+    ("--bi 0.0.0.0:80", "--bind"),  # gunicorn's argparse takes unambiguous prefixes
+    ("--bind=0.0.0.0:80", "--bind"),
+    ("-b0.0.0.0:80", "--bind"),
+    ("--conf x.py", "--config"),
+    ("-D", "--daemon"),
+    ("--daemon", "--daemon"),
+])
+def test_check_refuses_gunicorn_args_that_break_the_stack(tmp_path: Path, args: str, option: str) -> None:
+    result = flow("check", env=base_env(tmp_path, GUNICORN_CMD_ARGS=args))
+    assert result.returncode == 1
+    assert one_line(result).startswith(f"flow: GUNICORN_CMD_ARGS sets {option}:")
+
+
+def test_check_lets_gunicorn_args_that_do_not_break_the_stack(tmp_path: Path) -> None:
+    result = flow("check", env=base_env(tmp_path, GUNICORN_CMD_ARGS="--workers 3 --backlog 64 --timeout 5"))
+    assert result.returncode == 0, result.stderr
+
+
+@pytest.mark.parametrize("reply, says", [
+    (b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nhi", "Non-websocket response"),  # the app's port
+    (b"\0" * 100_000, "not found within"),  # no HTTP at all
+])
+def test_listen_to_a_peer_that_is_no_websocket_server_says_so(tmp_path: Path, reply: bytes, says: str) -> None:
+    """Both raised out of `flow listen` with a traceback."""
+    import socket
+    import threading
+
+    with socket.socket() as server:
+        server.bind(("127.0.0.1", 0))
+        server.listen()
+
+        def answer() -> None:
+            conn, _ = server.accept()
+            with conn:
+                conn.recv(65536)
+                conn.sendall(reply)
+
+        thread = threading.Thread(target=answer, daemon=True)
+        thread.start()
+        url = f"ws://127.0.0.1:{server.getsockname()[1]}/websocket"
+        result = flow("listen", "alice", "--url", url, env=base_env(tmp_path), timeout=30)
+        thread.join(timeout=10)
+    assert result.returncode == 1
+    line = one_line(result)
+    assert line.startswith(f"flow: cannot open {url}: ") and says in line, line
+
+
+def test_check_refuses_a_python_path_with_spaces(tmp_path: Path) -> None:
+    """supervisord splits `command = %(ENV_FLOW_PYTHON)s -u -m ...` on spaces: every program
+    failed to spawn while flow check said ready to run."""
+    venv = tmp_path / "my venv"
+    venv.mkdir()
+    (venv / "python").symlink_to(sys.executable)
+    result = flow("check", env=base_env(tmp_path, FLOW_PYTHON=str(venv / "python")))
+    assert result.returncode == 1
+    assert one_line(result).startswith(f"flow: FLOW_PYTHON={str(venv / 'python')!r}: supervisord cannot start")

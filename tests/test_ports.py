@@ -124,3 +124,37 @@ def test_a_second_stack_on_the_same_ws_port_is_refused(make_stack: Callable[...,
     refusal(result, str(first.settings.ws_port), "FLOW_WS_PORT")
     assert not Path(second["FLOW_RUN_DIR"], "supervisord.pid").exists()
     assert first.all_running() and first.websocket_greets()
+
+
+# --- adversarial review (adv_a) ---------------------------------------------------------
+
+
+def test_check_names_an_ipc_endpoint_in_a_missing_directory_or_set_twice(tmp_path: Path) -> None:
+    """The proxy's bind failed only after the stack was up; `flow check --ports` said ok."""
+    env = base_env(tmp_path, FLOW_PUBLISH_ENDPOINT=f"ipc://{tmp_path}/no/dir/publish",
+                   FLOW_FANOUT_ENDPOINT=f"ipc://{tmp_path}/fanout",
+                   FLOW_CONTROL_ENDPOINT=f"ipc://{tmp_path}/fanout")
+    result = run_bounded([sys.executable, "-m", "flowcore", "check", "--ports"], env)
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    assert result.stderr.splitlines() == [
+        f"flow: ipc://{tmp_path}/no/dir/publish (FLOW_PUBLISH_ENDPOINT): the directory "
+        f"{tmp_path}/no/dir does not exist",
+        f"flow: ipc://{tmp_path}/fanout is set for both FLOW_FANOUT_ENDPOINT and FLOW_CONTROL_ENDPOINT; "
+        "give each its own",
+    ]
+
+
+def test_check_names_unix_socket_paths_too_long_to_bind(tmp_path: Path) -> None:
+    """supervisord's socket (FLOW_RUN_DIR) and an ipc:// endpoint past sun_path's 107 bytes
+    could not be bound, after `flow check` said ready."""
+    deep = tmp_path / ("d" * 110)
+    env = base_env(tmp_path, FLOW_RUN_DIR=str(deep), FLOW_PUBLISH_ENDPOINT=f"ipc://{deep}/p")
+    ports = run_bounded([sys.executable, "-m", "flowcore", "check", "--ports"], env)
+    assert ports.returncode == 1 and "Traceback" not in ports.stderr
+    assert ports.stderr.splitlines() == [
+        f"flow: ipc://{deep}/p (FLOW_PUBLISH_ENDPOINT): a path of {len(str(deep)) + 2} bytes, "
+        "longer than a Unix socket's 107; choose a shorter one"]
+    full = run_bounded([sys.executable, "-m", "flowcore", "check"], env)
+    assert full.returncode == 1
+    assert f"flow: FLOW_RUN_DIR={str(deep)!r} is too deep: {deep}/supervisor.sock is longer than " \
+           "a Unix socket path may be (107 bytes); choose a shorter one" in full.stderr.splitlines()

@@ -245,6 +245,13 @@ def test_env_file_from_environment_variable(tmp_path, nowhere):
         ("FLOW_LOG_LEVEL", "verbose"),
         ("FLOW_LOG_LEVEL", ""),
         ("FLOW_JWT_PUBLIC_KEY", "/no/such/key.pem"),
+        # adv_a: each of these passed and then failed later, some with a traceback.
+        ("FLOW_TOKEN_TTL", "99999999999999"),  # exp past 2**53: the servers refuse every token
+        ("FLOW_PUSH_LINGER", "1e12"),  # OverflowError in zmq's setsockopt
+        ("FLOW_PUBLISH_ENDPOINT", "tcp://127.0.0.1:99999"),  # OverflowError in flow check
+        ("FLOW_PUBLISH_ENDPOINT", "tcp://127.0.0.1:0"),  # a random port no publisher finds
+        ("FLOW_FANOUT_ENDPOINT", "tcp://[::1:5562"),
+        ("FLOW_CONTROL_ENDPOINT", "tcp://127.0.0.1:5563;127.0.0.1:4"),
     ],
 )
 def test_bad_value_names_the_variable(load, variable, value):
@@ -773,3 +780,74 @@ def test_ensure_secret_files_respects_what_is_given(tmp_path, rsa_pems):
     custom = load_settings({"FLOW_ROOT": str(root), "FLOW_SECRET_FILE": "keys/jwt",
                             "FLOW_APP_SECRET_FILE": str(tmp_path / "elsewhere" / "app")})
     assert ensure_secret_files(custom) == [root.resolve() / "keys" / "jwt", tmp_path / "elsewhere" / "app"]
+
+
+# ---------------------------------------------------------------- adversarial review (adv_a)
+
+
+def test_an_unreadable_env_file_is_one_line_not_a_traceback(tmp_path):
+    """flow.env of another owner with mode 0600 raised PermissionError out of load_settings."""
+    if os.geteuid() == 0:
+        # root reads any mode; this file refuses read() with EINVAL for everyone.
+        env_file = Path("/proc/self/clear_refs")
+    else:
+        env_file = tmp_path / "flow.env"
+        env_file.write_text("FLOW_HTTP_PORT=5000\n")
+        env_file.chmod(0)
+    with pytest.raises(SettingsError) as info:
+        load_settings({}, env_file=env_file)
+    assert str(info.value).startswith(f"{env_file}: cannot be read")
+
+
+@pytest.mark.parametrize("kind", ["missing", "file"])
+def test_flow_root_must_be_a_directory(tmp_path, kind):
+    """A typo in FLOW_ROOT read no flow.env, and `flow secret` created the directory."""
+    root = tmp_path / "typo"
+    if kind == "file":
+        root.write_text("")
+    with pytest.raises(SettingsError, match=r"^FLOW_ROOT='.*typo': not a directory$"):
+        load_settings({"FLOW_ROOT": str(root)})
+    result = subprocess.run([sys.executable, "-m", "flowcore", "secret"], cwd=PROJECT_ROOT,
+                            env={**{k: v for k, v in os.environ.items() if not k.startswith("FLOW_")},
+                                 "FLOW_ROOT": str(root)},
+                            capture_output=True, text=True, timeout=60)
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert result.stderr.splitlines() == [f"flow: bad configuration: FLOW_ROOT={str(root)!r}: not a directory"]
+    assert root.exists() == (kind == "file") and not (tmp_path / "typo" / ".flow_secret").exists()
+
+
+def test_describe_hides_a_private_key_given_as_the_public_key(load, rsa_pems):
+    """check_verifier refuses it, but `flow config` printed it whole (into bug reports)."""
+    settings = load({"FLOW_JWT_ALGORITHMS": "RS256", "FLOW_JWT_PUBLIC_KEY": rsa_pems[0]})
+    text = settings.describe()
+    assert "PRIVATE KEY" not in text
+    assert "FLOW_JWT_PUBLIC_KEY=(set: holds a private key, hidden)" in text.splitlines()
+    assert len(text.splitlines()) == len(dataclasses.fields(Settings))
+    public = load({"FLOW_JWT_ALGORITHMS": "RS256", "FLOW_JWT_PUBLIC_KEY": rsa_pems[1]})
+    assert "PUBLIC KEY" in public.describe()  # a public key is no secret
+
+
+@pytest.mark.parametrize("good", ["tcp://*:5561", "tcp://localhost:5561", "tcp://[::]:5561", "tcp://eth0:5561"])
+def test_endpoints_zeromq_binds_are_still_accepted(load, good):
+    assert load(ok_env(FLOW_PUBLISH_ENDPOINT=good)).publish_endpoint == good
+
+
+def test_the_longest_ttl_and_linger_are_accepted(load):
+    from flowcore.settings import MAX_LINGER, MAX_TOKEN_TTL
+
+    settings = load(ok_env(FLOW_TOKEN_TTL=str(MAX_TOKEN_TTL), FLOW_PUSH_LINGER=str(MAX_LINGER)))
+    assert (settings.token_ttl, settings.push_linger) == (MAX_TOKEN_TTL, MAX_LINGER)
+
+
+def test_a_nul_in_the_env_file_is_one_line(load, tmp_path):
+    """A NUL reached subprocess's environment in `flow check` and raised ValueError there."""
+    with pytest.raises(SettingsError, match=r"flow\.env:2: a NUL character"):
+        load(ok_env(), env_text="FLOW_HTTP_PORT=5000\nFLOW_APP=app:create_app()\0x\n")
+
+
+@pytest.mark.parametrize("variable", ["FLOW_APP", "FLOW_PYTHON", "FLOW_TLS_CERT", "FLOW_LOG_DIR", "FLOW_JWT_AUDIENCE"])
+def test_names_and_paths_are_one_line(load, variable):
+    """A newline in FLOW_APP forged a line of `flow config` (and of supervisord's environment)."""
+    with pytest.raises(SettingsError) as info:
+        load(ok_env(**{variable: "app:create_app()\nFLOW_SECRET=forged"}))
+    assert str(info.value).startswith(f"{variable}='app:create_app()\\nFLOW_SECRET=forged': must be one line")
