@@ -67,6 +67,7 @@ class Flow:
         queue_size: int | None = None,
         linger: float | None = None,
         serializer: Callable[[Any], bytes] | None = None,  # must produce JSON
+        control_endpoint: str | None = None,  # where flush asks; see the engine's default
     ) -> None:
         settings = settings or load_settings()
         self.settings = settings
@@ -76,6 +77,8 @@ class Flow:
         options: dict[str, object] = {"queue_size": self.queue_size, "linger": self.linger}
         if endpoint:
             options["endpoint"] = endpoint
+        if control_endpoint:
+            options["control_endpoint"] = control_endpoint
         self._engine: PublisherEngine = publisher_engine(settings, **options)
         self.endpoint = getattr(self._engine, "endpoint", endpoint)
         # ZeroMQ fast path: the engine's socket once it is open, else None (and always None
@@ -164,6 +167,8 @@ class Flow:
         self._handed_over += 1
         if type(engine) is _zmq_engine.ZmqPublisherEngine:
             self._zmq_socket = engine.socket
+        if _exit_hook_pid != os.getpid():
+            _hook_multiprocessing_exit()
 
     @staticmethod
     def _user_parts(username: object, message_id: object) -> tuple[bytes, bytes]:
@@ -178,18 +183,22 @@ class Flow:
         from other threads go on meanwhile; those made after the call began may count in
         the result. Safe from many threads at once."""
         timeout = self.linger if timeout is None else max(0.0, timeout)
-        deadline = time.monotonic() + timeout
+        return self._flush(time.monotonic() + timeout, timeout > 0, closing=False)
+
+    def _flush(self, deadline: float, wait: bool, closing: bool) -> int:
         engine = self._engine
         while True:
             with self._lock:
                 covered = self._handed_over
                 if covered == self._confirmed:
                     return 0
+                # close() flushes once more after it refused new pushes (closing=True).
+                usable = wait and (closing or not self._closed)
                 # Under the lock: the marker is then behind every push counted in `covered`.
-                token = None if self._closed or timeout <= 0 else engine.flush_marker()
+                token = engine.flush_marker() if usable else None
             if token is not None:
                 break
-            if self._closed or time.monotonic() >= deadline:
+            if not usable or time.monotonic() >= deadline:
                 return covered - self._confirmed
             time.sleep(0.02)  # the queue is full: room comes when the engine does
         if engine.wait_flushed(token, deadline - time.monotonic()):
@@ -206,10 +215,18 @@ class Flow:
             if self._closed or self._closing:
                 return
             self._closing = True
-        # Outside the lock: pushes from other threads go on during the flush; any the flush
-        # did not cover are counted below.
+        deadline = time.monotonic() + self.linger
+        wait = self.linger > 0
         try:
-            self.flush(self.linger)
+            # Pushes from other threads go on during this flush, so that they are not
+            # refused while we wait...
+            self._flush(deadline, wait, closing=False)
+            with self._lock:
+                self._closed = True
+                self._zmq_socket = None
+            # ...and this one, with pushes refused now, covers those that came meanwhile:
+            # without it they were dropped (linger 0 below) and reported lost.
+            self._flush(deadline, wait, closing=True)
         finally:
             with self._lock:
                 self._closed = True
@@ -226,15 +243,26 @@ class Flow:
             f"over to the engine at {self.endpoint} (not confirmed within {self.linger:g}s: proxy "
             f"unreachable or too slow, see FLOW_PUSH_LINGER); they are lost"
         )
+        logged = log.hasHandlers() and log.isEnabledFor(logging.WARNING)
         try:
-            if sys.stderr is not None:
+            # A handler on stderr (logging.basicConfig()) shows the log line there already.
+            if sys.stderr is not None and not (logged and _logs_to_stderr()):
                 sys.stderr.write(f"flow: {text}\n")
                 sys.stderr.flush()
         except (OSError, ValueError):
             pass  # stderr closed: the log below is all there is
         # Without a handler, logging would print the same line on stderr a second time.
-        if log.hasHandlers():
+        if logged:
             log.warning("%s", text)
+
+    def __del__(self) -> None:
+        # Dropped without close() (a Flow made in a function): its queue would go with it in
+        # silence. Flushed and reported as at exit instead.
+        try:
+            if not self._closed and self._handed_over != self._confirmed:
+                self.close()
+        except Exception:  # a finalizer must not raise; the interpreter may be half gone
+            pass
 
     def _forget_after_fork(self) -> None:
         # The parent's link belongs to the parent: the engine drops it without touching it,
@@ -244,6 +272,20 @@ class Flow:
         self._lock = threading.Lock()
         # The parent's pushes are the parent's to confirm and report.
         self._handed_over = self._confirmed = 0
+        # Forked while another thread closed it: closed here too, not half-closed (open to
+        # pushes that close() would then never flush nor report).
+        if self._closing:
+            self._closed = True
+
+
+def _logs_to_stderr() -> bool:
+    logger: logging.Logger | None = log
+    while logger is not None:
+        for handler in logger.handlers:
+            if isinstance(handler, logging.StreamHandler) and handler.stream in (sys.stderr, sys.__stderr__):
+                return handler.level <= logging.WARNING
+        logger = logger.parent if logger.propagate else None
+    return False
 
 
 def _after_fork_in_child() -> None:
@@ -259,6 +301,20 @@ def _close_all_at_exit() -> None:
             instance.close()
         except Exception:  # exiting anyway; report, never raise from atexit
             log.exception("flushing a Flow publisher at exit failed")
+
+
+_exit_hook_pid: int | None = None
+
+
+def _hook_multiprocessing_exit() -> None:
+    # A multiprocessing child (Process, Pool, ProcessPoolExecutor workers) ends in
+    # os._exit, past atexit: its pushes would be dropped in silence. Its own finalizers do
+    # run; hooked at this process's first push, after the child cleared the parent's.
+    global _exit_hook_pid
+    _exit_hook_pid = os.getpid()
+    util = sys.modules.get("multiprocessing.util")
+    if util is not None:
+        util.Finalize(None, _close_all_at_exit, exitpriority=100)
 
 
 os.register_at_fork(after_in_child=_after_fork_in_child)
@@ -289,12 +345,25 @@ def configure(**kwargs: Any) -> Flow:
 
 def push(username: str, message_id: str, data: Any = None) -> None:
     """Push to every open tab of ``username`` (see :meth:`Flow.push`)."""
-    _get_default().push(username, message_id, data)
+    publisher = _get_default()
+    try:
+        publisher.push(username, message_id, data)
+    except RuntimeError:
+        # configure() closed the default this call had picked: the new one takes it.
+        if publisher is _default:
+            raise
+        _get_default().push(username, message_id, data)
 
 
 def push_all(message_id: str, data: Any = None) -> None:
     """Push to every authenticated socket (see :meth:`Flow.push_all`)."""
-    _get_default().push_all(message_id, data)
+    publisher = _get_default()
+    try:
+        publisher.push_all(message_id, data)
+    except RuntimeError:
+        if publisher is _default:
+            raise
+        _get_default().push_all(message_id, data)
 
 
 def flush(timeout: float | None = None) -> int:

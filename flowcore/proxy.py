@@ -728,7 +728,9 @@ class Proxy:
 
     def take_control(self) -> None:
         control = self.control
-        while True:
+        # Bounded like take_pushes: a flood of requests (flushes are cheap to forge) must not
+        # keep the loop from the pushes and markers it is waiting for.
+        for _ in range(BATCH):
             try:
                 frames = control.recv_multipart(NOBLOCK)
             except zmq.Again:

@@ -40,6 +40,13 @@ HEARTBEAT_FRAME = protocol.encode_text_frame(protocol.HEARTBEAT.encode())
 NO_HEADERS = tornado.httputil.HTTPHeaders()
 
 
+LOGGED_HEADER = 200  # characters of a client's header a log line shows
+
+
+def _clip(text: str) -> str:
+    return text if len(text) <= LOGGED_HEADER else f"{text[:LOGGED_HEADER]}... ({len(text)} characters)"
+
+
 class FlowSocket(tornado.websocket.WebSocketHandler):
     """One browser tab: the Transport of its Session."""
 
@@ -63,8 +70,9 @@ class FlowSocket(tornado.websocket.WebSocketHandler):
         if super().check_origin(origin):
             return True
         # Anyone can send these: rate-limited, so a flood cannot fill the disk.
+        # Clipped: each header may be tens of KiB, and ten such lines a second would still fill it.
         self.server.refusals.warn("origin", "refused handshake from origin %r (Host %r): add it to "
-                                  "FLOW_ALLOWED_ORIGINS to allow it", origin, self.request.host)
+                                  "FLOW_ALLOWED_ORIGINS to allow it", _clip(origin), _clip(self.request.host))
         return False
 
     def get_compression_options(self) -> None:

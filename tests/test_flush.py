@@ -500,3 +500,275 @@ def test_unpaired_halves_do_not_pile_up(proxy):
     finally:
         context.destroy(0)
         control.close()
+
+
+# ---------------------------------------------------------------- adversarial review (adv_b)
+
+
+def test_close_covers_what_other_threads_push_during_its_flush(tmp_path, capsys):
+    # Before: close() flushed once while pushes went on, then counted every later push as
+    # lost and closed with linger 0: a false report (and a real loss with a backlog).
+    proxy = ProxyProcess(tmp_path)
+    publisher = flow.Flow(settings=proxy.settings)
+    try:
+        publisher.push("alice", "N", 0)
+        assert publisher.flush(10) == 0
+        pushed = [1]
+        closed = threading.Event()
+
+        def pusher() -> None:
+            for _ in range(5_000_000):  # bounded: ends at close, long before this
+                try:
+                    publisher.push("alice", "N", 1)
+                except RuntimeError:  # closed: what came before is close()'s to hand over
+                    closed.set()
+                    return
+                pushed[0] += 1
+
+        thread = threading.Thread(target=pusher)
+        thread.start()
+        wait_until(lambda: pushed[0] > 1000, 10, 0.001, "pushes under way")
+        publisher.close()
+        thread.join(30)
+        assert closed.is_set()
+        assert REPORT not in capsys.readouterr().err
+        control = Control(proxy.settings)
+        try:
+            wait_until(lambda: control.stats()["numbered"] == pushed[0], 20, 0.05, "every push numbered")
+        finally:
+            control.close()
+    finally:
+        publisher.close()
+        proxy.stop()
+
+
+CONFIGURE_WHILE_PUSHING = """
+import threading
+import flow
+inside, go = threading.Event(), threading.Event()
+def slow(data):
+    inside.set()
+    go.wait(10)  # past flow.push's choice of the default, before its hand-over
+    return b"1"
+flow.configure(serializer=slow, linger=0)
+errors = []
+def pusher():
+    try:
+        flow.push("alice", "N", 1)
+    except Exception as exc:
+        errors.append(repr(exc))
+thread = threading.Thread(target=pusher)
+thread.start()
+assert inside.wait(10)
+flow.configure(linger=0)  # closes the default the pusher picked
+go.set()
+thread.join(10)
+print(errors or flow.flush(0))
+"""
+
+
+def test_a_push_racing_configure_goes_to_the_new_default(tmp_path):
+    proc = subprocess.run([PYTHON, "-W", "error", "-c", CONFIGURE_WHILE_PUSHING], env=nobody_env(tmp_path),
+                          cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    # Before: RuntimeError('this Flow publisher is closed') in the pusher.
+    assert proc.stdout.strip() == "1", proc.stdout + proc.stderr
+
+
+def test_an_explicit_endpoint_flushes_with_that_proxy(tmp_path, capsys):
+    # README's explicit form, Flow("tcp://host:port"): flush used to ask the settings'
+    # control endpoint, another proxy or nobody, so every push was reported lost at exit.
+    proxy = ProxyProcess(tmp_path / "p")
+    publishers = []
+    try:
+        host, control_port = proxy.settings.control_endpoint.rsplit(":", 1)
+        elsewhere = load_settings(nobody_env(
+            tmp_path, FLOW_CONTROL_ENDPOINT=f"tcp://127.0.0.2:{control_port}"))  # nobody there
+        guessed = flow.Flow(proxy.settings.publish_endpoint, settings=elsewhere, linger=5)
+        publishers.append(guessed)
+        publishers.append(flow.Flow(proxy.settings.publish_endpoint, settings=load_settings(nobody_env(tmp_path)),
+                                    control_endpoint=proxy.settings.control_endpoint, linger=5))
+        for publisher in publishers:
+            publisher.push("alice", "N", 1)
+            assert publisher.flush(5) == 0
+        assert guessed._engine.control_endpoint == proxy.settings.control_endpoint
+    finally:
+        for publisher in publishers:
+            publisher.close()
+        proxy.stop()
+    assert REPORT not in capsys.readouterr().err
+
+
+def test_the_control_endpoint_guess_keeps_to_tcp(tmp_path):
+    from flowcore.engines.zmq import control_endpoint_for
+
+    settings = load_settings(nobody_env(tmp_path, FLOW_PUBLISH_ENDPOINT="tcp://127.0.0.1:5561",
+                                        FLOW_CONTROL_ENDPOINT="tcp://127.0.0.1:5563"))
+    assert control_endpoint_for("tcp://127.0.0.1:5561", settings) == "tcp://127.0.0.1:5563"
+    assert control_endpoint_for("tcp://10.0.0.5:6001", settings) == "tcp://10.0.0.5:5563"
+    assert control_endpoint_for("ipc:///tmp/flow-pub", settings) == "tcp://127.0.0.1:5563"
+
+
+DROPPED = """
+import gc
+import flow
+def job():
+    flow.Flow().push("alice", "N", 1)  # never closed, never kept
+job()
+gc.collect()
+print("after")
+"""
+
+IN_A_CHILD = """
+import multiprocessing
+import sys
+import flow
+def work():
+    flow.push("alice", "N", 1)
+    flow.push("alice", "N", 2)
+if __name__ == "__main__":
+    multiprocessing.set_start_method(sys.argv[1])
+    child = multiprocessing.Process(target=work)
+    child.start()
+    child.join(30)
+    print("child", child.exitcode)
+"""
+
+
+def test_a_publisher_dropped_without_close_is_flushed_and_reported(tmp_path):
+    # Before: only the zmq socket's ResourceWarning (nothing without -W error); the push
+    # went with the garbage, unreported.
+    proc = subprocess.run([PYTHON, "-W", "error", "-c", DROPPED], env=nobody_env(tmp_path, FLOW_PUSH_LINGER="0.3"),
+                          cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    [line] = report_lines(proc.stderr)
+    assert line.startswith("flow: 1 message pushed"), line
+    assert proc.stderr.strip() == line, proc.stderr
+    assert proc.stdout.strip() == "after"  # reported when dropped, not at exit
+
+
+@pytest.mark.parametrize("method", ["fork", "forkserver"])
+def test_a_multiprocessing_child_reports_what_it_could_not_hand_over(tmp_path, method):
+    # Before: a multiprocessing child ends in os._exit, past atexit: its pushes were lost
+    # in silence.
+    script = tmp_path / "child.py"  # forkserver imports the main module by path
+    script.write_text(IN_A_CHILD)
+    env = nobody_env(tmp_path, FLOW_PUSH_LINGER="0.3", PYTHONPATH=ROOT)
+    proc = subprocess.run([PYTHON, "-W", "error", str(script), method], env=env,
+                          cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.split() == ["child", "0"], proc.stdout + proc.stderr
+    [line] = report_lines(proc.stderr)
+    assert line.startswith("flow: 2 messages pushed"), line
+
+
+def test_a_multiprocessing_child_hands_its_pushes_over_before_it_ends(proxy):
+    env = {**proxy.env, "PYTHONPATH": str(ROOT)}
+    script = proxy.tmp_path / "child.py"
+    script.write_text(IN_A_CHILD)
+    proc = subprocess.run([PYTHON, "-W", "error", str(script), "fork"], env=env, cwd=ROOT,
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    assert REPORT not in proc.stderr
+    control = Control(proxy.settings)
+    try:
+        assert control.stats()["numbered"] == 2
+    finally:
+        control.close()
+
+
+def test_a_flood_of_forged_flush_requests_does_not_hold_up_a_real_flush(proxy):
+    # Before: the proxy read control requests until none was left, so a steady flood kept
+    # it from the PUSH socket (and pushed the real request out of the bounded table):
+    # a flush took about 7 s here, and at exit its pushes were reported lost.
+    publisher = flow.Flow(settings=proxy.settings, linger=0)
+    stop = threading.Event()
+    sent = [0]
+
+    def flood() -> None:
+        context = zmq.Context()
+        socks = []
+        try:
+            for _ in range(4):
+                sock = context.socket(zmq.DEALER)
+                sock.setsockopt(zmq.LINGER, 0)
+                sock.setsockopt(zmq.SNDHWM, 100_000)
+                sock.connect(proxy.settings.control_endpoint)
+                socks.append(sock)
+            for rid in range(10_000_000):  # bounded: stops when the test says so
+                if stop.is_set():
+                    return
+                request = flush_request(rid, secrets.token_hex(16))
+                for sock in socks:
+                    try:
+                        sock.send_multipart([b"", request], zmq.NOBLOCK)
+                        sent[0] += 1
+                    except zmq.Again:
+                        pass
+        finally:
+            for sock in socks:
+                sock.close()
+            context.term()
+
+    thread = threading.Thread(target=flood)
+    try:
+        publisher.push("alice", "N", 0)
+        assert publisher.flush(10) == 0
+        thread.start()
+        wait_until(lambda: sent[0] > 50_000, 20, 0.01, "the flood under way")
+        for i in range(100):
+            publisher.push("alice", "N", i)
+        assert publisher.flush(3) == 0
+        assert thread.is_alive()  # the flood was still on
+    finally:
+        stop.set()
+        thread.join(30)
+        publisher.close()
+    control = Control(proxy.settings)
+    try:
+        assert control.stats()["numbered"] == 101
+    finally:
+        control.close()
+    assert "Traceback" not in proxy.log()
+
+
+def test_with_logging_on_stderr_the_report_is_one_line_there(tmp_path):
+    # Before: logging.basicConfig() (a handler on stderr) showed the report twice there.
+    script = "import logging, flow\nlogging.basicConfig()\nflow.push('alice', 'N', 1)\n"
+    proc = subprocess.run([PYTHON, "-W", "error", "-c", script], env=nobody_env(tmp_path, FLOW_PUSH_LINGER="0.3"),
+                          cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    [line] = report_lines(proc.stderr)
+    assert line.startswith("WARNING:flow.publisher:1 message pushed"), line
+
+
+FORK_WHILE_CLOSING = """
+import os, threading, time
+import flow
+publisher = flow.Flow(linger=2)
+publisher.push("alice", "N", 0)
+closer = threading.Thread(target=publisher.close)
+closer.start()
+for _ in range(500):  # until close() is waiting on its flush
+    if publisher._closing:
+        break
+    time.sleep(0.01)
+pid = os.fork()
+if pid == 0:
+    try:
+        publisher.push("alice", "N", 1)
+        os._exit(3)  # taken by a publisher nobody would flush or report
+    except RuntimeError:
+        os._exit(0)
+_, status = os.waitpid(pid, 0)
+closer.join()
+print("child", os.waitstatus_to_exitcode(status))
+"""
+
+
+def test_a_child_forked_while_its_publisher_closes_gets_it_closed(tmp_path):
+    proc = subprocess.run([PYTHON, "-W", "error", "-c", FORK_WHILE_CLOSING], env=nobody_env(tmp_path),
+                          cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.split() == ["child", "0"], proc.stdout + proc.stderr
+    assert len(report_lines(proc.stderr)) == 1  # the parent's, once

@@ -166,3 +166,20 @@ def test_refused_origins_cannot_flood_the_log(pipe):
     assert len(lines) < 20 and any("held back" in line for line in lines), lines
     # The server still answers its own origin.
     asyncio.run(witness_close(pipe, "after-flood"))
+
+
+def test_a_refused_origin_of_60_kib_logs_a_short_line(pipe):
+    # Before: the whole header went into the line (60 KiB), ten lines a second.
+    server = pipe.servers[0]
+
+    async def refused(origin: str) -> None:
+        with pytest.raises(InvalidStatus) as refusal:
+            await connect(pipe.url(), origin=origin)
+        assert refusal.value.response.status_code == 403
+
+    asyncio.run(refused("https://" + "a" * 60_000 + ".example"))
+    wait_until(lambda: "refused handshake" in server.log(), 10, message="the refusal's line")
+    [line] = [line for line in server.log().splitlines() if "refused handshake" in line]
+    assert len(line) < 1000, len(line)
+    assert "'https://aaaa" in line and "(60016 characters)" in line and "FLOW_ALLOWED_ORIGINS" in line
+    assert "Traceback" not in server.log()

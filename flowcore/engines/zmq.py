@@ -62,6 +62,19 @@ FLUSH_ASK_AGAIN = 1.0
 FLUSH_SLICE = 0.02
 
 
+def control_endpoint_for(endpoint: str, settings: Settings) -> str:
+    """Where a publisher on ``endpoint`` asks for its flushes, when not told: the settings'
+    control endpoint, or, for another proxy's TCP endpoint (``Flow("tcp://10.0.0.5:5561")``),
+    that host at the settings' control port. Asking the settings' own proxy about a marker
+    sent to another one would never be answered: every push reported lost at exit."""
+    if endpoint == settings.publish_endpoint:
+        return settings.control_endpoint
+    publish, control = endpoint.rpartition(":"), settings.control_endpoint.rpartition(":")
+    if endpoint.startswith("tcp://") and control[0].startswith("tcp://") and publish[1] and control[1]:
+        return f"{publish[0]}:{control[2]}"
+    return settings.control_endpoint
+
+
 class ZmqPublisherEngine:
     """A PUSH socket to the proxy, opened at the first send, and a DEALER to its control
     socket, opened at the first flush. Thread-safety of send and flush_marker is the
@@ -73,9 +86,10 @@ class ZmqPublisherEngine:
         endpoint: str | None = None,
         queue_size: int | None = None,
         linger: float | None = None,
+        control_endpoint: str | None = None,
     ) -> None:
         self.endpoint = endpoint or settings.publish_endpoint
-        self.control_endpoint = settings.control_endpoint
+        self.control_endpoint = control_endpoint or control_endpoint_for(self.endpoint, settings)
         # Messages ZeroMQ queues while the proxy is unreachable (its high-water mark).
         self.queue_size = queue_size or settings.push_queue
         # Seconds close() waits for the queue to drain.
