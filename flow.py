@@ -53,6 +53,8 @@ _id_parts = protocol.id_parts
 
 
 _instances: "weakref.WeakSet[Flow]" = weakref.WeakSet()
+# The longest a publisher waits at close for its messages to be confirmed (a day).
+MAX_LINGER = 86400
 
 
 class Flow:
@@ -74,6 +76,9 @@ class Flow:
         self.max_message = max_message or settings.max_message
         self.queue_size = queue_size or settings.push_queue
         self.linger = settings.push_linger if linger is None else linger
+        # A negative or endless linger would make close() (and so every exit) wait forever.
+        if not (isinstance(self.linger, (int, float)) and 0 <= self.linger <= MAX_LINGER):
+            raise ValueError(f"linger must be a number of seconds from 0 to {MAX_LINGER}, not {linger!r}")
         options: dict[str, object] = {"queue_size": self.queue_size, "linger": self.linger}
         if endpoint:
             options["endpoint"] = endpoint

@@ -34,6 +34,9 @@ threads = _settings.app_threads
 control_socket = str(_settings.path(_settings.run_dir) / "gunicorn.ctl")
 loglevel = _settings.log_level.lower()
 proc_name = "flow-app"
+# Every request reaches gunicorn from nginx, so its peer is always 127.0.0.1: log the
+# client's address nginx puts in X-Real-IP (nginx sets it, a client cannot).
+access_log_format = '%({x-real-ip}i)s "%(r)s" %(s)s %(b)s %(M)sms "%(a)s"'
 
 # One line format for gunicorn, its access log and the app's own loggers; supervisord
 # sends stdout and stderr to the app's log file.

@@ -136,6 +136,13 @@ def test_invalid_message_is_a_value_error():
     assert issubclass(flow.InvalidMessage, ValueError)
 
 
+@pytest.mark.parametrize("linger", [-1, float("nan"), float("inf"), 1e12, "5"])
+def test_a_linger_close_could_never_end_is_refused(tmp_path, linger):
+    settings = load_settings({"FLOW_ENV_FILE": str(tmp_path / "none")})
+    with pytest.raises(ValueError, match="^linger must be a number of seconds from 0 to 86400"):
+        flow.Flow(f"tcp://127.0.0.1:{free_port()}", settings=settings, linger=linger)
+
+
 def test_queue_full_when_proxy_unreachable(tmp_path):
     settings = load_settings({"FLOW_SECRET": "s" * 32, "FLOW_ENV_FILE": str(tmp_path / "none")})
     publisher = flow.Flow(f"tcp://127.0.0.1:{free_port()}", settings=settings, queue_size=10, linger=0)

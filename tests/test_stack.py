@@ -88,6 +88,26 @@ def test_one_log_file_per_process(shared_stack: Stack) -> None:
 
 
 @pytest.mark.stack
+def test_app_access_log_is_in_flows_format_with_the_clients_address(shared_stack: Stack) -> None:
+    stack = shared_stack
+    # A client's own X-Real-IP is replaced by nginx: the log shows where it came from.
+    status, _ = http_get(stack.base_url + "/?probe=access-log", headers={"X-Real-IP": "6.6.6.6"})
+    assert status == 200
+    app_log = stack.log_dir / "app.log"
+
+    def access_line() -> str | None:
+        return next((line for line in app_log.read_text().splitlines()
+                     if "/?probe=access-log" in line), None)
+
+    wait_until(lambda: access_line() is not None, 10, message="the request in app.log")
+    line = access_line()
+    assert line is not None and " INFO gunicorn.access[" in line, line
+    assert '] 127.0.0.1 "GET /?probe=access-log HTTP/1.0" 200 ' in line or \
+        '] 127.0.0.1 "GET /?probe=access-log HTTP/1.1" 200 ' in line, line
+    assert "6.6.6.6" not in line
+
+
+@pytest.mark.stack
 def test_pool_size_comes_from_the_settings(make_stack) -> None:
     stack = make_stack(FLOW_WS_PROCESSES=3)
     assert len(stack.pids("websocket")) == 3
