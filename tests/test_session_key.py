@@ -43,6 +43,7 @@ def rsa_pems() -> tuple[str, str]:
 
 def _settings(tmp_path: Path, **env: str) -> Any:
     """Settings as a fresh deployment has them: the app secret generated like `make secret`."""
+    tmp_path.mkdir(parents=True, exist_ok=True)  # FLOW_ROOT must be a directory
     base = {"FLOW_ROOT": str(tmp_path), "FLOW_ENV_FILE": str(tmp_path / "none"), **env}
     written = ensure_secret_files(load_settings(base))
     assert tmp_path.resolve() / ".flow_app_secret" in written
