@@ -399,7 +399,9 @@ def _supervisorctl(env: Mapping[str, str], *args: str) -> int:
         return EXIT_PROBLEM
 
 
-def _pid_alive(pid: int) -> bool:
+def pid_alive(pid: int) -> bool:
+    """Whether ``pid`` runs (a zombie does not; a process that cannot be read is taken as
+    running: the caller waits on, until it is gone for sure)."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -455,7 +457,7 @@ def cmd_stop(args: argparse.Namespace) -> int:
     if status != 0:
         return status
     deadline = time.monotonic() + STOP_TIMEOUT
-    while pid is not None and _pid_alive(pid) and pid_file.exists():
+    while pid is not None and pid_alive(pid) and pid_file.exists():
         if time.monotonic() > deadline:
             say(f"supervisord (pid {pid}) still runs {STOP_TIMEOUT:.0f}s after shutdown")
             return EXIT_PROBLEM

@@ -34,6 +34,7 @@ import sys
 from pathlib import Path
 from typing import Mapping
 
+from . import runtime
 from .resources import data_file
 from .settings import Settings, SettingsError, load_settings
 
@@ -132,12 +133,10 @@ def raise_open_file_limit(env: Mapping[str, str]) -> tuple[dict[str, str], list[
             soft = hard = wanted
         except (OSError, ValueError):
             pass
-    if soft != hard:
-        try:
-            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
-            soft = hard
-        except (OSError, ValueError):
-            pass  # the capacity line reports the limit nginx really gets
+    # Soft up to hard, as every Flow process does at start; the capacity line reports the
+    # limit nginx really gets.
+    runtime.raise_open_file_limit()
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     # Never ask for more than nginx can get: its workers would log a failed setrlimit
     # at every start, and worker_connections above the limit a warning.
     files = wanted if soft == infinite else min(wanted, soft)

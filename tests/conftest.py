@@ -24,7 +24,6 @@ The only reason to skip is a missing nginx binary.
 from __future__ import annotations
 
 import json
-import os
 import signal
 import subprocess
 import sys
@@ -36,6 +35,7 @@ from typing import Callable, Iterator
 
 import pytest
 
+from flowcore.cli import pid_alive
 from flowcore.nginx import find_nginx, stack_env
 from flowcore.settings import Settings, load_settings
 from support import ROOT, Proc, base_env, wait_until
@@ -59,21 +59,6 @@ def http_get(url: str, timeout: float = 5.0, headers: dict[str, str] | None = No
     except urllib.error.HTTPError as exc:
         with exc:
             return exc.code, exc.read()
-
-
-def pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    # A zombie is dead for our purposes.
-    try:
-        with open(f"/proc/{pid}/stat") as stat:
-            return stat.read().rsplit(")", 1)[1].split()[0] != "Z"
-    except OSError:
-        return False
 
 
 class Stack:
