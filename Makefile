@@ -41,7 +41,7 @@ define apt_install
 endef
 
 .PHONY: run stop status logs test clean distclean config check bench secret venv deps \
-        deps-test nginx-check help
+        deps-test nginx-check redis-check help
 
 help:
 	@echo "make            run the stack in the foreground (http://localhost:\$$FLOW_HTTP_PORT, default 5000)"
@@ -89,7 +89,7 @@ bench: deps
 
 # --- installation ------------------------------------------------------------------------
 
-deps: $(STAMP_RUNTIME) nginx-check
+deps: $(STAMP_RUNTIME) nginx-check redis-check
 
 venv: $(PYTHON)
 
@@ -114,6 +114,14 @@ nginx-check:
 	@if ! PATH="$$PATH:/usr/sbin:/sbin" command -v nginx >/dev/null; then \
 	  $(MAKE) --no-print-directory _apt PACKAGES="nginx"; fi
 
+# redis-server only when the stack runs its own: FLOW_ENGINE=redis and no FLOW_REDIS_URL
+# (flow.env included; stack_env says FLOW_REDIS_PROCESSES=1). Debian keeps it in /usr/bin.
+redis-check: $(STAMP_RUNTIME)
+	@$(LOAD_ENV) && \
+	  if [ "$$FLOW_REDIS_PROCESSES" = 1 ] && \
+	     ! PATH="$$PATH:/usr/sbin:/usr/bin" command -v redis-server >/dev/null; then \
+	    $(MAKE) --no-print-directory _apt PACKAGES="redis-server"; fi
+
 _apt:
 	$(call apt_install,$(PACKAGES))
 
@@ -126,9 +134,11 @@ secret: $(STAMP_RUNTIME)
 # --- tests -------------------------------------------------------------------------------
 
 # Playwright cannot download browsers here: the browser tests drive Debian's chromium.
+# The Redis engine's tests start real redis-servers, whatever FLOW_ENGINE says.
 deps-test: $(STAMP_TEST)
 	@missing=""; \
 	  PATH="$$PATH:/usr/sbin:/sbin" command -v nginx >/dev/null || missing="$$missing nginx"; \
+	  PATH="$$PATH:/usr/sbin:/usr/bin" command -v redis-server >/dev/null || missing="$$missing redis-server"; \
 	  command -v chromium >/dev/null || missing="$$missing chromium"; \
 	  if [ -n "$$missing" ]; then $(MAKE) --no-print-directory _apt PACKAGES="$${missing# }"; fi
 

@@ -245,8 +245,9 @@ class Flow:
     def _report_lost(self, lost: int) -> None:
         text = (
             f"{lost} message{'' if lost == 1 else 's'} pushed by this process could not be handed "
-            f"over to the engine at {self.endpoint} (not confirmed within {self.linger:g}s: proxy "
-            f"unreachable or too slow, see FLOW_PUSH_LINGER); they are lost"
+            f"over to the engine at {self.endpoint} (not confirmed within {self.linger:g}s: "
+            f"{'Redis' if self.settings.engine == 'redis' else 'proxy'} unreachable or too slow, "
+            f"see FLOW_PUSH_LINGER); they are lost"
         )
         logged = log.hasHandlers() and log.isEnabledFor(logging.WARNING)
         try:

@@ -10,7 +10,7 @@
     flow listen USER [--count N]
 
 supervisord runs the stack's own processes through the same entry point (``python -m
-flowcore proxy | websocket | nginx``), so an installed package needs no checkout file.
+flowcore proxy | redis | websocket | nginx``), so an installed package needs no checkout file.
 
 Exit status: 0 done; 1 a problem found (a check failed, a push not handed over, the
 server closed a listener); 2 bad input or configuration, said in one line; 3 ``status``
@@ -39,10 +39,13 @@ EXIT_USAGE = 2
 EXIT_NOT_RUNNING = 3
 
 # Started by supervisord (supervisord.conf), not by people.
-INTERNAL = ("proxy", "websocket", "nginx")
+INTERNAL = ("proxy", "redis", "websocket", "nginx")
 # What the stack's processes need beyond the base install (the "server" extra).
 SERVER_MODULES = ("tornado", "supervisor", "gunicorn")
 SERVER_EXTRA = "pip install 'flow-push[server]'"
+# What FLOW_ENGINE=redis needs in every process, publishers included (the "redis" extra).
+REDIS_MODULE = "redis"
+REDIS_EXTRA = "pip install 'flow-push[redis]'"
 STOP_TIMEOUT = 60.0
 APP_IMPORT_TIMEOUT = 60.0
 
@@ -140,12 +143,21 @@ def _endpoint_address(endpoint: str) -> tuple[str, int] | None:
     return host, int(port)
 
 
+# The ZeroMQ engine's endpoints, which its proxy binds.
+_ZMQ_ENDPOINTS = ("publish_endpoint", "fanout_endpoint", "control_endpoint")
+
+
+def _engine_endpoints(settings: Settings) -> tuple[str, ...]:
+    # The Redis engine binds nothing: its own redis-server listens on a socket in the run dir.
+    return _ZMQ_ENDPOINTS if settings.engine == "zmq" else ()
+
+
 def _ports(settings: Settings) -> list[tuple[str, int, str]]:
     """(host, port, setting) of every TCP port the stack binds."""
     ports = [("127.0.0.1", settings.http_port, "FLOW_HTTP_PORT"),
              ("127.0.0.1", settings.ws_port, "FLOW_WS_PORT"),
              ("127.0.0.1", settings.app_port, "FLOW_APP_PORT")]
-    for name in ("publish_endpoint", "fanout_endpoint", "control_endpoint"):
+    for name in _engine_endpoints(settings):
         address = _endpoint_address(getattr(settings, name))
         if address is not None:
             ports.append((address[0], address[1], "FLOW_" + name.upper()))
@@ -189,7 +201,7 @@ def port_problems(settings: Settings) -> list[str]:
         else:
             problems.append(f"port {port} ({name}) cannot be bound on {host}: {error.strerror or error}")
     seen_paths: dict[str, str] = {}
-    for name in ("publish_endpoint", "fanout_endpoint", "control_endpoint"):
+    for name in _engine_endpoints(settings):
         endpoint: str = getattr(settings, name)
         if not endpoint.startswith("ipc://"):
             continue
@@ -208,6 +220,13 @@ def port_problems(settings: Settings) -> list[str]:
         elif _unix_listening(path):
             problems.append(f"{endpoint} ({variable}) is in use by another process; "
                             "choose another or stop it")
+    from .redis_server import runs_own_server, socket_path
+
+    # redis-server unlinks a socket path in use and binds it again: a second server on it
+    # would silently take the first one's clients.
+    if runs_own_server(settings) and _unix_listening(socket_path(settings)):
+        problems.append(f"{socket_path(settings)} (the stack's redis-server) is in use by another "
+                        "process; stop it, or choose another FLOW_RUN_DIR")
     return problems
 
 
@@ -309,7 +328,18 @@ def _gunicorn_args_problems() -> list[str]:
     return list(dict.fromkeys(problems))
 
 
+def _redis_problem(settings: Settings) -> str | None:
+    from .engines.redis import link_problem
+
+    problem = link_problem(settings.redis_address())
+    if problem and not settings.redis_url:
+        return f"the stack's redis-server: {problem}"
+    return problem
+
+
 def _engine_problem(settings: Settings) -> str | None:
+    if settings.engine == "redis":
+        return _redis_problem(settings)
     endpoint = settings.publish_endpoint
     address = _endpoint_address(endpoint)
     try:
@@ -350,10 +380,16 @@ def problems_of(settings: Settings, env: Mapping[str, str], running: bool,
     missing = [name for name in SERVER_MODULES if importlib.util.find_spec(name) is None]
     if missing:
         problems.append(f"{', '.join(missing)} missing (the stack's server side): {SERVER_EXTRA}")
+    if settings.engine == "redis" and importlib.util.find_spec(REDIS_MODULE) is None:
+        problems.append(f"redis (redis-py) missing, which FLOW_ENGINE=redis needs: {REDIS_EXTRA}")
     from .nginx import find_nginx
+    from .redis_server import find_redis_server, runs_own_server
 
     if find_nginx() is None:
         problems.append("nginx is not installed (Debian: apt-get install nginx)")
+    if runs_own_server(settings) and find_redis_server() is None:
+        problems.append("redis-server is not installed, and FLOW_ENGINE=redis without FLOW_REDIS_URL "
+                        "runs its own (Debian: apt-get install redis-server; or set FLOW_REDIS_URL)")
     problems += _gunicorn_args_problems()
     python = settings.python or sys.executable
     if any(c.isspace() for c in python):
@@ -363,7 +399,8 @@ def problems_of(settings: Settings, env: Mapping[str, str], running: bool,
     app = _app_problem(settings, env)
     if app:
         problems.append(app)
-    if running:
+    if running or (settings.engine == "redis" and settings.redis_url):
+        # An existing Redis must answer before the stack starts, as it must after.
         engine = _engine_problem(settings)
         if engine:
             problems.append(engine)
@@ -695,7 +732,7 @@ def cmd_listen(args: argparse.Namespace) -> int:
 
 def _parser() -> _Parser:
     parser = _Parser(prog="flow", description="Flow: push messages to your users' browsers.",
-                     epilog="Internal (supervisord runs them): flow proxy | websocket | nginx.")
+                     epilog="Internal (supervisord runs them): flow proxy | redis | websocket | nginx.")
     commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
 
     def command(name: str, handler: Callable[[argparse.Namespace], int], help: str) -> _Parser:
@@ -733,6 +770,10 @@ def _internal(name: str, rest: list[str]) -> int:
         processes.proxy_main()
     elif name == "websocket":
         processes.websocket_main(rest)
+    elif name == "redis":
+        from . import redis_server
+
+        return redis_server.main(rest)
     else:
         from . import nginx
 

@@ -133,6 +133,10 @@ def server_engine(settings: Settings) -> ServerEngine:
         from .engines.zmq import ZmqServerEngine
 
         return ZmqServerEngine(settings)
+    if settings.engine == "redis":
+        from .engines.redis import RedisServerEngine
+
+        return RedisServerEngine(settings)
     raise ValueError(f"unknown engine {settings.engine!r}")  # settings refuse it first
 
 
@@ -142,4 +146,8 @@ def publisher_engine(settings: Settings, **options: object) -> PublisherEngine:
         from .engines.zmq import ZmqPublisherEngine
 
         return ZmqPublisherEngine(settings, **options)  # type: ignore[arg-type]
+    if settings.engine == "redis":
+        from .engines.redis import RedisPublisherEngine
+
+        return RedisPublisherEngine(settings, **options)  # type: ignore[arg-type]
     raise ValueError(f"unknown engine {settings.engine!r}")

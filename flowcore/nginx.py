@@ -14,6 +14,11 @@ pid and log, the rendered nginx.conf and nginx's pid and temp dirs; default ROOT
 FLOW_PYTHON (the interpreter supervisord starts the Python processes with; default the
 current one) and FLOW_NGINX_WORKERS (nginx worker_processes; default auto).
 
+The engine decides which of its processes supervisord starts: the message proxy for
+FLOW_ENGINE=zmq, the stack's own redis-server (flowcore.redis_server) for FLOW_ENGINE=redis
+with FLOW_REDIS_URL empty, none for an existing Redis (FLOW_PROXY_PROCESSES and
+FLOW_REDIS_PROCESSES in the printed environment).
+
 Capacity: FLOW_MAX_CONNECTIONS sizes nginx's worker_connections and its open-file limit
 (two connections per proxied WebSocket, per worker). Before nginx starts, this raises
 its own open-file soft limit to the hard limit (nginx inherits it) and prints one
@@ -35,6 +40,7 @@ from pathlib import Path
 from typing import Mapping
 
 from . import runtime
+from .redis_server import runs_own_server
 from .resources import data_file
 from .settings import Settings, SettingsError, load_settings
 
@@ -114,6 +120,11 @@ def stack_env(settings: Settings, environ: Mapping[str, str] | None = None) -> d
         "FLOW_TLS_KEY": key,
         "FLOW_TLS_LISTEN": " ssl" if cert else "",
         "FLOW_CLIENT_JS": str(data_file("websocket.js")),
+        # supervisord.conf's numprocs of the engine's processes, 1 or 0: a program with no
+        # process is absent from `supervisorctl status`, where a not-started one would
+        # make it (and `flow status`) exit 3 for a healthy stack.
+        "FLOW_PROXY_PROCESSES": "1" if settings.engine == "zmq" else "0",
+        "FLOW_REDIS_PROCESSES": "1" if runs_own_server(settings) else "0",
     }
 
 

@@ -21,6 +21,7 @@ import tornado.httputil
 import tornado.netutil
 import tornado.web
 import tornado.websocket
+from tornado.log import access_log
 
 from . import compat, protocol
 from .engine import server_engine
@@ -222,6 +223,44 @@ class StatsHandler(tornado.web.RequestHandler):
         )
 
 
+class HealthHandler(tornado.web.RequestHandler):
+    """``/healthz``: 200 while the process serves. ``/readyz``: 200 only when the engine's
+    link is live and the server is not draining, else 503 with the reason (PROTOCOL section
+    11): a load balancer then sends no new socket to a server that cannot deliver. Like
+    /stats, for the host's health checks: nginx does not route here."""
+
+    def initialize(self, server: "Server", ready: bool) -> None:
+        self.server = server
+        self.ready = ready
+
+    def get(self) -> None:
+        self.set_header("Cache-Control", "no-store")
+        if self.ready:
+            problem = "draining" if self.server.draining else (
+                None if self.server.engine.live else f"the {self.server.settings.engine} engine's link is not live")
+            if problem:
+                self.set_status(503)
+                self.write({"ready": False, "reason": problem})
+                return
+            self.write({"ready": True})
+            return
+        self.write({"alive": True})
+
+
+def _log_request(handler: tornado.web.RequestHandler) -> None:
+    """Tornado's access log, except that health checks are debug lines: a load balancer
+    asks every few seconds, and a 503 from /readyz during an outage is an answer, not an
+    error of this server (the engine's own warning says what is wrong)."""
+    status = handler.get_status()
+    request = handler.request
+    if isinstance(handler, HealthHandler):
+        log_method = access_log.debug
+    else:
+        log_method = access_log.info if status < 400 else access_log.warning if status < 500 else access_log.error
+    log_method("%d %s %s (%s) %.2fms", status, request.method, request.uri, request.remote_ip,
+               1000.0 * request.request_time())
+
+
 class Server:
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
@@ -248,8 +287,11 @@ class Server:
             [
                 (r"/websocket", FlowSocket, {"server": self}),
                 (r"/stats", StatsHandler, {"server": self}),
+                (r"/healthz", HealthHandler, {"server": self, "ready": False}),
+                (r"/readyz", HealthHandler, {"server": self, "ready": True}),
             ],
             websocket_max_message_size=self.settings.max_frame,
+            log_function=_log_request,
         )
 
     async def start(self, port: int) -> None:

@@ -17,6 +17,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import hmac
+import ipaddress
 import os
 import re
 import secrets
@@ -61,6 +62,8 @@ META_VARIABLES = frozenset(
         "FLOW_NGINX_CONNECTIONS",
         "FLOW_TLS_LISTEN",
         "FLOW_CLIENT_JS",
+        "FLOW_PROXY_PROCESSES",
+        "FLOW_REDIS_PROCESSES",
     }
 )
 
@@ -104,6 +107,17 @@ class Settings:
     # from history): the proxy holds up to this many per stalled server, so keep it modest.
     zmq_hwm: int = 100_000
 
+    # The Redis engine (FLOW_ENGINE=redis): redis://, rediss:// (TLS) or unix:// URL, with
+    # its password and database number. "" = the stack's own redis-server, which `flow run`
+    # starts under supervisord on an owner-only unix socket in FLOW_RUN_DIR (redis_address).
+    redis_url: str = dataclasses.field(default="", repr=False)
+    # Every key and pub/sub channel Flow uses starts with this and a colon, so that several
+    # deployments (or other applications) can share one Redis.
+    redis_prefix: str = "flow"
+    # Seconds between probes of each WebSocket server's pub/sub link: a link that carries no
+    # probe back within three intervals is deaf, and is replaced (its streams then repaired).
+    redis_probe: float = 1.0
+
     send_backlog: int = 4 * 1024 * 1024
     rate_limit: float = 20.0
     rate_burst: int = 40
@@ -138,6 +152,10 @@ class Settings:
     # PEM certificate chain and key: nginx then serves https and wss on FLOW_HTTP_PORT.
     tls_cert: str = ""
     tls_key: str = ""
+
+    def redis_address(self) -> str:
+        """The Redis URL the engine connects to: FLOW_REDIS_URL, or the stack's own server."""
+        return self.redis_url or "unix://" + str(self.path(self.run_dir) / "redis.sock")
 
     # The FLOW_ names load_settings found (environment or flow.env) that are neither a
     # setting nor in META_VARIABLES: typos, mostly. Not a field, so that fields() stays
@@ -225,7 +243,9 @@ class Settings:
         lines = []
         for field in dataclasses.fields(self):
             value = getattr(self, field.name)
-            if field.name in _SECRET_FIELDS:
+            if field.name == "redis_url":
+                value = redact_url(value) if value else f"(unset: {self.redis_address()})"
+            elif field.name in _SECRET_FIELDS:
                 value = "(set)" if value else "(unset)"
             elif field.name == "jwt_public_key" and "PRIVATE KEY" in value:
                 # A private key put where the public one goes (check_verifier refuses it):
@@ -235,6 +255,21 @@ class Settings:
                 value = ",".join(value) or "(none)"
             lines.append(f"FLOW_{field.name.upper()}={value}")
         return "\n".join(lines)
+
+
+def redact_url(url: str) -> str:
+    """``url`` with its password (and any query, which may hold TLS key paths) replaced:
+    safe for logs and `flow config`."""
+    scheme, sep, rest = url.partition("://")
+    if not sep:
+        return url
+    rest, q, _ = rest.partition("?")
+    netloc, slash, path = rest.partition("/")
+    userinfo, at, host = netloc.rpartition("@")
+    if at:
+        user = userinfo.partition(":")[0]
+        netloc = f"{user}:***@{host}" if ":" in userinfo or not user else f"***@{host}"
+    return f"{scheme}://{netloc}{slash}{path}{'?...' if q else ''}"
 
 
 def _int(minimum: int, maximum: int | None = None) -> Callable[[str], int]:
@@ -315,6 +350,11 @@ def _algorithms(raw: str) -> tuple[str, ...]:
 _ENDPOINT = re.compile(r"^(tcp://(\[[0-9A-Fa-f:.]+\]|[^\s\[\]:;/]+):(\d+)|ipc://[^\s]+)$")
 
 
+def parse_endpoint(raw: str) -> str:
+    """A ZeroMQ endpoint as FLOW_*_ENDPOINT takes it; ValueError with the reason."""
+    return _endpoint(raw)
+
+
 def _endpoint(raw: str) -> str:
     raw = raw.strip()
     match = _ENDPOINT.match(raw)
@@ -323,7 +363,26 @@ def _endpoint(raw: str) -> str:
     # Port 0 would bind a random port no publisher finds; past 65535 bind() raises.
     if match.group(3) is not None and not 0 < int(match.group(3)) < 65536:
         raise ValueError("must be tcp://HOST:PORT with a PORT from 1 to 65535")
+    if match.group(2) is not None and not is_loopback_host(match.group(2)):
+        raise ValueError(NOT_LOOPBACK)
     return raw
+
+
+NOT_LOOPBACK = (
+    "the ZeroMQ engine is for one host: its endpoints carry no authentication, so they must "
+    "be on loopback (127.0.0.1, localhost, [::1]) or ipc://; for several hosts use FLOW_ENGINE=redis"
+)
+
+
+def is_loopback_host(host: str) -> bool:
+    """Whether a ZeroMQ endpoint's host can only be reached from this machine."""
+    host = host.strip("[]").lower()
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False  # a name (resolved by ZeroMQ, anywhere) or * (every interface)
 
 
 def _key(raw: str) -> str:
@@ -364,8 +423,23 @@ def _line(raw: str) -> str:
     return value
 
 
-# Engines this version ships; the Redis engine is the next one (PROTOCOL section 11).
-ENGINES = ("zmq",)
+# Engines this version ships (PROTOCOL section 11).
+ENGINES = ("zmq", "redis")
+REDIS_SCHEMES = ("redis://", "rediss://", "unix://")
+
+
+def _redis_url(raw: str) -> str:
+    url = _line(raw)
+    if url and not url.startswith(REDIS_SCHEMES):
+        raise ValueError(f"must start with {', '.join(REDIS_SCHEMES)} (or be empty: the stack's own redis-server)")
+    return url
+
+
+def _redis_prefix(raw: str) -> str:
+    prefix = _line(raw)
+    if not prefix or any(c in prefix for c in " :*?[]{}"):
+        raise ValueError("must be a non-empty name without spaces, colons, braces or glob characters")
+    return prefix
 
 
 def _engine(raw: str) -> str:
@@ -401,6 +475,9 @@ _PARSERS: dict[str, Callable[[str], Any]] = {
     "fanout_endpoint": _endpoint,
     "control_endpoint": _endpoint,
     "zmq_hwm": _int(0),
+    "redis_url": _redis_url,
+    "redis_prefix": _redis_prefix,
+    "redis_probe": _float(0.05),
     "send_backlog": _int(1024),
     "rate_limit": _float(0.01),
     "rate_burst": _int(1),
@@ -427,7 +504,7 @@ _PARSERS: dict[str, Callable[[str], Any]] = {
 
 
 # Never echoed in an error message.
-_SECRET_FIELDS = frozenset({"secret", "jwt_private_key", "app_secret"})
+_SECRET_FIELDS = frozenset({"secret", "jwt_private_key", "app_secret", "redis_url"})
 
 # RFC 7518 section 3.2: an HMAC key at least as long as the hash output (PyJWT warns below).
 MIN_SECRET_BYTES = {"HS256": 32, "HS384": 48, "HS512": 64}

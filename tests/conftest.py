@@ -38,6 +38,7 @@ import pytest
 from flowcore.cli import pid_alive
 from flowcore.nginx import find_nginx, stack_env
 from flowcore.settings import Settings, load_settings
+from redisserver import make_redis, redis_server  # noqa: F401  (fixtures for every test module)
 from support import ROOT, Proc, base_env, wait_until
 
 SUPERVISOR_CONF = ROOT / "supervisord.conf"
@@ -137,7 +138,9 @@ class Stack:
 
     def all_running(self) -> bool:
         states = self.states()
-        expected = len(SINGLE_PROGRAMS) + self.settings.ws_processes
+        # proxy and redis have one process or none (FLOW_PROXY_PROCESSES, FLOW_REDIS_PROCESSES).
+        expected = (len(SINGLE_PROGRAMS) - 1 + int(self.env["FLOW_PROXY_PROCESSES"])
+                    + int(self.env["FLOW_REDIS_PROCESSES"]) + self.settings.ws_processes)
         return len(states) == expected and all(s == "RUNNING" for s, _ in states.values())
 
     # --- readiness -------------------------------------------------------------------
@@ -267,3 +270,9 @@ def shared_stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
         yield stack.start()
     finally:
         _stop_all([stack])
+
+
+@pytest.fixture(params=["zmq", "redis"])
+def engine(request: pytest.FixtureRequest) -> str:
+    """A test that takes this fixture runs once per engine (tests/pipeline.py ENGINES)."""
+    return str(request.param)

@@ -20,21 +20,49 @@ from flowcore.tokens import issue_token
 from support import PYTHON, Proc, base_env, free_port, port_open, wait_until
 
 
-class Pipeline:
-    """A proxy and ``servers`` WebSocket servers, each on its own port."""
+# The ways a test can ask for an engine: Pipeline(tmp_path, engine=name), or the `engine`
+# fixture (tests/conftest.py), which runs a test once per name.
+ENGINES = ("zmq", "redis")
 
-    def __init__(self, tmp_path: Path, servers: int = 2, **overrides: object) -> None:
+
+class Pipeline:
+    """The engine's infrastructure and ``servers`` WebSocket servers, each on its own port.
+
+    For the ZeroMQ engine (the default) the infrastructure is the proxy; for the Redis
+    engine (``engine="redis"``) a redis-server without persistence on a unix socket in the
+    test's directory, which the *_proxy methods stop, kill and start the same way: a
+    kill -9 of either loses every message and number it held.
+
+    ``redis_url`` (implies the Redis engine): a Redis the test runs itself (tests/redisserver.py,
+    for its faults, persistence, ACL and TLS); the pipeline then starts none, ``proxy`` is None
+    and the *_proxy methods are not to be used."""
+
+    def __init__(self, tmp_path: Path, servers: int = 2, engine: str = "zmq", redis_url: str | None = None,
+                 **overrides: object) -> None:
         self.tmp_path = tmp_path
+        self.engine = "redis" if redis_url is not None else engine
+        self.redis_socket = tmp_path / "redis.sock"
+        if self.engine == "redis":
+            url = redis_url if redis_url is not None else f"unix://{self.redis_socket}"
+            overrides = {"FLOW_ENGINE": "redis", "FLOW_REDIS_URL": url, **overrides}
         self.env = base_env(tmp_path, **overrides)
         self.settings = load_settings(self.env)
         self.publishers: list[flow.Flow] = []
-        self.proxy = self._start_proxy()
+        self.proxy: Proc | None = self._start_proxy() if redis_url is None else None
         self.ports = [free_port() for _ in range(servers)]
         self.servers = [self._start_server(i) for i in range(servers)]
         for i in range(servers):
             self.wait_ready(i)
 
     def _start_proxy(self) -> Proc:
+        if self.engine == "redis":
+            proc = Proc(
+                ["redis-server", "--port", "0", "--unixsocket", str(self.redis_socket),
+                 "--unixsocketperm", "700", "--save", "", "--appendonly", "no", "--dir", str(self.tmp_path)],
+                self.env, self.tmp_path / "proxy.log",
+            )
+            wait_until(lambda: self.redis_socket.exists() or not proc.alive(), 15, message="redis-server")
+            return proc
         return Proc([PYTHON, "message_proxy.py"], self.env, self.tmp_path / "proxy.log")
 
     def _start_server(self, i: int) -> Proc:
@@ -53,10 +81,12 @@ class Pipeline:
         self.start_proxy()
 
     def stop_proxy(self) -> None:
+        assert self.proxy is not None, "this pipeline runs on the test's own Redis (redis_url)"
         self.proxy.stop()
 
     def kill_proxy(self) -> None:
         """kill -9: its in-memory history and numbering are gone with it."""
+        assert self.proxy is not None, "this pipeline runs on the test's own Redis (redis_url)"
         self.proxy.signal(signal.SIGKILL)
         self.proxy.stop()
 
@@ -84,13 +114,14 @@ class Pipeline:
             return json.loads(reply.read())
 
     def logs(self) -> str:
-        return "\n".join(p.log() for p in [self.proxy, *self.servers])
+        return "\n".join(p.log() for p in [self.proxy, *self.servers] if p is not None)
 
     def stop(self) -> list[int]:
         for publisher in self.publishers:
             publisher.close()
         codes = [server.stop() for server in self.servers]
-        codes.append(self.proxy.stop())
+        if self.proxy is not None:
+            codes.append(self.proxy.stop())
         return codes
 
 

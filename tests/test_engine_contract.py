@@ -24,7 +24,7 @@ import flow
 from flowcore import protocol
 from flowcore.engine import ServerEngine, StreamHistory, server_engine
 from flowcore.settings import Settings, load_settings
-from support import PYTHON, Proc, base_env
+from support import PYTHON, Proc, base_env, wait_until
 
 T = TypeVar("T")
 
@@ -66,7 +66,58 @@ class ZmqInfrastructure:
         return "\n".join(p.read_text(errors="replace") for p in sorted(self.tmp_path.glob("proxy-*.log")))
 
 
-INFRASTRUCTURES: dict[str, Callable[..., Any]] = {"zmq": ZmqInfrastructure}
+class RedisInfrastructure:
+    """The Redis engine's infrastructure: one redis-server without persistence, on a unix
+    socket in the test's directory (kill -9 loses everything, as it does to the proxy)."""
+
+    def __init__(self, tmp_path: Path, **overrides: object) -> None:
+        self.tmp_path = tmp_path
+        self.socket = tmp_path / "redis.sock"
+        self.env = base_env(tmp_path, FLOW_ENGINE="redis", FLOW_REDIS_URL=f"unix://{self.socket}", **overrides)
+        self.settings: Settings = load_settings(self.env)
+        self.starts = 0
+        self.proc: Proc | None = None
+        self.start()
+
+    def start(self) -> None:
+        self.starts += 1
+        self.proc = Proc(
+            ["redis-server", "--port", "0", "--unixsocket", str(self.socket), "--unixsocketperm", "700",
+             "--save", "", "--appendonly", "no", "--dir", str(self.tmp_path)],
+            self.env, self.tmp_path / f"redis-{self.starts}.log",
+        )
+        import redis as redis_py
+
+        client = redis_py.Redis(unix_socket_path=str(self.socket))
+        try:
+            wait_until(lambda: _pings(client), message="redis-server to answer")
+        finally:
+            client.close()
+
+    def kill(self) -> None:
+        assert self.proc is not None
+        self.proc.signal(signal.SIGKILL)
+        self.proc.popen.wait(10)
+        self.proc.stop()
+
+    def stop(self) -> None:
+        if self.proc is not None:
+            self.proc.stop()
+
+    def logs(self) -> str:
+        return "\n".join(p.read_text(errors="replace") for p in sorted(self.tmp_path.glob("redis-*.log")))
+
+
+def _pings(client: Any) -> bool:
+    import redis as redis_py
+
+    try:
+        return bool(client.ping())
+    except (redis_py.ConnectionError, OSError):
+        return False
+
+
+INFRASTRUCTURES: dict[str, Callable[..., Any]] = {"zmq": ZmqInfrastructure, "redis": RedisInfrastructure}
 
 
 @pytest.fixture(params=sorted(INFRASTRUCTURES))

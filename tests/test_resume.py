@@ -20,8 +20,16 @@ _witnesses = itertools.count()
 
 
 @pytest.fixture
-def pipe(tmp_path):
-    pipeline = Pipeline(tmp_path, FLOW_HISTORY_SIZE="20")
+def pipe(tmp_path, engine):
+    pipeline = Pipeline(tmp_path, engine=engine, FLOW_HISTORY_SIZE="20")
+    yield pipeline
+    pipeline.stop()
+
+
+@pytest.fixture
+def zmq_pipe(tmp_path):
+    """For the proxy's own graceful restart (the Redis engine's restarts: test_redis_faults)."""
+    pipeline = Pipeline(tmp_path, engine="zmq", FLOW_HISTORY_SIZE="20")
     yield pipeline
     pipeline.stop()
 
@@ -303,14 +311,14 @@ async def closed_code(ws, timeout=20.0):
     return closed.value.rcvd.code if closed.value.rcvd else None
 
 
-def test_proxy_graceful_restart_loses_nothing_and_keeps_epochs(pipe):
+def test_proxy_graceful_restart_loses_nothing_and_keeps_epochs(zmq_pipe):
     """SIGTERM: the proxy keeps its numbering and history; what was pushed while it was
     down is delivered on the open sockets, nobody is closed."""
-    publisher = pipe.publisher()
+    publisher = zmq_pipe.publisher()
 
     async def run():
         loop = asyncio.get_running_loop()
-        clients = [ResumingClient(pipe.url(i), lambda u=u: pipe.token(u))
+        clients = [ResumingClient(zmq_pipe.url(i), lambda u=u: zmq_pipe.token(u))
                    for i, u in enumerate(["fay", "gil"])]  # gil only ever gets broadcasts
         for client in clients:
             client.start()
@@ -319,11 +327,11 @@ def test_proxy_graceful_restart_loses_nothing_and_keeps_epochs(pipe):
         publisher.push("fay", "M", 0)
         publisher.push_all("B", 0)
         await asyncio.wait_for(until(lambda: len(clients[0].ledger.messages) == 2), 10)
-        await loop.run_in_executor(None, pipe.stop_proxy)
+        await loop.run_in_executor(None, zmq_pipe.stop_proxy)
         for i in range(1, 4):  # queued by the publisher until the proxy is back
             publisher.push("fay", "M", i)
             publisher.push_all("B", i)
-        pipe.start_proxy()
+        zmq_pipe.start_proxy()
         await asyncio.wait_for(until(lambda: clients[0].ids("B") == [0, 1, 2, 3]
                                      and clients[1].ids("B") == [0, 1, 2, 3]), 30)
         for client in clients:

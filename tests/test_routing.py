@@ -16,8 +16,16 @@ from support import PYTHON, ROOT, wait_until
 
 
 @pytest.fixture
-def pipe(tmp_path):
-    pipeline = Pipeline(tmp_path)
+def pipe(tmp_path, engine):
+    pipeline = Pipeline(tmp_path, engine=engine)
+    yield pipeline
+    pipeline.stop()
+
+
+@pytest.fixture
+def zmq_pipe(tmp_path):
+    """For what only the ZeroMQ engine has (its topics, its PULL socket)."""
+    pipeline = Pipeline(tmp_path, engine="zmq")
     yield pipeline
     pipeline.stop()
 
@@ -66,18 +74,18 @@ def test_server_subscribes_only_for_its_users(pipe):
     asyncio.run(run())
 
 
-def test_topics_are_exact_at_the_zeromq_level(pipe):
+def test_topics_are_exact_at_the_zeromq_level(zmq_pipe):
     """A raw SUB for user "1" gets nothing of user "12" (prefix matching made exact)."""
     context = zmq.Context()
     sub = context.socket(zmq.SUB)
-    sub.connect(pipe.settings.fanout_endpoint)
+    sub.connect(zmq_pipe.settings.fanout_endpoint)
     sub.setsockopt(zmq.SUBSCRIBE, protocol.topic("1"))
     try:
         # The proxy answers a subscription with a sync frame: wait for it.
         assert sub.poll(10000), "no sync from the proxy"
         sync = protocol.decode_delivery(sub.recv())
         assert (sync.stream, sync.kind) == ("1", protocol.KIND_SYNC)
-        publisher = pipe.publisher()
+        publisher = zmq_pipe.publisher()
         publisher.push("12", "X", 1)
         publisher.push("1", "Y", 2)
         assert sub.poll(10000)
@@ -152,25 +160,25 @@ def test_isolation_at_scale(pipe):
     assert "Traceback" not in pipe.logs()
 
 
-def test_malformed_push_is_logged_and_others_still_flow(pipe):
+def test_malformed_push_is_logged_and_others_still_flow(zmq_pipe):
     async def run():
-        ws, _ = await authenticate(pipe.url(), pipe.token("zoe"))
+        ws, _ = await authenticate(zmq_pipe.url(), zmq_pipe.token("zoe"))
         context = zmq.Context()
         raw = context.socket(zmq.PUSH)
-        raw.connect(pipe.settings.publish_endpoint)
+        raw.connect(zmq_pipe.settings.publish_endpoint)
         raw.send(b"garbage")
         raw.send(b'P1\0\xff\xfe\0"X"\n1')
         raw.send(b"P1\0zoe\0no newline")
         raw.send_multipart([b"P1\0zoe\0", b'"X"\n1'])
         raw.close(linger=5000)
         context.term()
-        pipe.publisher().push("zoe", "AFTER", 1)
+        zmq_pipe.publisher().push("zoe", "AFTER", 1)
         [message] = await collect(ws, 1)
         assert (message["id"], message["seq"]) == ("AFTER", 1)
         await ws.close()
 
     asyncio.run(run())
-    wait_until(lambda: pipe.proxy.log().count("dropped a malformed push") == 4, 5,
+    wait_until(lambda: zmq_pipe.proxy.log().count("dropped a malformed push") == 4, 5,
                message="four warnings")
-    assert "Traceback" not in pipe.proxy.log()
-    assert pipe.proxy.alive()
+    assert "Traceback" not in zmq_pipe.proxy.log()
+    assert zmq_pipe.proxy.alive()

@@ -276,7 +276,8 @@ def test_port_bounds_accepted(load, good):
     assert load(ok_env(FLOW_HTTP_PORT=good)).http_port == int(good)
 
 
-@pytest.mark.parametrize("good", ["tcp://127.0.0.1:1", "tcp://[::1]:5561", "tcp://host.example:9", "ipc:///run/flow/p"])
+@pytest.mark.parametrize("good", ["tcp://127.0.0.1:1", "tcp://127.9.9.9:2", "tcp://[::1]:5561", "tcp://localhost:9",
+                                  "ipc:///run/flow/p"])
 def test_endpoints_accepted(load, good):
     assert load(ok_env(FLOW_FANOUT_ENDPOINT=good)).fanout_endpoint == good
 
@@ -827,9 +828,25 @@ def test_describe_hides_a_private_key_given_as_the_public_key(load, rsa_pems):
     assert "PUBLIC KEY" in public.describe()  # a public key is no secret
 
 
-@pytest.mark.parametrize("good", ["tcp://*:5561", "tcp://localhost:5561", "tcp://[::]:5561", "tcp://eth0:5561"])
-def test_endpoints_zeromq_binds_are_still_accepted(load, good):
-    assert load(ok_env(FLOW_PUBLISH_ENDPOINT=good)).publish_endpoint == good
+@pytest.mark.parametrize("bad", ["tcp://*:5561", "tcp://[::]:5561", "tcp://eth0:5561", "tcp://0.0.0.0:5561",
+                                 "tcp://10.0.0.5:5561", "tcp://host.example:9", "tcp://[2001:db8::1]:5"])
+@pytest.mark.parametrize("variable", ["FLOW_PUBLISH_ENDPOINT", "FLOW_FANOUT_ENDPOINT", "FLOW_CONTROL_ENDPOINT"])
+def test_zeromq_endpoints_off_loopback_are_refused_pointing_to_redis(load, bad, variable):
+    # Anyone who reaches a ZeroMQ endpoint can read every user's history and forge pushes.
+    with pytest.raises(SettingsError) as info:
+        load(ok_env(**{variable: bad}))
+    text = str(info.value)
+    assert len(text.splitlines()) == 1
+    assert text.startswith(f"{variable}={bad!r}: ") and "loopback" in text and "FLOW_ENGINE=redis" in text
+
+
+@pytest.mark.parametrize("option", ["endpoint", "control_endpoint"])
+def test_a_publisher_refuses_an_explicit_endpoint_off_loopback(option):
+    import flow
+
+    settings = load_settings(ok_env())
+    with pytest.raises(ValueError, match="loopback.*FLOW_ENGINE=redis"):
+        flow.Flow(settings=settings, **{option: "tcp://10.0.0.5:5561"})
 
 
 def test_the_longest_ttl_and_linger_are_accepted(load):
@@ -851,3 +868,35 @@ def test_names_and_paths_are_one_line(load, variable):
     with pytest.raises(SettingsError) as info:
         load(ok_env(**{variable: "app:create_app()\nFLOW_SECRET=forged"}))
     assert str(info.value).startswith(f"{variable}='app:create_app()\\nFLOW_SECRET=forged': must be one line")
+
+
+# ---------------------------------------------------------------- the Redis engine
+
+
+@pytest.mark.parametrize("url", ["redis://:pw@127.0.0.1:6379/2", "rediss://flow:pw@redis.example:6380/0",
+                                 "unix:///run/flow/redis.sock?db=1"])
+def test_redis_urls_accepted_and_never_shown_with_their_password(load, url):
+    settings = load(ok_env(FLOW_ENGINE="redis", FLOW_REDIS_URL=url))
+    assert settings.engine == "redis" and settings.redis_address() == url
+    shown = settings.describe() + repr(settings)
+    assert "pw" not in shown
+    assert "FLOW_REDIS_URL=" + url.split("://")[0] + "://" in settings.describe()
+
+
+@pytest.mark.parametrize("url", ["http://127.0.0.1:6379", "127.0.0.1:6379", "redis://a\nb"])
+def test_bad_redis_urls_are_refused_in_one_line(load, url):
+    with pytest.raises(SettingsError) as info:
+        load(ok_env(FLOW_REDIS_URL=url))
+    assert str(info.value).startswith("FLOW_REDIS_URL=(hidden): ") and len(str(info.value).splitlines()) == 1
+
+
+def test_without_a_url_the_engine_uses_the_stacks_own_redis_in_the_run_dir(load, tmp_path):
+    settings = load(ok_env(FLOW_ENGINE="redis", FLOW_RUN_DIR=str(tmp_path / "run")))
+    assert settings.redis_address() == f"unix://{tmp_path / 'run' / 'redis.sock'}"
+    assert f"FLOW_REDIS_URL=(unset: unix://{tmp_path / 'run' / 'redis.sock'})" in settings.describe()
+
+
+@pytest.mark.parametrize("prefix", ["", "a:b", "a b", "x*", "{tag}"])
+def test_redis_prefixes_that_would_mix_keys_are_refused(load, prefix):
+    with pytest.raises(SettingsError, match="FLOW_REDIS_PREFIX"):
+        load(ok_env(FLOW_REDIS_PREFIX=prefix))

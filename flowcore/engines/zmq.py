@@ -25,7 +25,7 @@ import zmq
 
 from .. import compat, protocol
 from ..engine import EngineSink, Position, QueueFull, StreamHistory
-from ..settings import Settings
+from ..settings import Settings, parse_endpoint
 
 log = logging.getLogger("flow.engine.zmq")
 
@@ -62,6 +62,14 @@ FLUSH_ASK_AGAIN = 1.0
 FLUSH_SLICE = 0.02
 
 
+def check_endpoint(endpoint: str, name: str) -> None:
+    """Refuse an endpoint FLOW_PUBLISH_ENDPOINT would refuse (ValueError, one line)."""
+    try:
+        parse_endpoint(endpoint)
+    except ValueError as exc:
+        raise ValueError(f"{name}={endpoint!r}: {exc}") from None
+
+
 def control_endpoint_for(endpoint: str, settings: Settings) -> str:
     """Where a publisher on ``endpoint`` asks for its flushes, when not told: the settings'
     control endpoint, or, for another proxy's TCP endpoint (``Flow("tcp://10.0.0.5:5561")``),
@@ -89,6 +97,10 @@ class ZmqPublisherEngine:
         control_endpoint: str | None = None,
     ) -> None:
         self.endpoint = endpoint or settings.publish_endpoint
+        if endpoint:
+            check_endpoint(endpoint, "endpoint")
+        if control_endpoint:
+            check_endpoint(control_endpoint, "control_endpoint")
         self.control_endpoint = control_endpoint or control_endpoint_for(self.endpoint, settings)
         # Messages ZeroMQ queues while the proxy is unreachable (its high-water mark).
         self.queue_size = queue_size or settings.push_queue
