@@ -3,6 +3,7 @@
     import flow
     flow.push("alice", "TASK DONE", {"card": "ok"})   # every open tab of alice
     flow.push_all("NEWS", {"headline": "..."})         # every authenticated socket
+    flow.publish("doc:42", "EDIT", {"line": 7})        # every socket subscribed to doc:42
 
 ``push`` validates and encodes in the caller, then hands the bytes to the engine
 FLOW_ENGINE names (:func:`flowcore.engine.publisher_engine`) without waiting on the
@@ -34,7 +35,8 @@ from flowcore.engine import PublisherEngine, QueueFull, publisher_engine
 from flowcore.engines import zmq as _zmq_engine
 from flowcore.settings import Settings, load_settings
 
-__all__ = ["Flow", "QueueFull", "InvalidMessage", "push", "push_all", "flush", "configure", "issue_token"]
+__all__ = ["Flow", "QueueFull", "InvalidMessage", "push", "push_all", "publish", "flush", "configure",
+           "issue_token", "issue_channel_token"]
 
 log = logging.getLogger("flow.publisher")
 
@@ -148,6 +150,15 @@ class Flow:
         """Send to every authenticated socket of the deployment."""
         frame = protocol.encode_push(
             protocol.BROADCAST, message_id, data, self.max_message, self._serializer or protocol.fast_dumps
+        )
+        with self._lock:
+            self._hand_over(frame)
+
+    def publish(self, channel: str, message_id: str, data: Any = None) -> None:
+        """Send ``{"id", "channel", "data"}`` to every socket subscribed to ``channel``
+        (PROTOCOL.md section 9), on every host of the deployment."""
+        frame = protocol.encode_channel_push(
+            channel, message_id, data, self.max_message, self._serializer or protocol.fast_dumps
         )
         with self._lock:
             self._hand_over(frame)
@@ -372,6 +383,17 @@ def push_all(message_id: str, data: Any = None) -> None:
         _get_default().push_all(message_id, data)
 
 
+def publish(channel: str, message_id: str, data: Any = None) -> None:
+    """Publish to every socket subscribed to ``channel`` (see :meth:`Flow.publish`)."""
+    publisher = _get_default()
+    try:
+        publisher.publish(channel, message_id, data)
+    except RuntimeError:
+        if publisher is _default:
+            raise
+        _get_default().publish(channel, message_id, data)
+
+
 def flush(timeout: float | None = None) -> int:
     """Flush the default publisher (see :meth:`Flow.flush`): the number of its messages the
     engine has not confirmed taking within ``timeout``. 0 when nothing was pushed."""
@@ -381,30 +403,36 @@ def flush(timeout: float | None = None) -> int:
 
 # Claims a token's holder must not choose: the identity, the times, and the audience and
 # issuer the servers check.
-_RESERVED_CLAIMS = frozenset({"username", "sub", "exp", "iat", "nbf", "aud", "iss"})
+_RESERVED_CLAIMS = frozenset({"username", "sub", "exp", "iat", "nbf", "aud", "iss", "channel"})
 
 
 def issue_token(username: str, /, ttl: int | None = None, **claims: Any) -> str:
     """A signed socket token for ``username`` (PROTOCOL.md section 2), valid ``ttl`` seconds
     (default FLOW_TOKEN_TTL), for the app's ``/socket_auth_token``. Signed with the default
     publisher's settings (FLOW_SECRET, or FLOW_JWT_PRIVATE_KEY for public-key algorithms).
-    Extra ``claims`` are added to the token; the reserved ones (username, sub, exp, iat,
-    nbf, aud, iss) are refused with ValueError, as is a bad username."""
+    Extra ``claims`` are added to the token: ``channels=["doc:42", "team:7:*"]`` grants
+    channels (section 9). The reserved ones (username, sub, exp, iat, nbf, aud, iss,
+    channel) are refused with ValueError, as are a bad username and a malformed grant."""
     # Imported here: a process that only pushes needs neither the JWT library nor a secret.
-    from flowcore import tokens
+    from flowcore import channels, tokens
 
     protocol.check_username(username)  # before settings are read: a bad name is the caller's
     reserved = _RESERVED_CLAIMS.intersection(claims)
     if reserved:
         raise ValueError(f"claim {sorted(reserved)[0]!r} is set by Flow, not by the caller")
-    settings = _get_default().settings
-    token = tokens.issue_token(settings, username, ttl)
-    if not claims:
-        return token
-    import jwt
+    if "channels" in claims:
+        try:
+            channels.Grants.parse(claims["channels"])
+        except ValueError as exc:
+            raise ValueError(f"channels claim: {exc}") from None
+    return tokens.issue_token(_get_default().settings, username, ttl, extra=claims)
 
-    # The standard claims stay exactly as tokens.issue_token made them.
-    payload = {**claims, **jwt.decode(token, options={"verify_signature": False})}
-    # The key tokens.issue_token just signed with (its helper's public name, or the old private one).
-    signing_key = getattr(tokens, "signing_key", None) or getattr(tokens, "_signing_key")
-    return jwt.encode(payload, signing_key(settings), algorithm=settings.jwt_algorithms[0])
+
+def issue_channel_token(username: str, channel: str, /, ttl: int | None = None) -> str:
+    """A subscription token (PROTOCOL.md section 9): lets ``username``'s sockets subscribe to
+    exactly ``channel`` for ``ttl`` seconds (default FLOW_TOKEN_TTL), for an app endpoint
+    such as ``/socket_channel_token?channel=...`` that checks the user may see it."""
+    from flowcore import channels
+
+    protocol.check_username(username)
+    return channels.issue_subscription_token(_get_default().settings, username, channel, ttl)

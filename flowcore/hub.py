@@ -20,7 +20,7 @@ from typing import Any, AsyncIterator, Callable, Coroutine, Iterator
 
 from . import protocol
 from .engine import Position, ServerEngine
-from .session import JoinRequest, JoinResult, Session
+from .session import ChannelJoin, ChannelSub, JoinRequest, JoinResult, Session
 from .runtime import spawn
 from .settings import Settings
 
@@ -51,11 +51,13 @@ MAX_RECONNECT_WINDOW = 60.0
 class StreamState:
     """One stream this server receives, and the sessions that receive it."""
 
-    __slots__ = ("name", "sessions", "epoch", "seq", "synced", "waiters", "held", "held_bytes",
+    __slots__ = ("name", "sessions", "subscribers", "epoch", "seq", "synced", "waiters", "held", "held_bytes",
                  "audit_head")
 
     def __init__(self, name: str) -> None:
         self.name = name
+        # A channel's stream is received by subscriptions (each a socket's), not by sessions.
+        self.subscribers: tuple[ChannelSub, ...] | None = () if protocol.is_channel_stream(name) else None
         # A tuple, rebuilt on join and leave: a user has a few tabs and joins are rare
         # next to deliveries; a tuple of one is half a list of one and a fifth of a set.
         self.sessions: tuple[Session, ...] = ()
@@ -241,6 +243,47 @@ class Hub:
                 if not waiter.done():
                     waiter.set_result(None)
 
+    # -- channels
+
+    async def subscribe_channel(self, sub: ChannelSub, since: Position | None) -> ChannelJoin | None:
+        """Attach ``sub`` to its channel's stream; where delivery continues and what a
+        ``since`` is owed. None when the engine could not say where the channel stands."""
+        name = sub.stream
+        state = self.streams.get(name)
+        if state is None:
+            state = self.streams[name] = StreamState(name)
+            self.engine.subscribe(name)
+        assert state.subscribers is not None
+        state.subscribers += (sub,)
+        sub.state = state
+        if not await self._synced(state):
+            return None
+        seq, epoch = state.seq, state.epoch
+        if since is None or since[1] != epoch:
+            return ChannelJoin((seq, epoch), False, 0, None)
+        if since[0] == seq:
+            return ChannelJoin((seq, epoch), True, 0, seq)
+        # Behind this server: history owes the rest; ahead: the engine's head vouches for it.
+        answer = await self.engine.history({name: (min(since[0], seq), epoch)}, 0)
+        stream = None if answer is None else answer.get(name)
+        if stream is None or stream.epoch != epoch or stream.messages is None or since[0] > stream.seq:
+            return ChannelJoin((seq, epoch), False, 0, None)
+        return ChannelJoin((max(seq, since[0]), epoch), True, max(0, seq - since[0]), since[0])
+
+    def leave_channel(self, sub: ChannelSub) -> None:
+        state = sub.state
+        if state is None or state.subscribers is None or sub not in state.subscribers:
+            return
+        sub.state = None
+        state.subscribers = tuple(s for s in state.subscribers if s is not sub)
+        if not state.subscribers and self.streams.get(state.name) is state:
+            del self.streams[state.name]
+            if not self.closed:
+                self.engine.unsubscribe(state.name)
+            for waiter in state.waiters or ():
+                if not waiter.done():
+                    waiter.set_result(None)
+
     # -- fan-out (EngineSink)
 
     def mark_dirty(self, session: Session) -> None:
@@ -278,6 +321,9 @@ class Hub:
         if state is self.broadcast:
             for session in self.ring:
                 session.deliver_all(seq, wire)
+        elif state.subscribers is not None:
+            for sub in state.subscribers:
+                sub.deliver(seq, wire)
         else:
             for session in state.sessions:
                 session.deliver_own(seq, wire)
@@ -344,6 +390,8 @@ class Hub:
         state.audit_head = None  # a head of the old numbering says nothing of the new
 
     def _sessions_of(self, state: StreamState) -> list[Session]:
+        if state.subscribers is not None:
+            return [sub.session for sub in state.subscribers]
         return list(self.ring) if state is self.broadcast else list(state.sessions)
 
     def reconnect_window(self, closing: int) -> float:
@@ -353,6 +401,14 @@ class Hub:
         return min(MAX_RECONNECT_WINDOW, max(MIN_RECONNECT_WINDOW, pool / RECONNECTS_PER_SECOND))
 
     def _close_all(self, state: StreamState, why: str) -> None:
+        if state.subscribers is not None:
+            # A channel's reset ends its subscriptions, not the sockets: each page
+            # subscribes again with its position and is told recovered: false.
+            subscribers = state.subscribers
+            self.gap_closes += len(subscribers)
+            for sub in subscribers:
+                sub.session.drop_channel(sub, "reset", resubscribe=True)
+            return
         sessions = self._sessions_of(state)
         reason = protocol.reconnect_reason(why, self.reconnect_window(len(sessions)))
         self.gap_closes += len(sessions)

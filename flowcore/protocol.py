@@ -10,7 +10,8 @@ Each internal message is a single ZeroMQ frame (one send, one receive per hop).
 
 publisher -> proxy (PUSH -> PULL)::
 
-    b"P1\\0" username b"\\0" id_json b"\\n" data_json      (username b"*" for a broadcast)
+    b"P1\\0" username b"\\0" id_json b"\\n" data_json      (username b"*" for a broadcast,
+                                                     b"\\0" channel for a channel)
 
 proxy -> WebSocket servers (XPUB -> SUB), starting with the exact topic::
 
@@ -18,7 +19,8 @@ proxy -> WebSocket servers (XPUB -> SUB), starting with the exact topic::
                                                      framed as a WebSocket text frame
     topic b"S" seq b" " epoch b" "                   sync: the stream's current position
 
-A topic is ``b"u" + username + b"\\0"`` (``b"*\\0"`` for broadcasts). Usernames may not
+A topic is ``b"u" + username + b"\\0"`` (``b"*\\0"`` for broadcasts, ``b"c" + channel +
+b"\\0"`` for a channel's stream). Usernames may not
 contain NUL, so ZeroMQ's prefix matching is exact: ``u1\\0`` is no prefix of ``u12\\0``,
 and epochs hold no space.
 
@@ -88,6 +90,76 @@ def check_username(username: object) -> str:
     return username
 
 
+# Channels (PROTOCOL.md section 9): many users' stream. In the engines and the hub a
+# channel's stream is named CHANNEL_MARK + its name, which no username can be (usernames
+# never hold NUL): a user called "doc:42" and the channel "doc:42" are different streams.
+CHANNEL_MARK = "\0"
+MAX_CHANNEL_BYTES = 255
+# Section 9's pattern. \Z, not $: "$" also matches before a trailing newline, so
+# CHANNEL_RE.match("doc:42\n") would pass. It does not bound the length (255 bytes):
+# check_channel does both.
+# The classes are spelled out ASCII ranges and no flag is set: with re.IGNORECASE,
+# [A-Za-z] would also match the Kelvin sign and the long s.
+_PART = r"[A-Za-z0-9_\-=@.]+"
+CHANNEL_RE = re.compile(rf"{_PART}(?::{_PART})*\Z")
+_PART_CHARS = frozenset("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789_-=@.")
+
+_SHOWN_CHARS = 40
+
+
+def shown_name(text: str) -> str:
+    """At most 40 characters of ``text``, quoted and escaped (NUL, controls and look-alike
+    letters become visible ``\\x00``/``\\u0430``): for messages a client sees."""
+    return ascii(text[:_SHOWN_CHARS]) + ("..." if len(text) > _SHOWN_CHARS else "")
+
+
+def _why_not_a_name(name: str) -> str:
+    """What is wrong with ``name``, which failed CHANNEL_RE (and is at most 255 chars)."""
+    if not name:
+        return "must not be empty"
+    for index, char in enumerate(name):
+        if char == "*":
+            return "has '*', which only a grant pattern may hold, as its whole last part ('team:7:*')"
+        if char != ":" and char not in _PART_CHARS:
+            return f"has {ascii(char)} at position {index}: only ASCII letters, digits and _-=@. in :-separated parts"
+    return "has an empty part (a leading, trailing or doubled ':')"
+
+
+def check_channel(name: object) -> str:
+    """Return ``name`` (as a plain str) if it is a channel name (section 9), else raise
+    ProtocolError saying why, safe to show a client."""
+    if not isinstance(name, str):
+        raise ProtocolError(f"channel must be a string, not {type(name).__name__}")
+    if type(name) is not str:
+        # A subclass could hash or compare unlike its text, and slip past the grant sets.
+        name = str.__str__(name)
+    # The length first, so that a megabyte of junk costs no regex and no scan. Every valid
+    # name is ASCII, so characters and bytes agree on the names that pass.
+    if len(name) > MAX_CHANNEL_BYTES:
+        raise ProtocolError(f"channel name {shown_name(name)} is longer than {MAX_CHANNEL_BYTES} bytes")
+    if not CHANNEL_RE.fullmatch(name):
+        raise ProtocolError(f"channel name {shown_name(name)} {_why_not_a_name(name)}")
+    return name
+
+
+def check_stream(stream: object) -> str:
+    """Return ``stream`` if it names a stream: a username, ``*``, or a channel's stream."""
+    if isinstance(stream, str) and stream[:1] == CHANNEL_MARK:
+        return channel_stream(check_channel(stream[1:]))
+    if stream == BROADCAST:
+        return BROADCAST
+    return check_username(stream)
+
+
+def channel_stream(name: str) -> str:
+    """The stream of channel ``name`` (a checked name)."""
+    return CHANNEL_MARK + name
+
+
+def is_channel_stream(stream: str) -> bool:
+    return stream[:1] == CHANNEL_MARK
+
+
 # The ids of the protocol's own frames (PROTOCOL.md sections 3, 5 and 9). A push may not
 # carry one: a page switches on data["id"], so a pushed "AUTH FAILED" would pass for the
 # server's own frame.
@@ -141,14 +213,21 @@ def topic(stream: str) -> bytes:
     """The exact ZeroMQ topic of a stream (a username, or ``"*"``)."""
     if stream == BROADCAST:
         return b"*\0"
+    if stream[:1] == CHANNEL_MARK:
+        return b"c" + stream[1:].encode("ascii") + b"\0"
     return b"u" + stream.encode("utf-8") + b"\0"
 
 
 def stream_of_topic(topic_bytes: bytes) -> str:
     if topic_bytes == b"*\0":
         return BROADCAST
-    if len(topic_bytes) < 3 or topic_bytes[:1] != b"u" or topic_bytes[-1:] != b"\0":
+    if len(topic_bytes) < 3 or topic_bytes[:1] not in (b"u", b"c") or topic_bytes[-1:] != b"\0":
         raise ProtocolError("not a Flow topic")
+    if topic_bytes[:1] == b"c":
+        try:
+            return channel_stream(check_channel(topic_bytes[1:-1].decode("ascii")))
+        except UnicodeDecodeError:
+            raise ProtocolError("not a Flow topic: a channel name is ASCII") from None
     try:
         stream = topic_bytes[1:-1].decode("utf-8")
     except UnicodeDecodeError:
@@ -275,11 +354,41 @@ def push_parts(stream: str, message_id: str) -> tuple[bytes, bytes]:
 
 BROADCAST_HEAD = PUSH_PREFIX + b"*\0"
 
+
+def channel_push_parts(channel: str, message_id: str) -> tuple[bytes, bytes]:
+    """:func:`push_parts` for a channel: the head names the channel's stream (``P1\\0``,
+    NUL, the name, NUL). Cached apart from the user heads, which flow.Flow.push reads
+    directly: a channel's head must never be found under a username."""
+    head = channel_heads.get(channel) if type(channel) is str else None
+    if head is None:
+        name = check_channel(channel)
+        head = PUSH_PREFIX + b"\0" + name.encode("ascii") + b"\0"
+        if len(channel_heads) >= PUSH_CACHE_SIZE:
+            channel_heads.clear()
+        channel_heads[name] = head
+    id_part = (id_parts.get(message_id) if type(message_id) is str else None) or _new_id_part(message_id)
+    return head, id_part
+
+
+def encode_channel_push(
+    channel: str,
+    message_id: str,
+    data: Any,
+    max_message: int,
+    serializer: Callable[[Any], bytes] = fast_dumps,
+) -> bytes:
+    """The one frame of a publish to ``channel`` (section 9). Raises ProtocolError."""
+    head, id_part = channel_push_parts(channel, message_id)
+    data_json = encode_data(data, serializer)
+    check_push_size(id_part, data_json, max_message)
+    return head + id_part + data_json
+
 # Cached: a web app pushes the same kinds of message to the same users again and again.
 # Valid values only, and never the broadcast head: flow.Flow.push reads these dicts
 # directly, so a user found here is a valid user. A full cache starts over: cheaper
 # than tracking recency, and refilling costs one validation per entry.
 push_heads: dict[str, bytes] = {}
+channel_heads: dict[str, bytes] = {}
 id_parts: dict[str, bytes] = {}
 PUSH_CACHE_SIZE = 4096
 
@@ -314,10 +423,17 @@ def decode_push(raw: bytes) -> Push:
     """Inverse of :func:`encode_push`, for the proxy. Raises ProtocolError."""
     if not raw.startswith(PUSH_PREFIX):
         raise ProtocolError(f"a push starts with {PUSH_PREFIX!r}")
-    end = raw.find(b"\0", len(PUSH_PREFIX))
-    if end < 0:
-        raise ProtocolError("push has no username terminator")
-    stream = _stream_name(raw[len(PUSH_PREFIX) : end])
+    start = len(PUSH_PREFIX)
+    if raw[start : start + 1] == b"\0":  # a channel's stream: NUL, then the name
+        end = raw.find(b"\0", start + 1)
+        if end < 0:
+            raise ProtocolError("push has no channel terminator")
+        stream = _channel_stream_name(raw[start + 1 : end])
+    else:
+        end = raw.find(b"\0", start)
+        if end < 0:
+            raise ProtocolError("push has no username terminator")
+        stream = _stream_name(raw[start:end])
     id_json, sep, data_json = raw[end + 1 :].partition(b"\n")
     # id_json is a JSON string, which never holds a raw newline, so the split is exact.
     if not sep or not data_json:
@@ -364,21 +480,31 @@ def _stream_name(user: bytes) -> str:
 
 
 @functools.lru_cache(maxsize=2048)
+def _channel_stream_name(name: bytes) -> str:
+    try:
+        return channel_stream(check_channel(name.decode("ascii")))
+    except UnicodeDecodeError:
+        raise ProtocolError("a channel name is ASCII") from None
+
+
+@functools.lru_cache(maxsize=2048)
 def _json_string(text: str) -> bytes:
     return dumps(text)
 
 
 def build_message_frame(push: Push, seq: int, epoch: str) -> bytes:
-    """The browser frame ``{"id","username","data","seq","epoch"}``, built once.
+    """The browser frame ``{"id","username","data","seq","epoch"}`` (``"channel"`` instead
+    of ``"username"`` for a channel's message), built once.
 
     Spliced from already-encoded JSON so that no process parses ``data`` again.
     """
+    stream = push.stream
     return b"".join(
         (
             b'{"id":',
             push.id_json,
-            b',"username":',
-            _json_string(push.stream),
+            b',"channel":' if stream[:1] == CHANNEL_MARK else b',"username":',
+            _json_string(stream[1:] if stream[:1] == CHANNEL_MARK else stream),
             b',"data":',
             push.data_json,
             b',"seq":',
@@ -511,8 +637,7 @@ def parse_history_request(raw: bytes) -> HistoryRequest:
             seq, epoch = pos["seq"], pos["epoch"]
             if type(seq) is not int or seq < 0 or not isinstance(epoch, str) or not isinstance(name, str):
                 raise ProtocolError("bad stream position")
-            if name != BROADCAST:
-                check_username(name)
+            check_stream(name)
             streams[name] = (seq, epoch)
         return HistoryRequest(request_id, streams, max_bytes)
     except ProtocolError as exc:
@@ -578,9 +703,37 @@ _JWT_SHAPE = re.compile(r"^[A-Za-z0-9_\-]+\.[A-Za-z0-9_\-]+\.[A-Za-z0-9_\-]*$")
 
 
 @dataclass(frozen=True)
+class Subscribe:
+    """SUBSCRIBE (section 9), or one entry of AUTH's ``subscribe``."""
+
+    channel: str
+    since: tuple[int, str] | None = None
+    token: str | None = None
+    presence: bool = False
+    ref: str | int | None = None
+
+
+@dataclass(frozen=True)
+class Unsubscribe:
+    channel: str
+    ref: str | int | None = None
+
+
+@dataclass(frozen=True)
+class PresenceQuery:
+    channel: str
+    ref: str | int | None = None
+
+
+@dataclass(frozen=True)
 class Authenticate:
     token: str
     resume: dict[str, tuple[int, str]] = field(default_factory=dict)
+    # Channels to subscribe to once authenticated, in the order given (section 9).
+    subscribe: tuple[Subscribe, ...] = ()
+    # A revision-2 frame ({"id": "AUTH"}): the socket may be sent revision-2 frames.
+    revision2: bool = False
+
 
 
 @dataclass(frozen=True)
@@ -588,7 +741,10 @@ class Ping:
     heartbeat: bool  # True for the bare "<3", which gets no answer
 
 
-def parse_client_frame(text: str) -> Authenticate | Ping:
+ClientFrame = Authenticate | Ping | Subscribe | Unsubscribe | PresenceQuery
+
+
+def parse_client_frame(text: str) -> ClientFrame:
     """Parse one text frame from a browser. Raises ProtocolError.
 
     Anything that is neither the heartbeat nor JSON (an object or array) is taken as a raw token
@@ -618,7 +774,14 @@ def parse_client_frame(text: str) -> Authenticate | Ping:
         token = obj.get("token")
         if not isinstance(token, str):
             raise ProtocolError("AUTH needs a string token")
-        return Authenticate(token, _parse_resume(obj.get("resume")))
+        return Authenticate(token, _parse_resume(obj.get("resume")), _parse_auth_subscribe(obj.get("subscribe")),
+                            revision2=True)
+    if frame_id == "SUBSCRIBE":
+        return _parse_subscribe(obj.get("channel"), obj, _parse_ref(obj))
+    if frame_id == "UNSUBSCRIBE":
+        return Unsubscribe(check_channel(obj.get("channel")), _parse_ref(obj))
+    if frame_id == "PRESENCE":
+        return PresenceQuery(check_channel(obj.get("channel")), _parse_ref(obj))
     if frame_id is None:
         raise ProtocolError("frame has no id")
     raise ProtocolError(f"unknown frame id {_shown(frame_id)}")
@@ -632,6 +795,67 @@ def _shown(value: object) -> str:
     if isinstance(value, (bool, float)) or (isinstance(value, int) and abs(value) < 10**20):
         return repr(value)
     return f"of type {type(value).__name__}"
+
+
+# Channels one AUTH may ask for at once; FLOW_MAX_CHANNELS bounds what is granted.
+MAX_AUTH_SUBSCRIBE = 1024
+MAX_REF_CHARS = 64
+
+
+def _parse_ref(obj: dict[str, Any]) -> str | int | None:
+    ref = obj.get("ref")
+    if ref is None:
+        return None
+    if type(ref) is int and abs(ref) < 2**53:
+        return ref
+    if type(ref) is str and len(ref) <= MAX_REF_CHARS:
+        return ref
+    raise ProtocolError(f"ref must be a string of at most {MAX_REF_CHARS} characters or an integer")
+
+
+def _parse_position(value: object, where: str) -> tuple[int, str]:
+    if not isinstance(value, dict):
+        raise ProtocolError(f"{where} must be an object with seq and epoch")
+    seq, epoch = value.get("seq"), value.get("epoch")
+    if type(seq) is not int or seq < 0:
+        raise ProtocolError(f"{where}.seq must be a non-negative integer")
+    if not isinstance(epoch, str):
+        raise ProtocolError(f"{where}.epoch must be a string")
+    return seq, epoch
+
+
+def _parse_subscribe(channel: object, obj: dict[str, Any], ref: str | int | None) -> Subscribe:
+    # The name is checked when the subscription is decided, so that a bad one is answered
+    # SUBSCRIBE FAILED invalid_channel (section 9), not a bare ERROR.
+    if not isinstance(channel, str) or len(channel) > 4 * MAX_CHANNEL_BYTES:
+        raise ProtocolError("SUBSCRIBE needs a channel name (a string)")
+    name = str.__str__(channel)
+    since = obj.get("since")
+    token = obj.get("token")
+    presence = obj.get("presence", False)
+    if token is not None and not isinstance(token, str):
+        raise ProtocolError(f"the token for channel {_shown(name)} must be a string")
+    if not isinstance(presence, bool):
+        raise ProtocolError("presence must be true or false")
+    return Subscribe(name, None if since is None else _parse_position(since, f"since of {_shown(name)}"),
+                     token, presence, ref)
+
+
+def _parse_auth_subscribe(subscribe: object) -> tuple[Subscribe, ...]:
+    if subscribe is None:
+        return ()
+    if not isinstance(subscribe, dict):
+        raise ProtocolError("subscribe must be an object of {channel: {since?, token?}}")
+    if len(subscribe) > MAX_AUTH_SUBSCRIBE:
+        raise ProtocolError(f"subscribe names more than {MAX_AUTH_SUBSCRIBE} channels")
+    out = []
+    for channel, spec in subscribe.items():
+        if spec is None:
+            spec = {}
+        if not isinstance(spec, dict):
+            raise ProtocolError(f"subscribe[{_shown(channel)}] must be an object")
+        out.append(_parse_subscribe(channel, spec, None))
+    return tuple(out)
 
 
 def _parse_resume(resume: object) -> dict[str, tuple[int, str]]:
@@ -687,9 +911,11 @@ def auth_ok(
     streams: Mapping[str, tuple[int, str]] | None = None,
     expires_in: float | None = None,
     refreshed: bool = False,
+    max_channels: int | None = None,
 ) -> str:
     """AUTH OK (PROTOCOL.md section 3): ``streams`` maps every stream the socket receives to
-    the (seq, epoch) after which its delivery continues."""
+    the (seq, epoch) after which its delivery continues; ``max_channels`` (section 9) for a
+    revision-2 socket."""
     frame: dict[str, Any] = {
         "id": "AUTH OK",
         "username": username,
@@ -704,7 +930,35 @@ def auth_ok(
         frame["expires_in"] = max(0, int(expires_in))
     if refreshed:
         frame["refreshed"] = True
+    if max_channels is not None:
+        frame["max_channels"] = max_channels
     return dumps(frame).decode("utf-8")
+
+
+def _with_ref(frame: dict[str, Any], ref: str | int | None) -> str:
+    if ref is not None:
+        frame["ref"] = ref
+    return dumps(frame).decode("utf-8")
+
+
+def subscribe_ok(channel: str, seq: int, epoch: str, recovered: bool, missed: int,
+                 ref: str | int | None = None) -> str:
+    return _with_ref({"id": "SUBSCRIBE OK", "channel": channel, "seq": seq, "epoch": epoch,
+                      "recovered": recovered, "missed": missed}, ref)
+
+
+def subscribe_failed(channel: str, reason: str, temporary: bool, ref: str | int | None = None) -> str:
+    return _with_ref({"id": "SUBSCRIBE FAILED", "channel": channel, "reason": reason,
+                      "temporary": temporary}, ref)
+
+
+def unsubscribe_ok(channel: str, ref: str | int | None = None) -> str:
+    return _with_ref({"id": "UNSUBSCRIBE OK", "channel": channel}, ref)
+
+
+def unsubscribed(channel: str, reason: str, resubscribe: bool) -> str:
+    return dumps({"id": "UNSUBSCRIBED", "channel": channel, "reason": reason,
+                  "resubscribe": resubscribe}).decode("utf-8")
 
 
 def reconnect_reason(text: str, window: float) -> str:

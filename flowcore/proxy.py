@@ -370,8 +370,7 @@ def decode_state(data: bytes) -> tuple[dict[str, Any], list[SavedStream]]:
             at += 4 + size
             seq, active_at, subscribers, entries = _STREAM_HEAD.unpack_from(body, at)
             at += _STREAM_HEAD.size
-            if name != protocol.BROADCAST:
-                protocol.check_username(name)
+            protocol.check_stream(name)
             if not epoch or " " in epoch or entries > seq or not math.isfinite(active_at):
                 raise StateError(f"stream {name!r}: bad position")
             history = []

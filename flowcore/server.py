@@ -27,7 +27,7 @@ from . import compat, protocol
 from .engine import server_engine
 from .hub import Hub, Timers
 from .proxy import WarningLimiter
-from .session import CLOSED, JoinRequest, Session
+from .session import CLOSED, SUB_RESUMING, JoinRequest, Session, SubscribeRequest
 from .runtime import spawn
 from .settings import Settings
 from .tokens import TokenVerifier
@@ -113,10 +113,14 @@ class FlowSocket(tornado.websocket.WebSocketHandler):
             session.receive_binary()
             return
         request = session.receive(message)
-        if request is not None:
-            # A task of its own: tornado reads no more frames while on_message awaits, and a
-            # join may wait for the engine or pace a long resume (the client's frames, its
-            # close reply included, must still be read meanwhile).
+        if request is None:
+            return
+        # A task of its own: tornado reads no more frames while on_message awaits, and a
+        # join may wait for the engine or pace a long resume (the client's frames, its
+        # close reply included, must still be read meanwhile).
+        if isinstance(request, SubscribeRequest):
+            self.server.spawn(self.server.subscribe(self, session, request))
+        else:
             self.server.spawn(self.server.authenticate(self, session, request))
 
     def on_ping(self, data: bytes) -> None:
@@ -343,6 +347,43 @@ class Server:
                           protocol.reconnect_reason("history lost during resume", self.hub.reconnect_window(1)))
             return
         session.resumed()
+        # The channels AUTH asked for (and SUBSCRIBEs sent before AUTH OK), in order.
+        for pending in session.take_pending():
+            await self.subscribe(sock, session, pending)
+
+    async def subscribe(self, sock: "FlowSocket", session: Session, request: SubscribeRequest) -> None:
+        """A granted SUBSCRIBE: join the channel's stream, say SUBSCRIBE OK, serve what
+        `since` is owed under back-pressure, then live delivery (PROTOCOL.md section 9)."""
+        sub = request.sub
+        result = await self.hub.subscribe_channel(sub, request.since)
+        if result is None:
+            client_log.warning("%s (%s): the engine is not answering, subscription to %r refused",
+                               session.peer, session.username, sub.name)
+            session.channel_failed(sub, "unavailable", temporary=True)
+            return
+        session.channel_attached(sub, result)
+        after = result.owed_after
+        try:
+            while after is not None:
+                state = sub.state
+                if state is None or sub.stage != SUB_RESUMING:
+                    return  # unsubscribed or closed meanwhile
+                until, epoch = state.seq, state.epoch
+                if until > after:
+                    async for page in self.hub.history_pages(sub.stream, after, until, epoch):
+                        for seq, wire in page:
+                            session.channel_history(sub, seq, wire)
+                        session.flush()
+                        await sock.drained()
+                        if sub.stage != SUB_RESUMING:
+                            return
+                after = session.channel_catch_up(sub)
+        except LookupError:
+            client_log.warning("%s (%s): history of %r went while it was being served", session.peer,
+                               session.username, sub.name)
+            session.drop_channel(sub, "reset", resubscribe=True)
+            return
+        session.channel_resumed(sub)
 
     async def _auth_deadlines(self) -> None:
         """One sweep for every unauthenticated socket, a few times per auth timeout."""

@@ -14,10 +14,10 @@ import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Protocol
 
-from . import protocol
+from . import channels, protocol
 from .engine import Position
 from .settings import Settings
-from .tokens import EXPIRED, TokenError, TokenVerifier
+from .tokens import EXPIRED, TokenError, TokenVerifier, VerifiedToken
 
 if TYPE_CHECKING:
     from .hub import Hub, StreamState
@@ -85,12 +85,81 @@ class JoinResult:
     owed: dict[str, int]
 
 
+# Stages of a channel subscription.
+SUB_JOINING = 0  # granted; the hub is subscribing and checking what `since` owes
+SUB_RESUMING = 1  # SUBSCRIBE OK sent; history being written, live messages held back
+SUB_OPEN = 2
+SUB_GONE = 3  # unsubscribed, refused or closed: nothing more is written for it
+
+
+class ChannelSub:
+    """One socket's subscription to one channel (PROTOCOL.md section 9): its own seq,
+    dedupe, and the hold while its history is served, as the socket has for its streams."""
+
+    __slots__ = ("session", "name", "stream", "stage", "seq", "held", "held_bytes", "held_dropped",
+                 "expires_at", "by_grant", "ref", "state")
+
+    def __init__(self, session: "Session", name: str, expires_at: float | None, by_grant: bool,
+                 ref: str | int | None) -> None:
+        self.session = session
+        self.name = name
+        self.stream = protocol.channel_stream(name)
+        self.stage = SUB_JOINING
+        self.seq = 0
+        self.held: list[tuple[int, bytes]] | None = []
+        self.held_bytes = 0
+        self.held_dropped = False
+        # Monotonic expiry of the subscription token that granted it; None: the
+        # connection's token (its `channels` claim) did, and expires with the socket's.
+        self.expires_at = expires_at
+        self.by_grant = by_grant
+        self.ref = ref
+        self.state: "StreamState | None" = None  # the hub's, once joined
+
+    def deliver(self, seq: int, wire: bytes) -> None:
+        """A live message of the channel (the fan-out's hot path)."""
+        if seq <= self.seq or self.stage == SUB_GONE:
+            return
+        held = self.held
+        if held is not None:
+            held.append((seq, wire))
+            self.held_bytes += len(wire) + HELD_ENTRY_COST
+            if self.held_bytes > self.session.settings.send_backlog:
+                held.clear()  # fetched from history instead (section 4's rule, per channel)
+                self.held_bytes = 0
+                self.held_dropped = True
+            return
+        self.seq = seq
+        self.session._queue(wire)
+
+
+@dataclass(frozen=True, slots=True)
+class SubscribeRequest:
+    """What the server must ask the hub for a granted SUBSCRIBE."""
+
+    sub: ChannelSub
+    since: Position | None
+
+
+@dataclass(slots=True)
+class ChannelJoin:
+    """The hub's answer to a SubscribeRequest."""
+
+    position: Position
+    recovered: bool
+    missed: int
+    owed_after: int | None  # the seq after which history is owed (only when recovered)
+
+
+Request = JoinRequest | SubscribeRequest
+
+
 class Session:
     __slots__ = (
         "transport", "hub", "settings", "verifier", "clock", "peer", "stage", "username",
         "attempts", "auth_deadline", "expires_at", "grace_until", "allowance_at",
         "own", "seq_own", "seq_all", "held", "held_bytes", "held_dropped", "outbox", "outbox_bytes",
-        "ring_group",
+        "ring_group", "revision2", "grants", "channels", "pending", "channel_deadline", "_next_grants",
     )
 
     def __init__(self, transport: Transport, hub: "Hub", settings: Settings, verifier: TokenVerifier,
@@ -126,15 +195,25 @@ class Session:
         self.outbox: list[bytes] | None = None
         self.outbox_bytes = 0
         self.ring_group: int | None = None  # see hub.SocketRing
+        # Revision-2 frames (section 9's) go only to sockets that sent one themselves: a page
+        # written for message_flow never sees them.
+        self.revision2 = False
+        self.grants = channels.Grants.NONE
+        self.channels: dict[str, ChannelSub] = {}
+        # SUBSCRIBEs (AUTH's `subscribe` included) waiting for AUTH OK, in order.
+        self.pending: list[protocol.Subscribe] = []
+        self.channel_deadline: float | None = None  # the earliest subscription token's expiry
+        self._next_grants = channels.Grants.NONE  # what the token _verify accepted grants
 
     # -- what arrives from the client
 
     def opened(self) -> None:
         self._send(protocol.auth_request())
 
-    def receive(self, text: str) -> JoinRequest | None:
+    def receive(self, text: str) -> Request | None:
         """A text frame from the client. Returns a JoinRequest when the hub must attach
-        the socket to its streams (the first valid token)."""
+        the socket to its streams (the first valid token), a SubscribeRequest when it must
+        subscribe the socket to a channel."""
         if self.stage == CLOSED or not self._charge(1):
             return None
         try:
@@ -146,6 +225,10 @@ class Session:
             if not frame.heartbeat:
                 self._send(protocol.pong())
             return None
+        if isinstance(frame, (protocol.Subscribe, protocol.Unsubscribe, protocol.PresenceQuery)):
+            return self._channel_frame(frame)
+        if frame.revision2:
+            self.revision2 = True
         if self.stage == AWAITING:
             return self._authenticate(frame)
         if self.stage == JOINING:
@@ -185,10 +268,12 @@ class Session:
         if self._charge(ERROR_COST - 1):
             self._send(protocol.error(reason))
 
-    def _verify(self, token: str) -> tuple[str, float] | None:
-        """(username, monotonic expiry) of a valid token; None after answering a bad one."""
+    def _verify(self, token: str) -> tuple[VerifiedToken, float] | None:
+        """(the token, its monotonic expiry) of a valid token with valid channel grants;
+        None after answering a bad one."""
         try:
             verified = self.verifier.verify_claims(token)
+            grants = channels.connection_grants(verified)
             if self.stage != AWAITING and verified.expires_at <= self.clock.time():
                 # The verifier's leeway is for clock skew at the first AUTH; a refresh with
                 # a token already past exp would be asked again at once, in a loop.
@@ -206,16 +291,19 @@ class Session:
                 self._send(protocol.auth_request("expired"))
             return None
         remaining = verified.expires_at - self.clock.time()
-        return verified.username, self.clock.monotonic() + remaining
+        self._next_grants = grants
+        return verified, self.clock.monotonic() + remaining
 
     def _authenticate(self, frame: protocol.Authenticate) -> JoinRequest | None:
         verified = self._verify(frame.token)
         if verified is None:
             return None
-        self.username, self.expires_at = verified
+        self.username, self.expires_at = verified[0].username, verified[1]
+        self.grants = self._next_grants
         self.attempts = 0
         self.stage = JOINING
         self.held = []
+        self.pending.extend(frame.subscribe)
         wanted = {k: v for k, v in frame.resume.items() if k == self.username or k == protocol.BROADCAST}
         return JoinRequest(self.username, wanted)
 
@@ -224,7 +312,7 @@ class Session:
         verified = self._verify(frame.token)
         if verified is None:
             return
-        username, expires_at = verified
+        username, expires_at = verified[0].username, verified[1]
         if username != self.username:
             client_log.warning("%s (%s): refresh with a token for %r, closing 4001", self.peer, self.username,
                                username)
@@ -232,12 +320,17 @@ class Session:
             return
         self.attempts = 0
         self.expires_at, self.grace_until = expires_at, None
+        self.grants = self._next_grants
+        # What the old token's `channels` claim granted and the new one does not is revoked.
+        for sub in [s for s in self.channels.values() if s.by_grant and not self.grants.allows(s.name)]:
+            self.drop_channel(sub, "forbidden", resubscribe=False)
         self.hub.reschedule(self)
         own = self.own
         assert own is not None
         self._send(protocol.auth_ok(
             username, own.epoch, self.settings.heartbeat, True, 0, self.hub.positions(own),
             self.expires_in(), refreshed=True,
+            max_channels=self.settings.max_channels if self.revision2 else None,
         ))
         client_log.info("%s (%s): token refreshed", self.peer, username)
 
@@ -258,9 +351,11 @@ class Session:
             return self.auth_deadline
         if self.stage == CLOSED:
             return None
-        if self.grace_until is not None:
-            return self.grace_until
-        return self.expires_at
+        due: float | None = self.grace_until if self.grace_until is not None else self.expires_at
+        channel_due = self.channel_deadline
+        if channel_due is not None and (due is None or channel_due < due):
+            return channel_due
+        return due
 
     def tick(self) -> None:
         """Act on whatever deadline has passed: auth timeout, token expiry, end of grace."""
@@ -272,6 +367,8 @@ class Session:
             return
         if self.stage == CLOSED or self.expires_at is None:
             return
+        if self.channel_deadline is not None and now >= self.channel_deadline:
+            self._expire_channels(now)
         if self.grace_until is not None:
             if now >= self.grace_until:
                 client_log.warning("%s (%s): token expired and no new one within %ss, closing 4003",
@@ -285,6 +382,136 @@ class Session:
                 self._send(protocol.auth_request("expired"))
             if now >= self.grace_until:
                 self.tick()
+
+    # -- channels (PROTOCOL.md section 9)
+
+    def _channel_frame(self, frame: "protocol.Subscribe | protocol.Unsubscribe | protocol.PresenceQuery"
+                       ) -> SubscribeRequest | None:
+        self.revision2 = True
+        if self.stage == AWAITING:
+            self._refuse("authenticate first: channels are for authenticated sockets")
+            return None
+        if isinstance(frame, protocol.Unsubscribe):
+            sub = self.channels.get(frame.channel)
+            if sub is not None:
+                self.drop_channel(sub)
+            self._send(protocol.unsubscribe_ok(frame.channel, frame.ref))
+            return None
+        if isinstance(frame, protocol.PresenceQuery):
+            self._refuse("presence is not available in this version")
+            return None
+        if self.stage == JOINING:
+            self.pending.append(frame)  # answered once AUTH OK is out
+            return None
+        return self.subscribe(frame)
+
+    def subscribe(self, frame: protocol.Subscribe) -> SubscribeRequest | None:
+        """Decide a SUBSCRIBE: a refusal is answered here; a grant becomes a request."""
+        name, ref = frame.channel, frame.ref
+        if self.stage not in (RESUMING, OPEN):
+            return None
+        if name in self.channels:
+            self._subscribe_failed(name, "already_subscribed", False, ref)
+            return None
+        if len(self.channels) >= self.settings.max_channels:
+            self._subscribe_failed(name, "limit", False, ref)
+            return None
+        assert self.username is not None
+        try:
+            exp = channels.authorize(self.grants, self.verifier, self.username, name, frame.token)
+        except channels.SubscribeRefused as exc:
+            self._subscribe_failed(name, exc.reason, exc.temporary, ref, exc.detail)
+            return None
+        expires_at = None if exp is None else self.clock.monotonic() + (exp - self.clock.time())
+        sub = ChannelSub(self, name, expires_at, exp is None, ref)
+        self.channels[name] = sub
+        if expires_at is not None:
+            self._reschedule_channels()
+        return SubscribeRequest(sub, frame.since)
+
+    def take_pending(self) -> list[SubscribeRequest]:
+        """The SUBSCRIBEs that waited for AUTH OK, decided now (refusals answered)."""
+        pending, self.pending = self.pending, []
+        requests = [self.subscribe(frame) for frame in pending]
+        return [r for r in requests if r is not None]
+
+    def _subscribe_failed(self, name: str, reason: str, temporary: bool, ref: str | int | None,
+                          detail: str = "") -> None:
+        client_log.warning("%s (%s): subscription to %r refused: %s%s", self.peer, self.username, name, reason,
+                           f" ({detail})" if detail else "")
+        if self._charge(ERROR_COST - 1):
+            self._send(protocol.subscribe_failed(name, reason, temporary, ref))
+        return None
+
+    def channel_failed(self, sub: ChannelSub, reason: str, temporary: bool) -> None:
+        """The hub could not subscribe (the engine is away): the client may ask again."""
+        if self.channels.get(sub.name) is not sub:
+            return
+        self._forget(sub)
+        self._send(protocol.subscribe_failed(sub.name, reason, temporary, sub.ref))
+
+    def channel_attached(self, sub: ChannelSub, result: ChannelJoin) -> None:
+        """SUBSCRIBE OK; history (if owed) follows, then live messages."""
+        if sub.stage != SUB_JOINING or self.channels.get(sub.name) is not sub or self.stage == CLOSED:
+            return
+        seq, epoch = result.position
+        sub.seq = result.owed_after if result.owed_after is not None else seq
+        if sub.held:
+            sub.held = [(s, w) for s, w in sub.held if s > seq]
+            sub.held_bytes = sum(len(w) + HELD_ENTRY_COST for _, w in sub.held)
+        sub.stage = SUB_RESUMING
+        self._send(protocol.subscribe_ok(sub.name, seq, epoch, result.recovered, result.missed, sub.ref))
+        client_log.info("%s (%s): subscribed to %r (recovered=%s, missed=%d)", self.peer, self.username,
+                        sub.name, result.recovered, result.missed)
+
+    def channel_history(self, sub: ChannelSub, seq: int, wire: bytes) -> None:
+        if sub.stage != SUB_RESUMING or seq <= sub.seq:
+            return
+        sub.seq = seq
+        self._queue(wire)
+
+    def channel_catch_up(self, sub: ChannelSub) -> int | None:
+        """:meth:`catch_up` for a channel: the seq after which history must fill in."""
+        if not sub.held_dropped or sub.stage != SUB_RESUMING:
+            return None
+        sub.held_dropped = False
+        return sub.seq
+
+    def channel_resumed(self, sub: ChannelSub) -> None:
+        if sub.stage != SUB_RESUMING:
+            return
+        sub.stage = SUB_OPEN
+        held, sub.held, sub.held_bytes = sub.held or [], None, 0
+        for seq, wire in held:
+            sub.deliver(seq, wire)
+
+    def drop_channel(self, sub: ChannelSub, reason: str | None = None, resubscribe: bool = False) -> None:
+        """End a subscription: asked by the client (no frame), or by the server
+        (``reason``: UNSUBSCRIBED, e.g. a revoked grant or a channel reset)."""
+        if self.channels.get(sub.name) is not sub:
+            return
+        self._forget(sub)
+        if reason is not None and self.stage != CLOSED:
+            self._send(protocol.unsubscribed(sub.name, reason, resubscribe))
+            client_log.info("%s (%s): unsubscribed from %r: %s", self.peer, self.username, sub.name, reason)
+
+    def _forget(self, sub: ChannelSub) -> None:
+        del self.channels[sub.name]
+        sub.stage = SUB_GONE
+        sub.held = None
+        self.hub.leave_channel(sub)
+        if sub.expires_at is not None:
+            self._reschedule_channels()
+
+    def _reschedule_channels(self) -> None:
+        expiries = [s.expires_at for s in self.channels.values() if s.expires_at is not None]
+        self.channel_deadline = min(expiries) if expiries else None
+        self.hub.reschedule(self)
+
+    def _expire_channels(self, now: float) -> None:
+        for sub in [s for s in self.channels.values() if s.expires_at is not None and s.expires_at <= now]:
+            # The page fetches a new subscription token and subscribes again with `since`.
+            self.drop_channel(sub, "token_expired", resubscribe=True)
 
     # -- what the hub delivers
 
@@ -307,6 +534,7 @@ class Session:
         self._send(protocol.auth_ok(
             username, result.positions[username][1], self.settings.heartbeat, result.recovered,
             result.missed, result.positions, self.expires_in(),
+            max_channels=self.settings.max_channels if self.revision2 else None,
         ))
         client_log.info("%s authenticated as %r (recovered=%s, missed=%d)", self.peer, username,
                         result.recovered, result.missed)
@@ -417,9 +645,18 @@ class Session:
         self.stage = CLOSED
         self.held = None
         self.transport.close(code, reason)
+        self._end_channels()
 
     def closed(self) -> None:
         """The connection is gone (either side closed it)."""
         self.stage = CLOSED
         self.held = None
         self.outbox = None
+        self._end_channels()
+
+    def _end_channels(self) -> None:
+        channels_, self.channels = self.channels, {}
+        for sub in channels_.values():
+            sub.stage = SUB_GONE
+            sub.held = None
+            self.hub.leave_channel(sub)

@@ -96,6 +96,8 @@ class Settings:
     allowed_origins: tuple[str, ...] = ()
     # Seconds a socket keeps receiving after its token's exp while it fetches a new one.
     expire_grace: float = 25.0
+    # Channels one socket may be subscribed to at once (PROTOCOL section 9).
+    max_channels: int = 128
 
     # How messages travel between publishers and the WebSocket pool (PROTOCOL section 11).
     engine: str = "zmq"
@@ -470,6 +472,7 @@ _PARSERS: dict[str, Callable[[str], Any]] = {
     "history_ttl": _float(0),
     "allowed_origins": _csv,
     "expire_grace": _float(0),
+    "max_channels": _int(0),
     "engine": _engine,
     "publish_endpoint": _endpoint,
     "fanout_endpoint": _endpoint,

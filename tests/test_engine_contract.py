@@ -527,3 +527,30 @@ def test_live_and_close(infra, caplog):
     with caplog.at_level(logging.WARNING):
         run(test)
     assert [r for r in caplog.records if r.levelno >= logging.ERROR or r.exc_info] == []
+
+
+def test_channels_are_streams_of_their_own_routed_numbered_and_kept(infra, publisher):
+    """A channel (PROTOCOL.md section 9) is a stream like any other: exact routing (never
+    the user of the same name), its own seq and epoch, history."""
+    channel = protocol.channel_stream("doc:42")
+
+    async def test() -> None:
+        async with started(infra.settings, channel, "doc:42") as (engine, sink):
+            for i in range(3):
+                publisher.publish("doc:42", "EDIT", {"i": i})
+            publisher.push("doc:42", "FOR THE USER", 1)
+            publisher.publish("doc:4", "OTHER", 1)
+            await until(lambda: len(sink.messages(channel)) == 3 and sink.messages("doc:42"),
+                        message="the channel's three messages and the user's one")
+            messages = sink.messages(channel)
+            assert_contiguous(messages, sink.position(channel)[0])
+            assert [browser_json(m[4]) for m in messages] == [
+                {"id": "EDIT", "channel": "doc:42", "data": {"i": i}, "seq": m[2], "epoch": m[3]}
+                for i, m in zip(range(3), messages)]
+            assert browser_json(sink.messages("doc:42")[0][4])["username"] == "doc:42"
+            seq, epoch = messages[-1][2], messages[-1][3]
+            answer = await engine.history({channel: (seq - 2, epoch)}, 1 << 20)
+            assert answer is not None
+            assert [s for s, _ in answer[channel].messages or []] == [seq - 1, seq]
+
+    run(test)

@@ -77,11 +77,11 @@ class TestParseClientFrame:
 
     def test_auth_without_resume(self):
         frame = parse_client_frame(json.dumps({"id": "AUTH", "token": TOKEN}))
-        assert frame == Authenticate(TOKEN, {})
+        assert frame == Authenticate(TOKEN, {}, revision2=True)
 
     def test_auth_with_null_resume(self):
         frame = parse_client_frame(json.dumps({"id": "AUTH", "token": TOKEN, "resume": None}))
-        assert frame == Authenticate(TOKEN, {})
+        assert frame == Authenticate(TOKEN, {}, revision2=True)
 
     def test_auth_with_resume(self):
         text = json.dumps(
@@ -99,7 +99,7 @@ class TestParseClientFrame:
 
     def test_auth_with_empty_resume(self):
         frame = parse_client_frame('{"id":"AUTH","token":"t.t.t","resume":{}}')
-        assert frame == Authenticate("t.t.t", {})
+        assert frame == Authenticate("t.t.t", {}, revision2=True)
 
     @pytest.mark.parametrize(
         "resume",
@@ -195,7 +195,7 @@ class TestParseClientFrame:
 
     def test_duplicate_keys_the_last_wins(self):
         assert parse_client_frame('{"id":"AUTH","token":"x.y.z","id":"PING"}') == Ping(heartbeat=False)
-        assert parse_client_frame('{"id":"AUTH","token":5,"token":"x.y.z"}') == Authenticate("x.y.z")
+        assert parse_client_frame('{"id":"AUTH","token":5,"token":"x.y.z"}') == Authenticate("x.y.z", revision2=True)
 
     def test_resume_seq_beyond_64_bits_is_refused(self):
         text = '{"id":"AUTH","token":"a.b.c","resume":{"a":{"seq":18446744073709551616,"epoch":"e"}}}'

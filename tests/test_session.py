@@ -350,3 +350,169 @@ def test_a_refresh_with_a_token_already_past_exp_is_refused_even_within_the_leew
     # leeway) would ask again at once, in a loop that ends in 4029.
     rig.session.receive(issue_token(env, "alice", ttl=-2))
     assert rig.transport.take()[0] == {"id": "AUTH FAILED", "reason": "expired"}
+
+
+# ---------------------------------------------------------------- channels (section 9)
+
+
+class ChannelHub(FakeHub):
+    """FakeHub plus what a session asks of the hub for channels."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.left: list[str] = []
+
+    def leave_channel(self, sub: Any) -> None:
+        self.left.append(sub.name)
+
+
+def channel_rig(env, **claims: Any) -> Rig:
+    rig = Rig(env)
+    rig.hub = rig.session.hub = ChannelHub()
+    frame = {"id": "AUTH", "token": issue_token(env, "alice", ttl=60, extra=claims)}
+    request = rig.session.receive(json.dumps(frame))
+    assert isinstance(request, JoinRequest)
+    rig.session.attached(JoinResult(Stream("alice"), {"alice": (0, "e1"), "*": (0, "eb")}, False, 0, {}))
+    rig.session.resumed()
+    rig.transport.take()
+    return rig
+
+
+def subscribe(rig: Rig, channel: str, **fields: Any):
+    return rig.session.receive(json.dumps({"id": "SUBSCRIBE", "channel": channel, **fields}))
+
+
+def channel_wire(channel: str, seq: int, data: Any = None, epoch: str = "c1") -> bytes:
+    body = {"id": "M", "channel": channel, "data": data, "seq": seq, "epoch": epoch}
+    return protocol.encode_text_frame(json.dumps(body).encode())
+
+
+def test_a_granted_subscribe_is_a_request_and_its_answer_comes_first(env):
+    from flowcore.session import ChannelJoin, SubscribeRequest
+
+    rig = channel_rig(env, channels=["doc:*"])
+    request = subscribe(rig, "doc:1", ref=3, since={"seq": 2, "epoch": "c1"})
+    assert isinstance(request, SubscribeRequest) and request.since == (2, "c1")
+    sub = request.sub
+    sub.deliver(4, channel_wire("doc:1", 4, "held"))  # live, while the subscription is joining
+    rig.session.channel_attached(sub, ChannelJoin((3, "c1"), True, 1, 2))
+    rig.session.channel_history(sub, 3, channel_wire("doc:1", 3, "history"))
+    rig.session.channel_resumed(sub)
+    sub.deliver(4, channel_wire("doc:1", 4, "copy"))  # already delivered from the hold
+    sub.deliver(5, channel_wire("doc:1", 5, "live"))
+    rig.hub.flush()
+    frames = rig.transport.take()
+    assert frames[0] == {"id": "SUBSCRIBE OK", "channel": "doc:1", "seq": 3, "epoch": "c1", "recovered": True,
+                         "missed": 1, "ref": 3}
+    assert [f["data"] for f in frames[1:]] == ["history", "held", "live"]
+
+
+@pytest.mark.parametrize("claims, frame, reason, temporary", [
+    ({"channels": ["doc:*"]}, {"channel": "team:1"}, "forbidden", False),
+    ({"channels": ["doc:*"]}, {"channel": "doc"}, "forbidden", False),
+    ({}, {"channel": "doc:1"}, "forbidden", False),
+    ({"channels": ["doc:*"]}, {"channel": "doc:*"}, "invalid_channel", False),
+    ({"channels": ["doc:*"]}, {"channel": "doc:1", "token": "not.a.jwt"}, "token_invalid", False),
+])
+def test_refusals_are_answered_with_their_reason_and_ref(env, claims, frame, reason, temporary):
+    rig = channel_rig(env, **claims)
+    assert subscribe(rig, ref="r", **frame) is None
+    assert rig.transport.take() == [{"id": "SUBSCRIBE FAILED", "channel": frame["channel"], "reason": reason,
+                                     "temporary": temporary, "ref": "r"}]
+    assert rig.session.channels == {}
+
+
+def test_a_subscription_token_grants_one_channel_until_its_expiry(env):
+    from flowcore.channels import issue_subscription_token
+
+    rig = channel_rig(env)
+    request = subscribe(rig, "doc:9", token=issue_subscription_token(env, "alice", "doc:9", ttl=30))
+    assert request is not None and request.sub.expires_at is not None
+    assert rig.session.deadline() == pytest.approx(rig.clock.monotonic() + 30, abs=2)
+    expired = issue_subscription_token(env, "alice", "doc:8", ttl=-60)
+    assert subscribe(rig, "doc:8", token=expired) is None
+    assert rig.transport.take()[-1]["reason"] == "token_expired"
+    rig.clock.advance(31)
+    rig.session.tick()
+    assert rig.transport.take() == [{"id": "UNSUBSCRIBED", "channel": "doc:9", "reason": "token_expired",
+                                     "resubscribe": True}]
+    assert rig.session.channels == {} and rig.hub.left == ["doc:9"]
+    assert rig.session.stage == OPEN  # the socket goes on
+
+
+def test_already_subscribed_and_the_limit(env):
+    import dataclasses
+
+    env = dataclasses.replace(env, max_channels=3)
+    rig = channel_rig(env, channels=["doc:*"])
+    for i in range(env.max_channels):
+        assert subscribe(rig, f"doc:{i}") is not None
+    assert subscribe(rig, "doc:0") is None
+    assert rig.transport.take()[-1]["reason"] == "already_subscribed"
+    assert subscribe(rig, "doc:x") is None
+    assert rig.transport.take()[-1]["reason"] == "limit"
+
+
+def test_unsubscribe_ok_and_nothing_of_the_channel_after_it(env):
+    from flowcore.session import ChannelJoin
+
+    rig = channel_rig(env, channels=["doc:1"])
+    sub = subscribe(rig, "doc:1").sub
+    rig.session.channel_attached(sub, ChannelJoin((0, "c1"), False, 0, None))
+    rig.session.channel_resumed(sub)
+    rig.transport.take()
+    rig.session.receive(json.dumps({"id": "UNSUBSCRIBE", "channel": "doc:1", "ref": 1}))
+    sub.deliver(1, channel_wire("doc:1", 1))
+    rig.hub.flush()
+    assert rig.transport.take() == [{"id": "UNSUBSCRIBE OK", "channel": "doc:1", "ref": 1}]
+    assert rig.hub.left == ["doc:1"]
+    # Unsubscribing from a channel it does not have is answered too.
+    rig.session.receive(json.dumps({"id": "UNSUBSCRIBE", "channel": "doc:2"}))
+    assert rig.transport.take() == [{"id": "UNSUBSCRIBE OK", "channel": "doc:2"}]
+
+
+def test_subscribes_in_auth_or_before_auth_ok_wait_for_it(env):
+    rig = Rig(env)
+    rig.hub = rig.session.hub = ChannelHub()
+    rig.transport.take()
+    frame = {"id": "AUTH", "token": issue_token(env, "alice", ttl=60, extra={"channels": ["doc:*"]}),
+             "subscribe": {"doc:1": {"since": {"seq": 4, "epoch": "c1"}}, "team:1": {}}}
+    assert isinstance(rig.session.receive(json.dumps(frame)), JoinRequest)
+    assert subscribe(rig, "doc:2") is None  # joining: kept for after AUTH OK
+    rig.session.attached(JoinResult(Stream("alice"), {"alice": (0, "e1"), "*": (0, "eb")}, False, 0, {}))
+    rig.session.resumed()
+    requests = rig.session.take_pending()
+    assert [(r.sub.name, r.since) for r in requests] == [("doc:1", (4, "c1")), ("doc:2", None)]
+    frames = rig.transport.take()
+    assert frames[0]["id"] == "AUTH OK" and frames[0]["max_channels"] == env.max_channels
+    assert frames[1:] == [{"id": "SUBSCRIBE FAILED", "channel": "team:1", "reason": "forbidden",
+                           "temporary": False}]
+
+
+def test_a_refreshed_token_without_the_grant_revokes_the_channel(env):
+    rig = channel_rig(env, channels=["doc:*", "team:1"])
+    for channel in ("doc:1", "team:1"):
+        assert subscribe(rig, channel) is not None
+    rig.transport.take()
+    rig.session.receive(json.dumps({"id": "AUTH", "token": issue_token(env, "alice", ttl=60,
+                                                                       extra={"channels": ["doc:*"]})}))
+    frames = rig.transport.take()
+    assert {"id": "UNSUBSCRIBED", "channel": "team:1", "reason": "forbidden", "resubscribe": False} in frames
+    assert set(rig.session.channels) == {"doc:1"}
+
+
+def test_a_malformed_channels_claim_fails_the_whole_auth(env):
+    rig = Rig(env)
+    rig.transport.take()
+    frame = {"id": "AUTH", "token": issue_token(env, "alice", ttl=60, extra={"channels": "doc:1"})}
+    assert rig.session.receive(json.dumps(frame)) is None
+    assert rig.transport.take()[0] == {"id": "AUTH FAILED", "reason": "malformed"}
+
+
+def test_closing_ends_every_subscription(env):
+    rig = channel_rig(env, channels=["doc:*"])
+    subs = [subscribe(rig, f"doc:{i}").sub for i in range(2)]
+    rig.session.closed()
+    assert sorted(rig.hub.left) == ["doc:0", "doc:1"] and rig.session.channels == {}
+    subs[0].deliver(1, channel_wire("doc:0", 1))
+    assert rig.transport.take() == []

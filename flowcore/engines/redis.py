@@ -329,12 +329,21 @@ def stream_key(stream: str) -> bytes:
     """How a stream is named in Redis keys and channels: ``u:<username>``, ``*`` for
     broadcasts; other kinds of stream (channels) get other prefixes, so no name can take
     another kind's keys."""
-    return b"*" if stream == protocol.BROADCAST else b"u:" + stream.encode("utf-8")
+    if stream == protocol.BROADCAST:
+        return b"*"
+    if protocol.is_channel_stream(stream):
+        return b"ch:" + stream[1:].encode("ascii")
+    return b"u:" + stream.encode("utf-8")
 
 
 def frame_parts(frame: bytes) -> tuple[bytes, bytes]:
     """A push frame (``protocol.encode_push``, made by this process and so trusted) as
     (stream key, head): the browser frame up to and including its data, without seq and epoch."""
+    if frame[3:4] == b"\0":  # a channel: its name is ASCII without quotes (protocol.check_channel)
+        end = frame.index(b"\0", 4)
+        name = frame[4:end]
+        id_json, _, data_json = frame[end + 1 :].partition(b"\n")
+        return b"ch:" + name, b'{"id":' + id_json + b',"channel":"' + name + b'","data":' + data_json
     end = frame.index(b"\0", 3)
     stream = frame[3:end]
     id_json, _, data_json = frame[end + 1 :].partition(b"\n")

@@ -21,6 +21,19 @@
  * Options: tokenUrl, getToken() -> Promise<string> (replaces the GET of tokenUrl),
  * WebSocket (constructor; default the global one), onmessage(message), onresync(authOk),
  * onstate(state), autoConnect (default true), random() -> [0, 1) (default Math.random).
+ *
+ * Channels (PROTOCOL.md section 9): socket.subscribe(channel, options) returns a handle with
+ * unsubscribe(), on(id, handler), state, position ({seq, epoch}), positions ({channel:
+ * position}), presence ({count, users, version}) and error. Options: token (a string, or a
+ * function(channel, handle) returning a string or a Promise of one, called again for every
+ * (re)subscribe; none when the connection token's `channels` claim grants it), since
+ * ({seq, epoch} the page already has), onMessage(message, handle), onresync(subscribeOk,
+ * handle) (history of the channel could not be replayed: reload it), presence (bool;
+ * default: true when onPresence is given), onPresence(state, handle), onSubscribed(ok,
+ * handle), onError(frame, handle) (a permanent SUBSCRIBE FAILED, or UNSUBSCRIBED without
+ * resubscribe; default: a console warning). Subscriptions outlive the socket: a reconnect
+ * restores all of them inside its AUTH, each resumed from its position. A page that never
+ * calls subscribe() sends exactly the frames it sent before channels existed.
  */
 (function (root, factory) {
   var api = factory(root);
@@ -47,6 +60,17 @@
   var REFRESH_MARGIN_S = 30;
   var REFRESH_FRACTION = 0.8;
   var MAX_TIMER_MS = 2147483647; // setTimeout fires at once above this
+  // Section 9: what a channel name may be, and the frames about a channel that carry no seq.
+  var CHANNEL_NAME = /^[A-Za-z0-9_\-=@.]+(:[A-Za-z0-9_\-=@.]+)*$/;
+  var CHANNEL_NAME_MAX = 255; // bytes; the pattern admits ASCII only, so characters too
+  var CHANNEL_FRAMES = {
+    "SUBSCRIBE OK": 1, "SUBSCRIBE FAILED": 1, "UNSUBSCRIBE OK": 1, UNSUBSCRIBED: 1,
+    PRESENCE: 1, JOIN: 1, LEAVE: 1,
+  };
+  // How long an AUTH waits for the subscription tokens it carries: the server's auth
+  // timeout (default 10 s) must not pass because one token source hangs. A late one is
+  // subscribed with SUBSCRIBE after AUTH OK instead.
+  var SUBSCRIPTION_TOKEN_WAIT_MS = 5000;
 
   function warn(text) {
     if (root.console) root.console.warn("flow: " + text);
@@ -58,6 +82,24 @@
 
   function isObject(value) {
     return value !== null && typeof value === "object";
+  }
+
+  function hasOwn(object, key) {
+    return Object.prototype.hasOwnProperty.call(object, key);
+  }
+
+  /* object[key] = value, also for a key such as "__proto__" (channel and user names may be one). */
+  function setOwn(object, key, value) {
+    Object.defineProperty(object, key, { value: value, enumerable: true, writable: true, configurable: true });
+  }
+
+  function callSafely(fn, self, args) {
+    if (typeof fn !== "function") return;
+    try {
+      fn.apply(self, args);
+    } catch (err) {
+      report(err);
+    }
   }
 
   function resolveUrl(url) {
@@ -94,7 +136,7 @@
       throw new Error("flow: no WebSocket implementation here; pass options.WebSocket");
     }
     this._random = options.random || Math.random;
-    this._handlers = {};
+    this._handlers = Object.create(null); // message ids are the application's: any string
     this._stateHandlers = [];
     this._authCount = 0; // AUTH OKs that (re)started delivery, refreshes not counted
     this._attempt = 0;
@@ -105,6 +147,12 @@
     this._livenessTimer = null;
     this._keepaliveTimer = null;
     this._refreshTimer = null;
+    this.maxChannels = null; // FLOW_MAX_CHANNELS, from AUTH OK's max_channels
+    this._channels = Object.create(null); // channel -> its live Subscription
+    this._requests = Object.create(null); // ref -> {kind, sub}: answers owed on this socket
+    this._lastRef = 0;
+    this._revision2 = false; // set by the first subscribe(): only then channel frames
+    this._unsubscribeAfterAuth = []; // {ws, sub} unsubscribed while their AUTH was in flight
     if (options.onstate) this.onState(options.onstate);
     if (options.autoConnect !== false) this.connect();
   }
@@ -167,6 +215,7 @@
     this._clearTimers();
     var ws = this._ws;
     this._ws = null;
+    this._socketGone();
     if (ws) ws.close(1000, "client closed");
     this._setState("closed");
   };
@@ -197,10 +246,21 @@
       return;
     }
     if (!isObject(data)) return;
+    // Section 9's frames about a channel (SUBSCRIBE OK carries a seq too, JOIN a username).
+    // Before subscribe() the server sends none, so a frame that looks like one stays the
+    // page's, as before channels existed; a user's message with such an id (it has a seq
+    // and no channel) stays a message.
+    if (this._revision2 && hasOwn(CHANNEL_FRAMES, data.id) &&
+        (typeof data.channel === "string" || typeof data.seq !== "number")) {
+      this._onChannelFrame(data);
+      return;
+    }
     // Message ids belong to the application: one that looks like a control frame's is
     // still a pushed message (only pushed messages carry seq), never a command to us.
     if (typeof data.seq === "number") {
-      this._accept(data);
+      // A channel's message goes to its subscription only, a user's or "*"'s never there.
+      if (typeof data.channel === "string") this._acceptChannel(data);
+      else this._accept(data);
       return;
     }
     switch (data.id) {
@@ -213,6 +273,7 @@
       case "AUTH FAILED":
         // The next AUTH REQUEST fetches a new token.
         warn("authentication failed: " + data.reason);
+        if (this._revision2 && this.state !== "authenticated") this._authRefused();
         return;
       case "PONG":
         return;
@@ -248,17 +309,32 @@
     // AUTH REQUEST can coincide, and one token answers both.
     if (!ws || this._tokenFor === ws) return;
     this._tokenFor = ws;
+    // An AUTH that opens delivery restores every subscription (section 9, "subscribe"
+    // inside AUTH): their tokens are fetched alongside the socket's own.
+    var subs = this.state !== "authenticated" ? this._liveSubscriptions() : [];
+    var gathering = subs.length > 0 ? this._gatherSubscriptionTokens(subs) : null;
     this._fetchToken()
       .then(function (token) {
         if (typeof token !== "string" || !token.trim()) throw new Error("token: empty");
         return token.trim();
       })
       .then(function (token) {
+        if (!gathering) return [token, null];
+        return gathering.then(function (entries) {
+          return [token, entries];
+        });
+      })
+      .then(function (got) {
+        var token = got[0];
         if (self._tokenFor === ws) self._tokenFor = null;
         if (ws !== self._ws) return;
         var frame = { id: "AUTH", token: token };
         if (self.state !== "authenticated" && Object.keys(self.positions).length > 0) {
           frame.resume = self._resumePositions();
+        }
+        if (self.state !== "authenticated" && got[1]) {
+          var subscribe = self._authSubscribe(got[1], ws);
+          if (subscribe) frame.subscribe = subscribe;
         }
         self._send(JSON.stringify(frame));
       }, function (err) {
@@ -319,6 +395,8 @@
         report(err);
       }
     }
+    if (typeof data.max_channels === "number") this.maxChannels = data.max_channels;
+    if (this._revision2) this._afterAuthOk();
   };
 
   FlowSocket.prototype._scheduleRefresh = function (expiresIn) {
@@ -369,6 +447,7 @@
     if (!ws || ws !== this._ws) return;
     this._ws = null;
     this._clearTimers();
+    this._socketGone();
     this._setState("closed");
     if (this._stopped) return;
     if (SERVER_STATE_CLOSES[code]) {
@@ -420,6 +499,481 @@
     clearInterval(this._keepaliveTimer);
     clearTimeout(this._refreshTimer);
     this._livenessTimer = this._keepaliveTimer = this._refreshTimer = null;
+  };
+
+  // ---- Channels and presence (PROTOCOL.md section 9)
+
+  /*
+   * Receive a channel. Throws on a name section 9 does not allow, or on a channel this
+   * socket already has a live handle for (one handle per channel: unsubscribe it first).
+   */
+  FlowSocket.prototype.subscribe = function (channel, options) {
+    if (typeof channel !== "string" || channel.length > CHANNEL_NAME_MAX || !CHANNEL_NAME.test(channel)) {
+      throw new Error("flow: not a channel name: " + JSON.stringify(channel));
+    }
+    if (this._channels[channel]) {
+      throw new Error("flow: already subscribed to " + channel + "; unsubscribe() that handle first");
+    }
+    var sub = new Subscription(this, channel, options || {});
+    this._channels[channel] = sub;
+    this._revision2 = true;
+    // Not authenticated yet: the coming AUTH carries it, or AUTH OK sends its SUBSCRIBE.
+    if (this.state === "authenticated") this._subscribeNow(sub);
+    return sub;
+  };
+
+  FlowSocket.prototype._liveSubscriptions = function () {
+    var subs = [];
+    for (var channel in this._channels) subs.push(this._channels[channel]);
+    return subs;
+  };
+
+  FlowSocket.prototype._ref = function () {
+    this._lastRef += 1;
+    return this._lastRef;
+  };
+
+  /* The subscription's token: a string, or none (null) when the option gives none. */
+  FlowSocket.prototype._subscriptionToken = function (sub) {
+    var source = sub._token;
+    return Promise.resolve()
+      .then(function () {
+        return typeof source === "function" ? source(sub.channel, sub) : source;
+      })
+      .then(function (token) {
+        if (token === undefined || token === null) return null;
+        if (typeof token !== "string" || !token.trim()) throw new Error("empty");
+        return token.trim();
+      });
+  };
+
+  /*
+   * Tokens for the subscriptions an AUTH restores: [{sub, token}], one per sub, or a hole
+   * where the token could not be had in time (that one is subscribed after AUTH OK).
+   */
+  FlowSocket.prototype._gatherSubscriptionTokens = function (subs) {
+    var self = this;
+    return new Promise(function (resolve) {
+      var results = new Array(subs.length);
+      var left = subs.length;
+      var done = false;
+      var timer = setTimeout(finish, SUBSCRIPTION_TOKEN_WAIT_MS);
+      function finish() {
+        if (done) return;
+        done = true;
+        clearTimeout(timer);
+        resolve(results.slice());
+      }
+      subs.forEach(function (sub, i) {
+        self._subscriptionToken(sub)
+          .then(function (token) {
+            results[i] = { sub: sub, token: token };
+          }, function (err) {
+            warn("subscription token for " + sub.channel + ": " + (err && err.message ? err.message : String(err)));
+          })
+          .then(function () {
+            left -= 1;
+            if (left === 0) finish();
+          });
+      });
+    });
+  };
+
+  /* AUTH's "subscribe" map for the gathered subscriptions still live, or null for none. */
+  FlowSocket.prototype._authSubscribe = function (entries, ws) {
+    var map = null;
+    for (var i = 0; i < entries.length; i++) {
+      var entry = entries[i];
+      if (!entry || this._channels[entry.sub.channel] !== entry.sub) continue;
+      var sub = entry.sub;
+      var item = {};
+      if (sub.position) item.since = { seq: sub.position.seq, epoch: sub.position.epoch };
+      if (entry.token !== null) item.token = entry.token;
+      map = map || {};
+      setOwn(map, sub.channel, item);
+      sub._ws = ws;
+      sub._awaiting = { request: null, since: item.since || null };
+    }
+    return map;
+  };
+
+  /* AUTH FAILED before AUTH OK: the server subscribed nothing of that AUTH's map. */
+  FlowSocket.prototype._authRefused = function () {
+    var ws = this._ws;
+    this._unsubscribeAfterAuth = [];
+    var subs = this._liveSubscriptions();
+    for (var i = 0; i < subs.length; i++) {
+      // The next AUTH carries them again, with fresh tokens.
+      if (subs[i]._ws === ws && subs[i]._awaiting && subs[i]._awaiting.request === null) {
+        subs[i]._ws = null;
+        subs[i]._awaiting = null;
+      }
+    }
+  };
+
+  /* After an AUTH OK that (re)started delivery: subscribe what its AUTH did not carry. */
+  FlowSocket.prototype._afterAuthOk = function () {
+    var ws = this._ws;
+    // Unsubscribes first: the server then takes a new SUBSCRIBE of the same channel after them.
+    var later = this._unsubscribeAfterAuth;
+    this._unsubscribeAfterAuth = [];
+    for (var i = 0; i < later.length; i++) {
+      if (later[i].ws === ws) this._sendUnsubscribe(later[i].sub);
+    }
+    var subs = this._liveSubscriptions();
+    for (var j = 0; j < subs.length; j++) {
+      if (subs[j]._ws !== ws) this._subscribeNow(subs[j]);
+    }
+  };
+
+  /* Fetch the subscription's token and send its SUBSCRIBE on the current socket. */
+  FlowSocket.prototype._subscribeNow = function (sub) {
+    var self = this;
+    var ws = this._ws;
+    clearTimeout(sub._retryTimer);
+    sub._retryTimer = null;
+    sub._ws = ws;
+    sub._awaiting = null;
+    var generation = ++sub._generation;
+    this._subscriptionToken(sub)
+      .then(function (token) {
+        if (sub._generation !== generation || ws !== self._ws || self.state !== "authenticated") return;
+        var ref = self._ref();
+        var request = { kind: "subscribe", sub: sub };
+        var frame = { id: "SUBSCRIBE", channel: sub.channel };
+        if (sub.position) frame.since = { seq: sub.position.seq, epoch: sub.position.epoch };
+        if (token !== null) frame.token = token;
+        if (sub._presenceFlag !== undefined) frame.presence = sub._presenceFlag;
+        frame.ref = ref;
+        self._requests[ref] = request;
+        sub._awaiting = { request: request, since: frame.since || null };
+        if (sub._presenceFlag) sub._awaitPresence();
+        self._send(JSON.stringify(frame));
+      }, function (err) {
+        if (sub._generation !== generation || ws !== self._ws) return;
+        warn("subscription token for " + sub.channel + ": " + (err && err.message ? err.message : String(err)));
+        sub._ws = null;
+        self._retrySubscribe(sub);
+      })
+      .catch(report);
+  };
+
+  /* Subscribe again after exponential backoff with full jitter (capped, as reconnects). */
+  FlowSocket.prototype._retrySubscribe = function (sub) {
+    var self = this;
+    var bound = Math.min(BACKOFF_CAP_MS, BACKOFF_BASE_MS * Math.pow(2, sub._attempt));
+    sub._attempt += 1;
+    clearTimeout(sub._retryTimer);
+    sub._retryTimer = setTimeout(function () {
+      sub._retryTimer = null;
+      // Disconnected meanwhile: the next AUTH restores it.
+      if (self._channels[sub.channel] === sub && self.state === "authenticated" && sub._ws !== self._ws) {
+        self._subscribeNow(sub);
+      }
+    }, this._random() * bound);
+  };
+
+  FlowSocket.prototype._unsubscribe = function (sub) {
+    if (this._channels[sub.channel] !== sub) return;
+    delete this._channels[sub.channel];
+    clearTimeout(sub._retryTimer);
+    sub._retryTimer = null;
+    sub._generation += 1; // a token fetch under way sends nothing
+    var ws = this._ws;
+    // The server has it, or will have it once it reads what was sent.
+    var serverHasIt = ws && sub._ws === ws && (sub.state === "subscribed" || sub._awaiting);
+    sub.state = "unsubscribed";
+    sub._awaiting = null;
+    sub._ws = null;
+    if (!serverHasIt) return;
+    if (this.state === "authenticated") this._sendUnsubscribe(sub);
+    else this._unsubscribeAfterAuth.push({ ws: ws, sub: sub }); // carried by the AUTH in flight
+  };
+
+  FlowSocket.prototype._sendUnsubscribe = function (sub) {
+    var ref = this._ref();
+    this._requests[ref] = { kind: "unsubscribe", sub: sub };
+    this._send(JSON.stringify({ id: "UNSUBSCRIBE", channel: sub.channel, ref: ref }));
+  };
+
+  FlowSocket.prototype._requestPresence = function (sub) {
+    var ref = this._ref();
+    this._requests[ref] = { kind: "presence", sub: sub };
+    sub._awaitPresence();
+    this._send(JSON.stringify({ id: "PRESENCE", channel: sub.channel, ref: ref }));
+  };
+
+  /* The socket closed: what was asked on it will not be answered; AUTH restores the rest. */
+  FlowSocket.prototype._socketGone = function () {
+    this._requests = Object.create(null);
+    this._unsubscribeAfterAuth = [];
+    for (var channel in this._channels) {
+      var sub = this._channels[channel];
+      clearTimeout(sub._retryTimer);
+      sub._retryTimer = null;
+      sub._generation += 1;
+      sub._ws = null;
+      sub._awaiting = null;
+      sub.state = "subscribing";
+    }
+  };
+
+  /*
+   * The live subscription an answer is for, or null: an answer with a ref must match a
+   * request of ours still owed (any other ref is ignored); one without answers the
+   * "subscribe" map of AUTH.
+   */
+  FlowSocket.prototype._answered = function (data, kind) {
+    var sub;
+    if (data.ref !== undefined && data.ref !== null) {
+      var request = this._requests[data.ref];
+      if (!request || request.kind !== kind) return null;
+      if (data.channel !== undefined && data.channel !== request.sub.channel) return null;
+      delete this._requests[data.ref];
+      sub = request.sub;
+      if (this._channels[sub.channel] !== sub) return null; // given up since (unsubscribed)
+      if (kind === "subscribe" && !(sub._awaiting && sub._awaiting.request === request)) return null;
+      return sub;
+    }
+    if (typeof data.channel !== "string") return null;
+    sub = this._channels[data.channel];
+    if (kind === "subscribe") {
+      return sub && sub._awaiting && sub._awaiting.request === null && sub._ws === this._ws ? sub : null;
+    }
+    return sub || null;
+  };
+
+  FlowSocket.prototype._onChannelFrame = function (data) {
+    var sub;
+    switch (data.id) {
+      case "SUBSCRIBE OK":
+        sub = this._answered(data, "subscribe");
+        if (sub) this._subscribed(sub, data);
+        return;
+      case "SUBSCRIBE FAILED":
+        sub = this._answered(data, "subscribe");
+        if (sub) this._subscribeFailed(sub, data);
+        return;
+      case "UNSUBSCRIBE OK":
+        // The handle let go when unsubscribe() was called; nothing of it is delivered since.
+        if (data.ref !== undefined && data.ref !== null) {
+          var request = this._requests[data.ref];
+          if (request && request.kind === "unsubscribe") delete this._requests[data.ref];
+        }
+        return;
+      case "UNSUBSCRIBED":
+        sub = typeof data.channel === "string" ? this._channels[data.channel] : null;
+        if (sub && sub.state === "subscribed") this._revoked(sub, data);
+        return;
+      case "PRESENCE":
+        sub = this._answered(data, "presence");
+        if (sub && sub.state === "subscribed") sub._presenceSnapshot(data);
+        return;
+      case "JOIN":
+      case "LEAVE":
+        sub = typeof data.channel === "string" ? this._channels[data.channel] : null;
+        if (sub && sub.state === "subscribed") sub._presenceDiff(data);
+        return;
+    }
+  };
+
+  FlowSocket.prototype._subscribed = function (sub, data) {
+    var since = sub._awaiting.since;
+    var viaAuth = sub._awaiting.request === null;
+    sub._awaiting = null;
+    sub._attempt = 0;
+    sub.error = null;
+    sub.state = "subscribed";
+    // As AUTH OK's streams (section 4): after a recovered resume the missed messages follow,
+    // so keep the position asked from; otherwise numbering continues from the server's.
+    if (!(data.recovered && sub.position)) {
+      sub.position = typeof data.seq === "number" ? { seq: data.seq, epoch: data.epoch } : null;
+    }
+    if (isObject(data.presence)) {
+      sub._presenceAwaiting = true; // a new subscription's snapshot is the base, whatever came before
+      sub._presenceSnapshot(data.presence);
+    } else if (viaAuth && sub._wantsPresence() && !sub._presenceAbsent) {
+      // AUTH's subscribe map has no presence flag: ask for the snapshot now.
+      this._requestPresence(sub);
+    } else if (sub._presenceAwaiting) {
+      // Asked for presence and got none: the channel has none (FLOW_PRESENCE_CHANNELS).
+      sub._presenceAbsent = true;
+      sub._presenceAwaiting = false;
+      sub._presenceBuffer = [];
+    }
+    callSafely(sub.onsubscribed, sub, [data, sub]);
+    // The page loaded the channel's state up to `since`; this start may have skipped some.
+    if (!data.recovered && since) callSafely(sub.onresync, sub, [data, sub]);
+  };
+
+  FlowSocket.prototype._subscribeFailed = function (sub, data) {
+    sub._awaiting = null;
+    sub._ws = null;
+    sub.error = data;
+    if (data.temporary) {
+      this._retrySubscribe(sub); // token_expired fetches a new token, unavailable waits
+      return;
+    }
+    delete this._channels[sub.channel];
+    sub._generation += 1;
+    sub.state = "failed";
+    this._channelError(sub, data, "cannot subscribe to " + sub.channel + ": " + data.reason);
+  };
+
+  /* UNSUBSCRIBED: the grant was revoked or the channel reset. */
+  FlowSocket.prototype._revoked = function (sub, data) {
+    sub._ws = null;
+    sub.error = data;
+    if (data.resubscribe) {
+      sub.state = "subscribing";
+      // Every subscriber of the channel got it at once: jitter spreads their comebacks.
+      this._retrySubscribe(sub);
+      return;
+    }
+    delete this._channels[sub.channel];
+    sub._generation += 1;
+    sub.state = "unsubscribed";
+    this._channelError(sub, data, "unsubscribed from " + sub.channel + " by the server: " + data.reason);
+  };
+
+  FlowSocket.prototype._channelError = function (sub, data, text) {
+    if (typeof sub.onerror === "function") callSafely(sub.onerror, sub, [data, sub]);
+    else warn(text);
+  };
+
+  FlowSocket.prototype._acceptChannel = function (message) {
+    var sub = this._channels[message.channel];
+    // Before SUBSCRIBE OK, after unsubscribe(): not this page's any more.
+    if (!sub || sub.state !== "subscribed") return;
+    var last = sub.position;
+    if (last && last.epoch === message.epoch && message.seq <= last.seq) return; // duplicate
+    sub.position = { seq: message.seq, epoch: message.epoch };
+    var lists = [sub._handlers[message.id], sub._handlers["*"]];
+    for (var l = 0; l < lists.length; l++) {
+      var list = lists[l] ? lists[l].slice() : [];
+      for (var i = 0; i < list.length; i++) {
+        // A handler may unsubscribe: nothing more of the channel after that.
+        if (sub.state !== "subscribed") return;
+        callSafely(list[i], sub, [message.data, message]);
+      }
+    }
+    if (sub.state === "subscribed") callSafely(sub.onmessage, sub, [message, sub]);
+  };
+
+  /* A channel subscription, as subscribe() returns it. */
+  function Subscription(socket, channel, options) {
+    this.socket = socket;
+    this.channel = channel;
+    this.state = "subscribing"; // subscribing | subscribed | failed | unsubscribed
+    var since = options.since;
+    this.position = isObject(since) && typeof since.seq === "number" ? { seq: since.seq, epoch: since.epoch } : null;
+    this.presence = null; // {count, users: {u: {connections: k}}, version} once known
+    this.error = null; // the last SUBSCRIBE FAILED or UNSUBSCRIBED
+    this.onmessage = options.onMessage || options.onmessage || null;
+    this.onresync = options.onresync || options.onResync || null;
+    this.onpresence = options.onPresence || options.onpresence || null;
+    this.onsubscribed = options.onSubscribed || options.onsubscribed || null;
+    this.onerror = options.onError || options.onerror || null;
+    this._token = options.token;
+    // SUBSCRIBE's presence flag: the page's choice, else asked for when it listens.
+    this._presenceFlag = options.presence !== undefined ? !!options.presence : this.onpresence ? true : undefined;
+    this._handlers = Object.create(null); // message ids are the application's: any string
+    this._ws = null; // the socket its subscription is on, or being asked on
+    this._awaiting = null; // {request (null: inside AUTH), since} until SUBSCRIBE OK/FAILED
+    this._generation = 0; // bumped to void a token fetch under way
+    this._attempt = 0;
+    this._retryTimer = null;
+    this._presenceAwaiting = false; // a snapshot is on its way: diffs wait for it
+    this._presenceBuffer = [];
+    this._presenceAbsent = false; // the channel has no presence
+  }
+
+  Object.defineProperty(Subscription.prototype, "positions", {
+    get: function () {
+      var positions = {};
+      if (this.position) setOwn(positions, this.channel, { seq: this.position.seq, epoch: this.position.epoch });
+      return positions;
+    },
+  });
+
+  /* Handlers per message id of this channel; "*" receives all of them. Returns a remover. */
+  Subscription.prototype.on = function (id, handler) {
+    var list = this._handlers[id] || (this._handlers[id] = []);
+    list.push(handler);
+    return function () {
+      var i = list.indexOf(handler);
+      if (i >= 0) list.splice(i, 1);
+    };
+  };
+
+  /* Stop: nothing of the channel reaches this handle from now on; the server is told. */
+  Subscription.prototype.unsubscribe = function () {
+    this.socket._unsubscribe(this);
+  };
+
+  Subscription.prototype._wantsPresence = function () {
+    return !!this._presenceFlag;
+  };
+
+  Subscription.prototype._awaitPresence = function () {
+    this._presenceAwaiting = true;
+    this._presenceBuffer = [];
+  };
+
+  Subscription.prototype._presenceSnapshot = function (snapshot) {
+    var version = typeof snapshot.version === "number" ? snapshot.version : -Infinity;
+    // One nobody asked for that is older than what diffs built is stale.
+    if (!this._presenceAwaiting && this.presence && version < this.presence.version) return;
+    var users = {};
+    if (isObject(snapshot.users)) {
+      for (var name in snapshot.users) {
+        if (hasOwn(snapshot.users, name)) setOwn(users, name, snapshot.users[name]);
+      }
+    }
+    var count = typeof snapshot.count === "number" ? snapshot.count : Object.keys(users).length;
+    this.presence = { count: count, users: users, version: version };
+    this._presenceAbsent = false;
+    var buffered = this._presenceBuffer;
+    this._presenceAwaiting = false;
+    this._presenceBuffer = [];
+    // Diffs that raced the snapshot: those above its version happened after it.
+    for (var i = 0; i < buffered.length; i++) this._applyDiff(buffered[i]);
+    callSafely(this.onpresence, this, [this.presence, this]);
+  };
+
+  Subscription.prototype._presenceDiff = function (diff) {
+    if (this._presenceAwaiting) {
+      this._presenceBuffer.push(diff);
+      return;
+    }
+    if (this._applyDiff(diff)) callSafely(this.onpresence, this, [this.presence, this]);
+  };
+
+  /* JOIN/LEAVE onto the state; false when it is not newer than the state (or no state yet). */
+  Subscription.prototype._applyDiff = function (diff) {
+    var state = this.presence;
+    if (!state || typeof diff.version !== "number" || !(diff.version > state.version)) return false;
+    if (typeof diff.username !== "string") return false;
+    var users = {};
+    for (var name in state.users) setOwn(users, name, state.users[name]);
+    var listed = Object.keys(users).length;
+    // Over FLOW_PRESENCE_MAX_LIST the snapshot lists nobody, or not everyone: count only.
+    var complete = listed >= state.count;
+    var count = state.count;
+    var known = hasOwn(users, diff.username);
+    if (diff.id === "JOIN" && !known) {
+      count += 1;
+      if (complete) setOwn(users, diff.username, { connections: 1 });
+    } else if (diff.id === "LEAVE") {
+      if (known) {
+        delete users[diff.username];
+        count -= 1;
+      } else if (!complete && count > 0) {
+        count -= 1;
+      }
+    }
+    this.presence = { count: count, users: users, version: diff.version };
+    return true;
   };
 
   function setFlag(elementId, value, yes, no) {
