@@ -35,8 +35,8 @@ from flowcore.engine import PublisherEngine, QueueFull, publisher_engine
 from flowcore.engines import zmq as _zmq_engine
 from flowcore.settings import Settings, load_settings
 
-__all__ = ["Flow", "QueueFull", "InvalidMessage", "push", "push_all", "publish", "flush", "configure",
-           "issue_token", "issue_channel_token"]
+__all__ = ["Flow", "QueueFull", "InvalidMessage", "push", "push_all", "publish", "disconnect", "unsubscribe",
+           "flush", "configure", "issue_token", "issue_channel_token"]
 
 log = logging.getLogger("flow.publisher")
 
@@ -160,6 +160,23 @@ class Flow:
         frame = protocol.encode_channel_push(
             channel, message_id, data, self.max_message, self._serializer or protocol.fast_dumps
         )
+        with self._lock:
+            self._hand_over(frame)
+
+    def disconnect(self, username: str) -> None:
+        """Close every open socket of ``username``, on every server and host, with 4004
+        (PROTOCOL.md section 3): a logout, a banned account. Pages reconnect only with a
+        new token, which your app decides to give or not."""
+        frame = protocol.encode_command(username, "disconnect")
+        with self._lock:
+            self._hand_over(frame)
+
+    def unsubscribe(self, username: str, channel: str) -> None:
+        """End ``username``'s subscriptions to ``channel`` on every open socket (they are
+        told UNSUBSCRIBED, reason "unsubscribed"): access to the channel was taken away.
+        Stop granting it too (the token's channels claim, subscription tokens), or a page
+        may subscribe again."""
+        frame = protocol.encode_command(username, "unsubscribe", channel)
         with self._lock:
             self._hand_over(frame)
 
@@ -392,6 +409,26 @@ def publish(channel: str, message_id: str, data: Any = None) -> None:
         if publisher is _default:
             raise
         _get_default().publish(channel, message_id, data)
+
+
+def disconnect(username: str) -> None:
+    """Close every socket of ``username`` with 4004 (see :meth:`Flow.disconnect`)."""
+    _call_default("disconnect", username)
+
+
+def unsubscribe(username: str, channel: str) -> None:
+    """End ``username``'s subscriptions to ``channel`` (see :meth:`Flow.unsubscribe`)."""
+    _call_default("unsubscribe", username, channel)
+
+
+def _call_default(method: str, *args: Any) -> None:
+    publisher = _get_default()
+    try:
+        getattr(publisher, method)(*args)
+    except RuntimeError:
+        if publisher is _default:
+            raise
+        getattr(_get_default(), method)(*args)
 
 
 def flush(timeout: float | None = None) -> int:

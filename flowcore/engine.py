@@ -63,6 +63,10 @@ class EngineSink(Protocol):
         """The stream's position as the engine sees it: the answer to a subscription
         (before any message after it), or a later check. ``seq`` 0: nothing sent yet."""
 
+    def on_command(self, stream: str, command: dict[str, str]) -> None:
+        """A command for the sockets of ``stream``'s user (``protocol.check_command``):
+        flow.disconnect, flow.unsubscribe. Outside the numbering: no seq, no history."""
+
     def on_batch_start(self) -> None:
         """Several calls follow at once; the hub writes them when the batch ends."""
 

@@ -317,6 +317,22 @@ class Hub:
         state.seq = seq
         self._fan_out(state, seq, wire)
 
+    def on_command(self, stream: str, command: dict[str, str]) -> None:
+        """flow.disconnect / flow.unsubscribe, for this server's sockets of the user."""
+        state = self.streams.get(stream)
+        if state is None or state.subscribers is not None or state is self.broadcast:
+            return
+        op = command["op"]
+        for session in list(state.sessions):
+            if op == "disconnect":
+                session.close(protocol.CLOSE_DISCONNECTED, "disconnected by the application")
+            elif op == "unsubscribe":
+                sub = session.channels.get(command["channel"])
+                if sub is not None:
+                    session.drop_channel(sub, "unsubscribed", resubscribe=False)
+        if op == "disconnect" and state.sessions:
+            log.info("disconnected %d sockets of %r (flow.disconnect)", len(state.sessions), stream)
+
     def _fan_out(self, state: StreamState, seq: int, wire: bytes) -> None:
         if state is self.broadcast:
             for session in self.ring:

@@ -543,6 +543,8 @@ def decode_delivery(raw: bytes) -> Delivery:
     """Inverse of :func:`message_frame` and :func:`sync_frame`. Raises ProtocolError."""
     cut = raw.find(b"\0") + 1
     kind = raw[cut : cut + 1]
+    if kind == KIND_COMMAND and cut:
+        return Delivery(raw[:cut], kind, 0, "", raw[cut + 1 :])
     if cut == 0 or kind not in (KIND_MESSAGE, KIND_SYNC):
         raise ProtocolError("expected topic, kind, seq, epoch, frame")
     seq_end = raw.find(b" ", cut)
@@ -555,6 +557,66 @@ def decode_delivery(raw: bytes) -> Delivery:
     except (ValueError, UnicodeDecodeError) as exc:
         raise ProtocolError(f"bad delivery header: {exc}") from None
     return Delivery(raw[:cut], kind, seq, epoch, raw[epoch_end + 1 :])
+
+
+# ---------------------------------------------------------------- commands to the pool
+#
+# flow.disconnect(user) and flow.unsubscribe(user, channel) reach every WebSocket server
+# holding a socket of the user, on the user's own stream but outside its numbering (no
+# seq, no history: a command is for the sockets open now).
+#
+# publisher -> engine:   b"X1\0" username b"\0" command_json
+# proxy -> servers:      topic b"X" command_json
+# A command is {"op": "disconnect"} or {"op": "unsubscribe", "channel": c}.
+
+COMMAND_PREFIX = b"X1\0"
+KIND_COMMAND = b"X"
+COMMAND_OPS = ("disconnect", "unsubscribe")
+
+
+def encode_command(username: str, op: str, channel: str | None = None) -> bytes:
+    """The frame of a command for ``username``'s sockets. Raises ProtocolError."""
+    name = check_username(username)
+    if op not in COMMAND_OPS:
+        raise ProtocolError(f"unknown command {op!r}")
+    command: dict[str, str] = {"op": op}
+    if op == "unsubscribe":
+        command["channel"] = check_channel(channel)
+    return COMMAND_PREFIX + name.encode("utf-8") + b"\0" + dumps(command)
+
+
+def check_command(command_json: bytes) -> dict[str, str]:
+    """The command a frame carries, checked; ProtocolError for anything else."""
+    try:
+        command = _orjson_loads(command_json)
+    except (orjson.JSONDecodeError, RecursionError):
+        raise ProtocolError("a command is one JSON object") from None
+    if type(command) is not dict or command.get("op") not in COMMAND_OPS:
+        raise ProtocolError("a command is {\"op\": \"disconnect\" | \"unsubscribe\", ...}")
+    if command["op"] == "unsubscribe":
+        check_channel(command.get("channel"))
+        return {"op": "unsubscribe", "channel": command["channel"]}
+    return {"op": "disconnect"}
+
+
+def decode_command(raw: bytes) -> tuple[str, bytes]:
+    """(username, command JSON) of a command frame; ProtocolError for anything else."""
+    if not raw.startswith(COMMAND_PREFIX):
+        raise ProtocolError(f"a command starts with {COMMAND_PREFIX!r}")
+    end = raw.find(b"\0", len(COMMAND_PREFIX))
+    if end < 0:
+        raise ProtocolError("command has no username terminator")
+    stream = _stream_name(raw[len(COMMAND_PREFIX) : end])
+    if stream == BROADCAST:
+        raise ProtocolError("a command is for one user")
+    command_json = raw[end + 1 :]
+    check_command(command_json)
+    return stream, command_json
+
+
+def command_frame(stream: str, command_json: bytes) -> bytes:
+    """What the proxy publishes for a command: ``topic X command_json``."""
+    return topic(stream) + KIND_COMMAND + command_json
 
 
 # ---------------------------------------------------------------- history (control channel)

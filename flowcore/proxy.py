@@ -682,9 +682,12 @@ class Proxy:
             try:
                 push = decode(raw)
             except protocol.ProtocolError as exc:
-                # Only here, off the hot path: a publisher's flush marker is no push.
+                # Only here, off the hot path: a publisher's flush marker is no push, nor
+                # is a command (flow.disconnect), which is passed on outside the numbering.
                 if raw.startswith(FLUSH_PREFIX):
                     self.take_flush_marker(raw)
+                elif raw.startswith(protocol.COMMAND_PREFIX):
+                    self.take_command(raw)
                 else:
                     self.warnings.warn("push", "dropped a malformed push (%d bytes): %s", len(raw), _short(exc))
                 continue
@@ -692,6 +695,14 @@ class Proxy:
             numbered += 1
         self.numbered += numbered
         return numbered
+
+    def take_command(self, raw: bytes) -> None:
+        try:
+            stream, command_json = protocol.decode_command(raw)
+        except protocol.ProtocolError as exc:
+            self.warnings.warn("push", "dropped a malformed command (%d bytes): %s", len(raw), _short(exc))
+            return
+        _backend_send(self.xpub, protocol.command_frame(stream, command_json), NOBLOCK)
 
     def take_subscriptions(self) -> None:
         xpub = self.xpub

@@ -244,3 +244,38 @@ def test_tokens_for_channels_from_the_public_api(tmp_path, monkeypatch):
     with pytest.raises(flow.InvalidMessage):
         flow.issue_channel_token("gus", "not a channel")
     flow._default.close()
+
+
+def test_disconnect_and_unsubscribe_reach_every_server_of_the_pool(pipe):
+    from pipeline import closed_with
+
+    async def run() -> None:
+        token = pipe.token("hal", extra={"channels": ["doc:*"]})
+        tabs = [(await revision2(pipe.url(i), token))[0] for i in (0, 1)]
+        other, _ = await revision2(pipe.url(0), pipe.token("ida"))
+        try:
+            for tab in tabs:
+                await tab.send(json.dumps({"id": "SUBSCRIBE", "channel": "doc:1"}))
+                await frames_until(tab, lambda f: f["id"] == "SUBSCRIBE OK")
+            publisher = pipe.publisher()
+            publisher.unsubscribe("hal", "doc:1")
+            for tab in tabs:
+                [ended] = [f for f in await frames_until(tab, lambda f: f["id"] == "UNSUBSCRIBED")]
+                assert ended == {"id": "UNSUBSCRIBED", "channel": "doc:1", "reason": "unsubscribed",
+                                 "resubscribe": False}
+            publisher.publish("doc:1", "AFTER", 1)
+            publisher.push("hal", "STILL OPEN", 1)
+            for tab in tabs:
+                got = await frames_until(tab, lambda f: f["id"] == "STILL OPEN")
+                assert [f["id"] for f in got] == ["STILL OPEN"]
+            publisher.disconnect("hal")
+            for tab in tabs:
+                close = await closed_with(tab)
+                assert close.code == 4004, close
+            publisher.push("ida", "FOR IDA", 1)
+            assert [f["id"] for f in await frames_until(other, lambda f: f["id"] == "FOR IDA")] == ["FOR IDA"]
+        finally:
+            for ws in (*tabs, other):
+                await ws.close()
+
+    asyncio.run(run())

@@ -312,8 +312,10 @@ def test_flow_run_serves_the_app_sized_by_the_setting_and_flow_stop_ends_it(tmp_
         master = next(pid for pid in seen if "gunicorn" in Path(f"/proc/{pid}/cmdline").read_text())
         wait_until(lambda: len(workers_of(master)) == 3, 30, 0.1, "3 gunicorn workers")
         assert (run_dir / "gunicorn.ctl").is_socket()
+        # gunicorn logs the request after answering it, and supervisord copies it to the file.
+        wait_until(lambda: '"GET / HTTP/1.1" 200' in (log_dir / "app.log").read_text(), 10, 0.05,
+                   "the request in the app's access log")
         app_log = (log_dir / "app.log").read_text().splitlines()
-        assert any('"GET / HTTP/1.1" 200' in line for line in app_log)
         bad = [line for line in app_log if line.strip() and not LOG_LINE.match(line)]
         assert not bad, bad
         again = flow("run", env=env)

@@ -164,15 +164,21 @@ class RecordingSink:
     def on_position(self, stream: str, seq: int, epoch: str) -> None:
         self.events.append(("position", stream, seq, epoch))
 
+    def on_command(self, stream: str, command: dict[str, str]) -> None:
+        self.events.append(("command", stream, command))
+
     def of(self, stream: str, since: int = 0) -> list[tuple[Any, ...]]:
         return [e for e in self.events[since:] if e[1] == stream]
 
     def messages(self, stream: str, since: int = 0) -> list[tuple[Any, ...]]:
         return [e for e in self.of(stream, since) if e[0] == "message"]
 
+    def commands(self, stream: str) -> list[dict[str, str]]:
+        return [e[2] for e in self.of(stream) if e[0] == "command"]
+
     def head(self, stream: str, since: int = 0) -> int:
         """The highest seq reported for ``stream``, by a position or a message."""
-        return max((e[2] for e in self.of(stream, since)), default=-1)
+        return max((e[2] for e in self.of(stream, since) if e[0] != "command"), default=-1)
 
     def position(self, stream: str, since: int = 0) -> tuple[int, str] | None:
         """The last position reported for ``stream``, as (seq, epoch)."""
@@ -552,5 +558,30 @@ def test_channels_are_streams_of_their_own_routed_numbered_and_kept(infra, publi
             answer = await engine.history({channel: (seq - 2, epoch)}, 1 << 20)
             assert answer is not None
             assert [s for s, _ in answer[channel].messages or []] == [seq - 1, seq]
+
+    run(test)
+
+
+def test_commands_reach_the_users_subscribers_in_order_outside_the_numbering(infra, publisher):
+    """flow.disconnect / flow.unsubscribe: to the servers holding the user, after what the
+    same publisher pushed before, with no seq and nothing in history."""
+
+    async def test() -> None:
+        async with started(infra.settings, "alice") as (engine, sink), \
+                started(infra.settings, "bob") as (_, bob_sink):
+            publisher.push("alice", "BEFORE", 1)
+            publisher.unsubscribe("alice", "doc:1")
+            publisher.disconnect("alice")
+            publisher.push("alice", "AFTER", 2)
+            await until(lambda: len(sink.messages("alice")) == 2, message="alice's two messages")
+            kinds = [e[0] if e[0] == "command" else browser_json(e[4])["id"]
+                     for e in sink.of("alice") if e[0] != "position"]
+            assert kinds == ["BEFORE", "command", "command", "AFTER"]
+            assert sink.commands("alice") == [{"op": "unsubscribe", "channel": "doc:1"}, {"op": "disconnect"}]
+            before, after = sink.messages("alice")
+            assert after[2] == before[2] + 1  # the commands took no seq
+            assert bob_sink.commands("bob") == []
+            answer = await engine.history({"alice": (before[2] - 1, before[3])}, 1 << 20)
+            assert answer is not None and [s for s, _ in answer["alice"].messages or []] == [before[2], after[2]]
 
     run(test)

@@ -1222,3 +1222,32 @@ def test_size_limit_is_exact_with_a_long_username():
     assert protocol.decode_push(exact).stream == user
     with pytest.raises(ProtocolError, match="101 bytes, over the 100-byte limit"):
         encode_push(user, "x", "a" * (limit - 5), limit)
+
+
+class TestCommands:
+    """flow.disconnect / flow.unsubscribe frames (outside the numbering)."""
+
+    def test_round_trip(self):
+        from flowcore.protocol import check_command, decode_command, encode_command
+
+        assert decode_command(encode_command("alice", "disconnect")) == ("alice", b'{"op":"disconnect"}')
+        stream, command = decode_command(encode_command("ünï", "unsubscribe", "doc:1"))
+        assert stream == "ünï" and check_command(command) == {"op": "unsubscribe", "channel": "doc:1"}
+
+    @pytest.mark.parametrize("args", [("", "disconnect"), ("*", "disconnect"), ("a\0b", "disconnect"),
+                                      ("alice", "explode"), ("alice", "unsubscribe", "bad name"),
+                                      ("alice", "unsubscribe", None)])
+    def test_bad_commands_are_refused_by_the_publisher(self, args):
+        from flowcore.protocol import encode_command
+
+        with pytest.raises(ProtocolError):
+            encode_command(*args)
+
+    @pytest.mark.parametrize("raw", [b"X1\0alice", b"X1\0*\0{\"op\":\"disconnect\"}", b"X1\0alice\0[]",
+                                     b"X1\0alice\0{\"op\":\"unsubscribe\"}", b"X1\0alice\0{\"op\":\"x\"}",
+                                     b"X1\0alice\0" + b"[" * 5000, b"X1\0\xff\0{\"op\":\"disconnect\"}"])
+    def test_any_other_bytes_are_refused_by_the_engine(self, raw):
+        from flowcore.protocol import decode_command
+
+        with pytest.raises(ProtocolError):
+            decode_command(raw)

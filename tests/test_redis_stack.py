@@ -77,7 +77,7 @@ def test_rendered_redis_conf_holds_what_the_engine_relies_on(tmp_path: Path) -> 
         "supervised no",
         'logfile ""',
         "appendonly yes",
-        "appendfsync always",
+        "appendfsync everysec",
         'save ""',
         "maxmemory-policy noeviction",
         "client-output-buffer-limit pubsub 64mb 16mb 60",
@@ -109,11 +109,14 @@ def test_check_says_in_one_line_that_redis_server_is_missing(
     assert [line for line in problems if "redis" in line] == [
         "redis-server is not installed, and FLOW_ENGINE=redis without FLOW_REDIS_URL runs its own "
         "(Debian: apt-get install redis-server; or set FLOW_REDIS_URL)"]
-    # An existing Redis needs no local server; the ZeroMQ engine none at all.
-    for overrides in ({"FLOW_ENGINE": "redis", "FLOW_REDIS_URL": "redis://127.0.0.1:1"}, {}):
-        settings = load_settings(environ=base_env(tmp_path, **overrides))
-        assert not [line for line in cli.problems_of(settings, stack_env(settings), running=False)
-                    if "redis" in line]
+    # An existing Redis needs no local server, but must answer before the stack starts
+    # (said in one line, without its password); the ZeroMQ engine needs none at all.
+    settings = load_settings(environ=base_env(tmp_path, FLOW_ENGINE="redis",
+                                              FLOW_REDIS_URL="redis://:pw@127.0.0.1:1"))
+    problems = [line for line in cli.problems_of(settings, stack_env(settings), running=False) if "edis" in line]
+    assert len(problems) == 1 and problems[0].startswith("Redis at redis://:***@127.0.0.1:1 is not reachable")
+    settings = load_settings(environ=base_env(tmp_path))
+    assert not [line for line in cli.problems_of(settings, stack_env(settings), running=False) if "redis" in line]
 
 
 def test_check_ports_on_the_redis_engine(tmp_path: Path) -> None:
@@ -181,7 +184,7 @@ def test_flow_run_starts_its_own_redis_server_and_flow_stop_ends_it(tmp_path: Pa
                 "port", "appendonly", "appendfsync", "save", "maxmemory-policy",
                 "client-output-buffer-limit", "protected-mode")}
         assert config["port"] == "0"  # no TCP listener
-        assert config["appendonly"] == "yes" and config["appendfsync"] == "always"
+        assert config["appendonly"] == "yes" and config["appendfsync"] == "everysec"
         assert config["save"] == "" and config["maxmemory-policy"] == "noeviction"
         assert "pubsub 67108864 16777216 60" in config["client-output-buffer-limit"]
         assert config["protected-mode"] == "yes"

@@ -138,8 +138,14 @@ local applied = 0
 -- atomic): a batch holds many pushes to the same few streams.
 local streams, order = {}, {}
 for i = 0, count - 1 do
-  if first + i > done then
-    local stream, head = ARGV[9 + 2 * i], ARGV[10 + 2 * i]
+  local stream, head = ARGV[9 + 2 * i], ARGV[10 + 2 * i]
+  if first + i <= done then
+    -- applied by an earlier call
+  elseif string.byte(head, 1) == 0 then
+    -- a command (flow.disconnect): for the sockets open now, outside the numbering
+    redis.call('PUBLISH', prefix .. ':msg:' .. stream, 'cmd ' .. string.sub(head, 2))
+    applied = applied + 1
+  else
     local s = streams[stream]
     if s == nil then
       local mkey, hkey = prefix .. ':meta:' .. stream, prefix .. ':hist:' .. stream
@@ -338,7 +344,11 @@ def stream_key(stream: str) -> bytes:
 
 def frame_parts(frame: bytes) -> tuple[bytes, bytes]:
     """A push frame (``protocol.encode_push``, made by this process and so trusted) as
-    (stream key, head): the browser frame up to and including its data, without seq and epoch."""
+    (stream key, head): the browser frame up to and including its data, without seq and
+    epoch. A command (``protocol.encode_command``) is (its user's key, NUL + its JSON)."""
+    if frame.startswith(protocol.COMMAND_PREFIX):
+        end = frame.index(b"\0", 3)
+        return b"u:" + frame[3:end], b"\0" + frame[end + 1 :]
     if frame[3:4] == b"\0":  # a channel: its name is ASCII without quotes (protocol.check_channel)
         end = frame.index(b"\0", 4)
         name = frame[4:end]
@@ -854,6 +864,15 @@ class RedisServerEngine:
                     self._outage_since = None
 
     def _on_message(self, subscription: _Subscription, payload: bytes, sink: EngineSink) -> None:
+        if payload.startswith(b"cmd "):
+            try:
+                command = protocol.check_command(payload[4:])
+            except protocol.ProtocolError as exc:
+                self._bad_message.warn(f"on {subscription.name!r}: {exc}")
+                return
+            if subscription.state != SUBSCRIBING:  # for the sockets of a confirmed subscription
+                sink.on_command(subscription.name, command)
+            return
         try:
             seq_text, epoch_bytes, frame = payload.split(b" ", 2)
             seq = int(seq_text)

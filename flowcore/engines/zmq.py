@@ -45,6 +45,7 @@ NOBLOCK = int(zmq.NOBLOCK)
 _SUBSCRIBE = int(zmq.SUBSCRIBE)
 _UNSUBSCRIBE = int(zmq.UNSUBSCRIBE)
 _KIND_MESSAGE = protocol.KIND_MESSAGE
+_KIND_COMMAND = protocol.KIND_COMMAND
 
 # ---- the publisher's fast path (ZeroMQ only) ----------------------------------------------
 # flow.Flow.push sends on ZmqPublisherEngine.socket itself, once it is open, with
@@ -510,7 +511,14 @@ class ZmqServerEngine:
             if subscription is None:
                 continue  # unsubscribed a moment ago
             try:
-                if delivery.kind == _KIND_MESSAGE:
+                if delivery.kind == _KIND_COMMAND:
+                    try:
+                        command = protocol.check_command(delivery.frame)
+                    except protocol.ProtocolError as exc:
+                        self._bad_delivery.warn(exc)
+                        continue
+                    sink.on_command(subscription.name, command)
+                elif delivery.kind == _KIND_MESSAGE:
                     epoch = delivery.epoch
                     if epoch == subscription.epoch:
                         on_message(subscription.name, delivery.seq, epoch, delivery.frame)
