@@ -4,7 +4,9 @@
 
 Config: {"kind": "flow" | "ref" | "pushcost", "env": {FLOW_...} (flow, pushcost),
 "endpoint": XSUB endpoint (ref), "run": id, "users": n, "count": n, "rate": msgs/s (0: as
-fast as the call returns), "broadcast": bool, "deadline": seconds, "seed": n}.
+fast as the call returns), "broadcast": bool, "deadline": seconds, "seed": n,
+"user_offset": n (users are user<offset + k>, k < users), "index_offset": n (the first
+message's index: several pushers of one run number their messages apart)}.
 
 Each message's data is {"r": run, "i": index, "t": time.time() at the push, "p": padding},
 so clients count distinct messages and measure push-to-receive latency.
@@ -46,6 +48,7 @@ def pushes(config: dict, send) -> dict:
     rng = random.Random(config.get("seed", 1))
     count, rate, run = config["count"], config.get("rate", 0), config["run"]
     users = config.get("users", 1)
+    user_offset, index_offset = config.get("user_offset", 0), config.get("index_offset", 0)
     broadcast = config.get("broadcast", False)
     deadline = time.monotonic() + config.get("deadline", 120)
     sent = queue_full = 0
@@ -57,10 +60,10 @@ def pushes(config: dict, send) -> dict:
             delay = due - time.time()
             if delay > 0:
                 time.sleep(delay)
-        user = None if broadcast else username(rng.randrange(users))
+        user = None if broadcast else username(user_offset + rng.randrange(users))
         while True:
             try:
-                send(user, {"r": run, "i": i, "t": time.time(), "p": PAD})
+                send(user, {"r": run, "i": index_offset + i, "t": time.time(), "p": PAD})
                 sent += 1
                 break
             except flow.QueueFull:
@@ -76,7 +79,28 @@ def pushes(config: dict, send) -> dict:
             "cpu": cpu_seconds() - cpu0}
 
 
+def profiled_publisher_thread(path: str) -> None:
+    """Profile the Redis engine's publishing thread (bench/profile_redis.py): cProfile
+    sees only the thread it is enabled in."""
+    import cProfile
+
+    from flowcore.engines import redis as redis_engine
+
+    run = redis_engine.RedisPublisherEngine._run
+
+    def _run(self) -> None:
+        profile = cProfile.Profile()
+        try:
+            profile.runcall(run, self)
+        finally:
+            profile.dump_stats(path)
+
+    redis_engine.RedisPublisherEngine._run = _run  # type: ignore[method-assign]
+
+
 def run_flow(config: dict) -> dict:
+    if config.get("profile"):
+        profiled_publisher_thread(config["profile"])
     publisher = flow.Flow(settings=load_settings(config["env"]))
 
     def send(user, data):

@@ -1,21 +1,28 @@
-"""Flow's benchmark: the real proxy and WebSocket pool against a minimal reference relay.
+"""Flow's benchmark: the real stack, on both engines, against a minimal reference relay.
 
     python bench/run.py                   # everything, issue-5 sizes (a few minutes)
     python bench/run.py --quick           # tiny sizes, seconds (the smoke test runs this)
-    python bench/run.py --only W1,W4      # some workloads (W1 W1off W2 W3 W4 PUSH)
+    python bench/run.py --only W1,W4      # some workloads (W1 W1off W2 W3 W4 PUSH SCALE)
+    python bench/run.py --engines redis   # Flow on some engines (zmq, redis; default both)
+    python bench/run.py --redis-persistence none   # the Redis engine's redis-server: none, aof
     python bench/run.py --json out.json   # also write every figure as JSON
 
-Each run starts its own processes on ephemeral loopback ports and stops them. Load
-clients are Node (`bench/client.js`, the `ws` package: `npm ci` in bench/) when
-available, else Python (`bench/client.py`); `--client` chooses. Publishing is a separate
-process (`bench/pusher.py`). Figures for Flow are shown next to the reference relay's
-(`bench/reference_relay.py`) measured in the same run, as ratios. Anything Flow loses
-is a defect: the run says so loudly and exits 1.
+Each run starts its own processes on ephemeral loopback ports (Redis: an owner-only Unix
+socket in the run's directory) and stops them. Load clients are Node (`bench/client.js`,
+the `ws` package: `npm ci` in bench/) when available, else Python (`bench/client.py`);
+`--client` chooses. Publishing is a separate process (`bench/pusher.py`). Figures for
+Flow are shown next to the reference relay's (`bench/reference_relay.py`) measured in the
+same run, as ratios; the Redis engine's also as ratios to the ZeroMQ engine's. SCALE is
+W1 on Redis with one host's pool against two hosts' pools (each its own WebSocket
+servers and publisher) sharing the Redis. Anything Flow loses is a defect: the run says
+so loudly and exits 1.
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
+import hashlib
 import json
 import os
 import platform
@@ -30,9 +37,10 @@ import sys
 import tempfile
 import threading
 import time
+import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 BENCH = Path(__file__).resolve().parent
 ROOT = BENCH.parent
@@ -46,7 +54,13 @@ sys.path.insert(0, str(ROOT / "tests"))
 from support import free_port, port_open, wait_until  # noqa: E402  (the tests' process helpers)
 
 PYTHON = sys.executable
-WORKLOADS = ("W1", "W1off", "W2", "W3", "W4", "PUSH")
+WORKLOADS = ("W1", "W1off", "W2", "W3", "W4", "PUSH", "SCALE")
+ENGINES = ("zmq", "redis")
+# The Redis engine's redis-server: without persistence, and as the stack ships it (an
+# append-only file, every write fsynced before Redis answers).
+PERSISTENCE = ("none", "aof")
+# Redis's latency monitor records what took longer than this (milliseconds).
+LATENCY_THRESHOLD_MS = 5
 TICKS = os.sysconf("SC_CLK_TCK")
 
 
@@ -62,13 +76,15 @@ class Sizes:
     # once: a tail percentile is what a noisy machine moves most, and drift over a run
     # then weighs on both alike instead of on whichever went second.
     w4_rounds: int = 4
+    # SCALE: W1 with one host's pool and with two, in alternating rounds (one, two, two, one).
+    scale_rounds: int = 4
     push_count: int = 50_000
     idle: float = 5.0  # a run ends when nothing arrived for this long...
     deadline: float = 180.0  # ...or at the latest this long after the pusher ends
 
 
 QUICK = Sizes(clients=20, w1_count=1000, w2_count=10, w3_clients=100, w4_count=300,
-              w4_rate=1000, push_count=5000, idle=2.0, deadline=30.0)
+              w4_rate=1000, push_count=5000, idle=2.0, deadline=30.0, scale_rounds=2)
 
 
 def log(msg: str) -> None:
@@ -162,6 +178,23 @@ class System:
     def stop(self) -> list[int | None]:
         return [proc.stop() for proc in reversed(self.procs)]
 
+    def start(self) -> "System":
+        raise NotImplementedError
+
+    def pusher(self) -> dict[str, Any]:
+        raise NotImplementedError
+
+    def pushers(self) -> list[dict[str, Any]]:
+        """One config per publishing process of a run (bench/pusher.py)."""
+        return [self.pusher()]
+
+    def redis_info(self, first: bool = True) -> dict[str, Any] | None:
+        return None
+
+    def engine_pid(self) -> int | None:
+        """The proxy's or redis-server's pid: its CPU is reported apart too."""
+        return None
+
 
 class Reference(System):
     name = "reference"
@@ -184,15 +217,32 @@ class Reference(System):
     def pusher(self) -> dict[str, Any]:
         return {"kind": "ref", "endpoint": self.xsub}
 
+    def engine_pid(self) -> int | None:
+        return self.procs[0].pid if self.procs else None
+
 
 class Flow(System):
-    """The shipped stack: one proxy, ``servers`` WebSocket servers sharing one port."""
+    """The shipped stack: the engine's process (the ZeroMQ proxy, or a redis-server) and
+    ``servers`` WebSocket servers sharing one port.
 
-    def __init__(self, workdir: Path, secret: str, servers: int = 2, **overrides: str) -> None:
+    ``engine="redis"``: a redis-server with the stack's own configuration
+    (flowcore.redis_server: owner-only Unix socket, noeviction, a pub/sub output-buffer
+    limit), with ``persistence="aof"`` exactly as shipped (every write fsynced) or
+    ``"none"`` (the same without the append-only file). ``redis_of``: another "host" on
+    the same Redis; this one starts only its WebSocket servers."""
+
+    def __init__(self, workdir: Path, secret: str, servers: int = 2, engine: str = "zmq",
+                 persistence: str = "none", redis_of: "Flow | None" = None, label: str = "",
+                 **overrides: str) -> None:
         super().__init__(workdir, secret)
-        self.name = "flow" + ("" if not overrides else " " + " ".join(f"{k}={v}" for k, v in overrides.items()))
+        self.engine = engine
+        self.persistence = persistence if engine == "redis" else ""
+        self.redis_of = redis_of
+        base = [] if engine == "zmq" else [engine] + ([] if persistence == "none" else [persistence])
+        base += [label] if label else []
+        self.name = " ".join(["flow", *base, *(f"{k}={v}" for k, v in overrides.items())])
         self.servers = servers
-        tag = "-".join(f"{k}{v}" for k, v in overrides.items()) or "default"
+        tag = "-".join([*base, *(f"{k}{v}" for k, v in overrides.items())]) or "default"
         self.logdir = workdir / f"flow-{tag}"
         self.logdir.mkdir(parents=True, exist_ok=True)
         self.flow_env = {
@@ -207,23 +257,95 @@ class Flow(System):
             "FLOW_RUN_DIR": str(self.logdir / "run"),  # the proxy saves its state here at stop
             **overrides,
         }
+        if engine == "redis":
+            self.flow_env["FLOW_ENGINE"] = "redis"
+            if redis_of is not None:
+                self.flow_env["FLOW_REDIS_URL"] = redis_of.redis_url
         self.settings = load_settings(self.flow_env)
+        # Unset FLOW_REDIS_URL: the stack's own server's socket, FLOW_RUN_DIR/redis.sock.
+        self.redis_url = self.settings.redis_address() if engine == "redis" else ""
+        self.engine_proc: Proc | None = None
         self.nginx: Proc | None = None
 
     def start(self) -> "Flow":
         env = {k: v for k, v in os.environ.items() if not k.startswith("FLOW_")}
         env.update(self.flow_env, PYTHONUNBUFFERED="1")
-        self.procs.append(Proc([PYTHON, "message_proxy.py"], env, self.logdir / "proxy.log"))
-        wait_until(lambda: "proxy up" in self.procs[0].log(), 15, message="the Flow proxy")
+        if self.engine == "zmq":
+            proxy = self.engine_proc = Proc([PYTHON, "message_proxy.py"], env, self.logdir / "proxy.log")
+            self.procs.append(proxy)
+            wait_until(lambda: "proxy up" in proxy.log(), 15, message="the Flow proxy")
+        elif self.redis_of is None:
+            self._start_redis(env)
         port = self.settings.ws_port
+        first = len(self.procs)
         for i in range(self.servers):
-            self.procs.append(Proc([PYTHON, "websocket_server.py", "--port", str(port)], env,
+            self.procs.append(Proc(self.server_command(i) + ["--port", str(port)], env,
                                    self.logdir / f"websocket-{i}.log"))
-        for proc in self.procs[1:]:
+        for proc in self.procs[first:]:
             wait_until(lambda: "websocket server up" in proc.log(), 15, message=f"Flow {proc.log_path.name}")
+        if self.engine == "redis":
+            # Up is not ready: /readyz says 200 once the pub/sub link to Redis is live.
+            wait_until(lambda: http_ok(port, "/readyz"), 15, message=f"{self.name} ready")
         self.url = f"ws://127.0.0.1:{port}/websocket"
         self.check_alive()
         return self
+
+    def server_command(self, i: int) -> list[str]:
+        """How WebSocket server ``i`` is started (bench/profile_redis.py runs it profiled)."""
+        return [PYTHON, "websocket_server.py"]
+
+    def _start_redis(self, env: dict[str, str]) -> Proc:
+        """The stack's own redis.conf (flowcore.redis_server), persistence as asked."""
+        from flowcore import redis_server
+
+        conf = redis_server.render(self.settings)
+        if self.persistence == "none":
+            text = conf.read_text().replace("appendonly yes", "appendonly no")
+            assert "appendonly no" in text, "the rendered redis.conf changed: update the bench"
+            conf.write_text(text)
+        binary = redis_server.find_redis_server(env)
+        if binary is None:
+            raise RuntimeError("redis-server is not installed (the Debian package redis-server)")
+        proc = self.engine_proc = Proc([binary, str(conf)], env, self.logdir / "redis.log")
+        self.procs.append(proc)  # stopped with the rest, whatever happens next
+        sock = Path(self.redis_url[len("unix://"):])
+        wait_until(lambda: (sock.exists() and "ready to accept connections" in proc.log().lower())
+                   or not proc.alive(), 15, message="redis-server")
+        if not proc.alive():
+            raise RuntimeError(f"redis-server exited:\n{proc.log()[-2000:]}")
+        # Redis's latency monitor (a bench-only setting, off as shipped) names what stalled
+        # it: "aof-fsync-always" is the append-only file's fsync, "command" a slow script.
+        import redis
+
+        client = redis.Redis.from_url(self.redis_url, socket_timeout=10)
+        try:
+            client.config_set("latency-monitor-threshold", LATENCY_THRESHOLD_MS)
+        finally:
+            client.close()
+        return proc
+
+    def redis_info(self, first: bool = True) -> dict[str, Any] | None:
+        """Redis's own counters (INFO commandstats, stats, cpu...), or None for ZeroMQ.
+        The snapshot before a run (``first``) reads commandstats last, the one after
+        reads it first: between the two, only one of the bench's INFO calls is counted."""
+        if self.engine != "redis":
+            return None
+        import redis
+
+        client = redis.Redis.from_url(self.redis_url, socket_timeout=10)
+        sections = ["stats", "cpu", "memory", "persistence", "server", "clients", "commandstats"]
+        try:
+            info: dict[str, Any] = {}
+            for section in (sections if first else sections[::-1]):
+                info.update(client.info(section))
+            if first:
+                client.execute_command("LATENCY", "RESET")
+            else:
+                # [event, last time, last ms, max ms] for every event above the threshold
+                info["latency_latest"] = {e[0].decode(): int(e[3]) for e in client.execute_command("LATENCY", "LATEST")}
+            return info
+        finally:
+            client.close()
 
     def start_nginx(self) -> str | None:
         """The shipped nginx in front of the pool (rendered by flowcore.nginx, on an
@@ -268,6 +390,46 @@ class Flow(System):
     def pusher(self) -> dict[str, Any]:
         return {"kind": "flow", "env": self.flow_env}
 
+    def engine_pid(self) -> int | None:
+        return self.engine_proc.pid if self.engine_proc else None
+
+
+class Hosts(System):
+    """Several "hosts" (Flow stacks, the first one owning the Redis) seen as one system:
+    the processes of all, a pusher per host."""
+
+    def __init__(self, hosts: list[Flow]) -> None:
+        super().__init__(hosts[0].workdir, hosts[0].secret)
+        self.hosts = hosts
+        self.name = " + ".join(h.name for h in hosts)
+
+    def server_pids(self) -> list[int]:
+        return [pid for h in self.hosts for pid in h.server_pids()]
+
+    def check_alive(self) -> None:
+        for host in self.hosts:
+            host.check_alive()
+
+    def pushers(self) -> list[dict[str, Any]]:
+        return [h.pusher() for h in self.hosts]
+
+    def redis_info(self, first: bool = True) -> dict[str, Any] | None:
+        return self.hosts[0].redis_info(first)
+
+    def engine_pid(self) -> int | None:
+        return self.hosts[0].engine_pid()
+
+    def stop(self) -> list[int | None]:
+        return [code for h in reversed(self.hosts) for code in h.stop()]
+
+
+def http_ok(port: int, path: str) -> bool:
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=2) as reply:
+            return reply.status == 200
+    except OSError:
+        return False
+
 
 # ------------------------------------------------------------------ load clients
 
@@ -292,10 +454,12 @@ def install_node_client() -> bool:
 class Clients:
     """``procs`` load-client processes holding one authenticated socket per token."""
 
-    def __init__(self, kind: str, url: str, tokens: list[str], procs: int, timeout: float) -> None:
+    def __init__(self, kind: str, url: str | list[str], tokens: list[str], procs: int, timeout: float) -> None:
         command = ["node", "--expose-gc", str(BENCH / "client.js")] if kind == "node" \
             else [PYTHON, str(BENCH / "client.py")]
-        procs = max(1, min(procs, len(tokens)))
+        # Several URLs (several hosts' pools): at least a process each, taking turns.
+        urls = [url] if isinstance(url, str) else url
+        procs = max(1, min(max(procs, len(urls)), len(tokens)))
         self.procs: list[subprocess.Popen] = []
         self.lines: list[queue.Queue] = []
         for i in range(procs):
@@ -304,7 +468,7 @@ class Clients:
                                      text=True, bufsize=1, start_new_session=True)
             lines: queue.Queue = queue.Queue()
             threading.Thread(target=self._read, args=(popen, lines), daemon=True).start()
-            popen.stdin.write(json.dumps({"url": url, "tokens": share, "concurrency": 100,
+            popen.stdin.write(json.dumps({"url": urls[i % len(urls)], "tokens": share, "concurrency": 100,
                                           "timeout": timeout}) + "\n")
             popen.stdin.flush()
             self.procs.append(popen)
@@ -407,6 +571,8 @@ class Bench:
                                              "FLOW_SECRET_FILE": str(self.workdir / "none"),
                                              "FLOW_TOKEN_TTL": "7200"})
         self._tokens: list[str] = []
+        self.load: list[dict[str, Any]] = []
+        self.source: dict[str, Any] = {}
 
     def tokens(self, n: int) -> list[str]:
         while len(self._tokens) < n:
@@ -423,23 +589,47 @@ class Bench:
         return clients
 
     def cpu_snapshot(self, system: System, clients: Clients) -> dict[str, float]:
+        engine = system.engine_pid()
         return {"servers": sum(cpu_of(p) for p in system.server_pids()),
+                "engine": cpu_of(engine) if engine else 0.0,
                 "clients": sum(cpu_of(p) for p in clients.pids())}
 
     def push_run(self, system: System, clients: Clients, run: str, count: int, users: int,
-                 rate: int = 0, broadcast: bool = False, keep_latencies: bool = False) -> dict[str, Any]:
-        """Push ``count`` messages from a separate process; collect what the clients got."""
-        config = {**system.pusher(), "run": run, "count": count, "users": users, "rate": rate,
-                  "broadcast": broadcast, "deadline": self.sizes.deadline, "seed": hash(run) & 0xFFFF}
+                 rate: int = 0, broadcast: bool = False, keep_latencies: bool = False,
+                 user_offset: int = 0) -> dict[str, Any]:
+        """Push ``count`` messages from separate processes (one per ``system.pushers()``,
+        sharing the count and the rate); collect what the clients got."""
+        configs = system.pushers()
+        n = len(configs)
+        counts = [count // n + (1 if k < count % n else 0) for k in range(n)]
+        offsets = [sum(counts[:k]) for k in range(n)]
+        seed = hash(run) & 0xFFFF
+        configs = [{**c, "run": run, "count": counts[k], "users": users, "rate": rate / n if rate else 0,
+                    "broadcast": broadcast, "deadline": self.sizes.deadline, "seed": seed + k,
+                    "user_offset": user_offset, "index_offset": offsets[k]} for k, c in enumerate(configs)]
+        info0 = system.redis_info()
         cpu0 = self.cpu_snapshot(system, clients)
+        popens = [subprocess.Popen([PYTHON, str(BENCH / "pusher.py"), json.dumps(c)], cwd=ROOT,
+                                   stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                  for c in configs]
+        parts = []
         try:
-            done = subprocess.run([PYTHON, str(BENCH / "pusher.py"), json.dumps(config)], cwd=ROOT,
-                                  capture_output=True, text=True, timeout=self.sizes.deadline + 30)
-        except subprocess.TimeoutExpired:
-            raise RuntimeError(f"{system.name} {run}: the pusher did not finish in time") from None
-        if done.returncode != 0:
-            raise RuntimeError(f"{system.name} {run}: pusher failed:\n{done.stderr[-3000:]}")
-        pushed = json.loads(done.stdout.strip().splitlines()[-1])
+            for popen in popens:
+                try:
+                    stdout, stderr = popen.communicate(timeout=self.sizes.deadline + 30)
+                except subprocess.TimeoutExpired:
+                    raise RuntimeError(f"{system.name} {run}: the pusher did not finish in time") from None
+                if popen.returncode != 0:
+                    raise RuntimeError(f"{system.name} {run}: pusher failed:\n{stderr[-3000:]}")
+                parts.append(json.loads(stdout.strip().splitlines()[-1]))
+        finally:
+            for popen in popens:
+                if popen.poll() is None:
+                    popen.kill()
+                    popen.wait(5)
+        pushed = {"sent": sum(p["sent"] for p in parts), "queue_full": sum(p["queue_full"] for p in parts),
+                  "t_start": min(p["t_start"] for p in parts), "t_end": max(p["t_end"] for p in parts),
+                  "cpu": sum(p["cpu"] for p in parts)}
         # Wait for deliveries: until all arrived, nothing arrived for `idle` s, or the deadline.
         deadline = time.monotonic() + self.sizes.deadline
         last_count, last_change = -1, time.monotonic()
@@ -456,15 +646,17 @@ class Bench:
             time.sleep(0.1)
         final = clients.report(run, latencies=True, ids=not broadcast)
         cpu1 = self.cpu_snapshot(system, clients)
+        info1 = system.redis_info(first=False)
         clients.forget(run)
         system.check_alive()
         lat = final.pop("lat")
         # Which pushes never arrived (user messages only): where in the run the losses were.
-        missing = sorted(set(range(pushed["sent"])) - set(final.pop("ids", range(pushed["sent"]))))
+        wanted = {i for off, p in zip(offsets, parts) for i in range(off, off + p["sent"])}
+        missing = sorted(wanted - set(final.pop("ids", wanted)))
         span = (final["last"] - pushed["t_start"]) if final["received"] else 0.0
-        return {
+        out = {
             "sent": pushed["sent"] * (clients.authed if broadcast else 1),
-            "pushed": pushed["sent"], "expected": expected, "delivered": final["received"],
+            "pushed": pushed["sent"], "pushers": n, "expected": expected, "delivered": final["received"],
             "dups": final["dups"], "closed_sockets": final["closed"],
             "delivered_ratio": final["received"] / max(1, pushed["sent"] * (clients.authed if broadcast else 1)),
             "push_seconds": pushed["t_end"] - pushed["t_start"], "queue_full": pushed["queue_full"],
@@ -472,10 +664,13 @@ class Bench:
             **latency_figures(lat),
             "missing": len(missing), "missing_first": missing[:20],
             "missing_deciles": [sum(1 for m in missing if m * 10 // max(1, pushed["sent"]) == d) for d in range(10)],
-            "cpu_servers": cpu1["servers"] - cpu0["servers"], "cpu_clients": cpu1["clients"] - cpu0["clients"],
-            "cpu_pusher": pushed["cpu"],
+            "cpu_servers": cpu1["servers"] - cpu0["servers"], "cpu_engine": cpu1["engine"] - cpu0["engine"],
+            "cpu_clients": cpu1["clients"] - cpu0["clients"], "cpu_pusher": pushed["cpu"],
             **({"lat": lat} if keep_latencies else {}),
         }
+        if info0 is not None and info1 is not None:
+            out["redis"] = redis_counts(info0, info1)
+        return out
 
     def latency_rounds(self, systems: dict[str, System]) -> dict[str, dict[str, Any]]:
         """W4 for every system, in alternating rounds; figures from the pooled latencies."""
@@ -575,38 +770,100 @@ class Bench:
             out["PUSH"] = json.loads(done.stdout.strip().splitlines()[-1])
         return out
 
+    def scale(self) -> dict[str, Any]:
+        """SCALE: W1 on the Redis engine with one host's pool, then with two hosts' pools
+        (each its own WebSocket servers and its own publisher process) on the same Redis.
+        Both set-ups are up at once, each with its own users and clients, and take turns
+        (one, two, two, one, ...) so that the machine's drift weighs on both."""
+        s = self.sizes
+        workdir = self.workdir / "scale"
+        workdir.mkdir(exist_ok=True)
+        host_a = Flow(workdir, self.secret, engine="redis", label="host-A")
+        host_b = Flow(workdir, self.secret, engine="redis", redis_of=host_a, label="host-B")
+        one, two = Hosts([host_a]), Hosts([host_a, host_b])
+        clients: dict[str, Clients] = {}
+        rounds: dict[str, list[dict[str, Any]]] = {"one_host": [], "two_hosts": []}
+        try:
+            host_a.start()
+            host_b.start()
+            n = s.clients
+            tokens = self.tokens(2 * n)
+            log(f"scale: {n} clients on host A's pool; {n} others spread over hosts A and B")
+            clients["one_host"] = self.clients(one, n, url=host_a.url)
+            split = Clients(self.args.client, [host_a.url, host_b.url], tokens[n:], max(2, self.args.client_procs),
+                            timeout=max(30.0, n / 50))
+            clients["two_hosts"] = split
+            if split.authed != n:
+                raise RuntimeError(f"scale: only {split.authed} of {n} clients authenticated")
+            systems = {"one_host": (one, 0), "two_hosts": (two, n)}
+            order = ["one_host", "two_hosts"]
+            for r in range(s.scale_rounds // 2):
+                for key in (order if r % 2 == 0 else order[::-1]):
+                    system, offset = systems[key]
+                    log(f"scale: {key.replace('_', ' ')}, round {r + 1}: {s.w1_count} pushes from "
+                        f"{len(system.pushers())} publisher process(es), flood")
+                    rounds[key].append(self.push_run(system, clients[key], f"S{key[0]}{r}", s.w1_count, n,
+                                                     user_offset=offset, keep_latencies=True))
+        finally:
+            for c in clients.values():
+                c.close()
+            log(f"scale: stopped (exit codes {two.stop()})")
+        return {key: pool_rounds(parts) for key, parts in rounds.items()}
+
     def run(self) -> int:
         wanted = set(self.args.only)
+        engines, persistence = self.args.engines, self.args.redis_persistence
+        redis_keys = {"none": "flow_redis", "aof": "flow_redis_aof"}
         plan: list[tuple[str, Callable[[], System], set[str], bool]] = []
         main = wanted & {"W1", "W2", "W3", "W4"}
         if main:
             plan.append(("reference", lambda: Reference(self.workdir, self.secret), main, False))
-        if main or "PUSH" in wanted:
+        if "zmq" in engines and (main or "PUSH" in wanted):
             plan.append(("flow", lambda: Flow(self.workdir, self.secret), main, "PUSH" in wanted))
-        if "W1off" in wanted:
+        if "zmq" in engines and "W1off" in wanted:
             plan.append(("flow_history_off", lambda: Flow(self.workdir, self.secret, FLOW_HISTORY_SIZE="0"),
                          {"W1"}, False))
+        if "redis" in engines:
+            for mode in persistence:
+                # What fsync costs shows in the rates and the tail; memory per socket does not
+                # depend on it, so the shipped configuration skips W3.
+                work = main if mode == "none" else main & {"W1", "W2", "W4"}
+                plan.append((redis_keys[mode], functools.partial(Flow, self.workdir, self.secret, engine="redis",
+                                                                 persistence=mode), work, False))
         started = time.monotonic()
+        self.source = source_digest()
+        self.load.append(load_now("start"))
         for key, make, workloads, pushcost in plan:
             if not (workloads - {"W4"}) and not pushcost:
                 continue
-            system = make().start()
+            system = make()
             try:
+                system.start()
                 self.results[key] = self.measure(system, workloads, pushcost)
             finally:
                 codes = system.stop()
                 log(f"{system.name}: stopped (exit codes {codes})")
+        if "SCALE" in wanted and "redis" in engines:
+            self.load.append(load_now("scale"))
+            self.results["scale"] = self.scale()
         if "W4" in wanted:
-            systems: dict[str, System] = {}
+            self.load.append(load_now("W4"))
+            (self.workdir / "w4").mkdir(exist_ok=True)
+            w4: dict[str, System] = {"reference": Reference(self.workdir / "w4", self.secret)}
+            if "zmq" in engines:
+                w4["flow"] = Flow(self.workdir / "w4", self.secret)
+            if "redis" in engines:
+                for mode in persistence:
+                    w4[redis_keys[mode]] = Flow(self.workdir / "w4", self.secret, engine="redis", persistence=mode)
             try:
-                (self.workdir / "w4").mkdir(exist_ok=True)
-                systems["reference"] = Reference(self.workdir / "w4", self.secret).start()
-                systems["flow"] = Flow(self.workdir / "w4", self.secret).start()
-                for key, result in self.latency_rounds(systems).items():
+                for system in w4.values():
+                    system.start()
+                for key, result in self.latency_rounds(w4).items():
                     self.results.setdefault(key, {})["W4"] = result
             finally:
-                for system in systems.values():
+                for system in w4.values():
                     log(f"{system.name}: stopped (exit codes {system.stop()})")
+        self.load.append(load_now("end"))
         self.results["meta"] = self.meta(time.monotonic() - started)
         print(render(self.results, self.args))
         if self.args.json:
@@ -634,7 +891,77 @@ class Bench:
                                      "bench/run.py", *sys.argv[1:]]),
                 "quick": self.args.quick, "client": self.args.client, "client_procs": self.args.client_procs,
                 "nproc": os.cpu_count(), "cpu": cpu, "python": platform.python_version(), "node": node,
-                "seconds": round(seconds, 1), "sizes": vars(self.sizes)}
+                "seconds": round(seconds, 1), "sizes": vars(self.sizes),
+                "engines": self.args.engines, "redis_persistence": self.args.redis_persistence,
+                "redis_server": redis_version(), "load": self.load, "source": self.source,
+                "source_changed_during_run": source_digest()["flowcore_sha1"] != self.source["flowcore_sha1"]}
+
+
+def source_digest() -> dict[str, Any]:
+    """Which code was measured: the commit, and a digest of flowcore/ as it was on disk
+    (a shared working tree changes under a run that takes minutes)."""
+    digest = hashlib.sha1()
+    for path in sorted((ROOT / "flowcore").rglob("*.py")):
+        digest.update(str(path.relative_to(ROOT)).encode() + b"\0" + path.read_bytes())
+    head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True)
+    dirty = subprocess.run(["git", "status", "--porcelain", "--", "flowcore"], cwd=ROOT, capture_output=True,
+                           text=True)
+    return {"commit": head.stdout.strip() or None, "flowcore_sha1": digest.hexdigest()[:12],
+            "flowcore_modified": bool(dirty.stdout.strip())}
+
+
+def redis_version() -> str | None:
+    binary = shutil.which("redis-server") or ("/usr/bin/redis-server" if os.path.exists("/usr/bin/redis-server")
+                                             else None)
+    if binary is None:
+        return None
+    done = subprocess.run([binary, "--version"], capture_output=True, text=True)
+    return done.stdout.strip()
+
+
+def redis_counts(before: dict[str, Any], after: dict[str, Any]) -> dict[str, Any]:
+    """What Redis did between two INFO snapshots: commands by name (those scripts call
+    included: Redis counts them in commandstats), client commands, CPU, bytes."""
+    calls, usec = {}, {}
+    for key, value in after.items():
+        if key.startswith("cmdstat_"):
+            name = key[len("cmdstat_"):]
+            # Connection set-up is not Flow's work, nor the bench's INFO (one counted).
+            if name.startswith("client") or name == "hello":
+                continue
+            n = value["calls"] - before.get(key, {}).get("calls", 0) - (1 if name == "info" else 0)
+            if n:
+                calls[name] = n
+                # Time inside the command; a script's includes the commands it called.
+                usec[name] = value["usec"] - before.get(key, {}).get("usec", 0)
+    cpu = ("used_cpu_sys", "used_cpu_user")
+    return {
+        "calls": dict(sorted(calls.items(), key=lambda kv: -kv[1])),
+        "all_calls": sum(calls.values()),
+        # Commands sent by clients that run a script (the publish script, the servers'
+        # position and history reads); the rest of "all" ran inside them, or are probes.
+        "script_calls": calls.get("evalsha", 0) + calls.get("eval", 0),
+        "commands_processed": after["total_commands_processed"] - before["total_commands_processed"],
+        "cpu_seconds": sum(after[k] for k in cpu) - sum(before[k] for k in cpu),
+        "net_input_bytes": after["total_net_input_bytes"] - before["total_net_input_bytes"],
+        "net_output_bytes": after["total_net_output_bytes"] - before["total_net_output_bytes"],
+        "usec": dict(sorted(usec.items(), key=lambda kv: -kv[1])),
+        "used_memory": after["used_memory"], "aof_enabled": after.get("aof_enabled"),
+        "pubsub_channels": after.get("pubsub_channels"),
+        # An append-only file rewrite (a fork) in the middle of a run shows in its tail.
+        "forks": after.get("total_forks", 0) - before.get("total_forks", 0),
+        "latest_fork_usec": after.get("latest_fork_usec"),
+        "aof_current_size": after.get("aof_current_size"),
+        # The longest stall of each kind Redis's latency monitor saw (ms; > LATENCY_THRESHOLD_MS).
+        "latency_max_ms": after.get("latency_latest", {}),
+    }
+
+
+def load_now(when: str) -> dict[str, Any]:
+    """The machine's load average at a point of the run: other work on a shared machine
+    moves every figure."""
+    one, five, fifteen = os.getloadavg()
+    return {"at": when, "time": time.strftime("%H:%M:%S"), "load1": one, "load5": five, "load15": fifteen}
 
 
 def latency_figures(lat: list[float]) -> dict[str, float | None]:
@@ -648,20 +975,44 @@ def pool_rounds(parts: list[dict[str, Any]]) -> dict[str, Any]:
     """One W4 result from its rounds: counts and CPU summed, percentiles of all latencies."""
     lat = sorted(x for p in parts for x in p.pop("lat"))
     summed = ("sent", "pushed", "expected", "delivered", "dups", "closed_sockets", "queue_full",
-              "missing", "push_seconds", "span_seconds", "cpu_servers", "cpu_clients", "cpu_pusher")
+              "missing", "push_seconds", "span_seconds", "cpu_servers", "cpu_engine", "cpu_clients",
+              "cpu_pusher")
     out: dict[str, Any] = {k: sum(p[k] for p in parts) for k in summed}
     out.update(
+        pushers=parts[0]["pushers"] if parts else 0,
         delivered_ratio=out["delivered"] / max(1, out["sent"]),
         rate=out["delivered"] / out["span_seconds"] if out["span_seconds"] > 0 else 0.0,
         **latency_figures(lat),
-        rounds=[{k: p[k] for k in ("delivered", "sent", "p50_ms", "p99_ms")} for p in parts],
+        rounds=[{k: p[k] for k in ("delivered", "sent", "rate", "p50_ms", "p99_ms")} for p in parts],
     )
+    if parts and all("redis" in p for p in parts):
+        redis_parts = [p["redis"] for p in parts]
+        calls: dict[str, int] = {}
+        usec: dict[str, int] = {}
+        for r in redis_parts:
+            for name, n in r["calls"].items():
+                calls[name] = calls.get(name, 0) + n
+            for name, n in r.get("usec", {}).items():
+                usec[name] = usec.get(name, 0) + n
+        out["redis"] = {
+            **{k: sum(r[k] for r in redis_parts) for k in ("all_calls", "script_calls", "commands_processed", "cpu_seconds",
+                                                           "net_input_bytes", "net_output_bytes")},
+            "calls": dict(sorted(calls.items(), key=lambda kv: -kv[1])),
+            "usec": dict(sorted(usec.items(), key=lambda kv: -kv[1])),
+            "forks": sum(r.get("forks", 0) for r in redis_parts),
+            "latency_max_ms": {e: max(r.get("latency_max_ms", {}).get(e, 0) for r in redis_parts)
+                               for e in sorted({e for r in redis_parts for e in r.get("latency_max_ms", {})})},
+            "latency_max_ms_by_round": [r.get("latency_max_ms", {}) for r in redis_parts],
+            "forks_by_round": [r.get("forks", 0) for r in redis_parts],
+            **{k: redis_parts[-1].get(k) for k in ("used_memory", "aof_enabled", "pubsub_channels",
+                                                    "latest_fork_usec", "aof_current_size")},
+        }
     return out
 
 
 def flow_losses(results: dict[str, Any]) -> list[str]:
     lost = []
-    for key in ("flow", "flow_history_off"):
+    for key in [k for k in results if k.startswith("flow") or k == "scale"]:
         for w, r in results.get(key, {}).items():
             if isinstance(r, dict) and "delivered" in r and (r["delivered"] < r["sent"] or r["dups"]):
                 lost.append(f"{key} {w}: delivered {r['delivered']} of {r['sent']}, {r['dups']} duplicates")
@@ -792,7 +1143,176 @@ def render(results: dict[str, Any], args: argparse.Namespace) -> str:
                                 f"pusher {r['cpu_pusher']:.1f} CPU s over {r['span_seconds']:.1f} s")
     if cpu_rows:
         lines += ["", "CPU seconds (servers = proxy + WebSocket processes):", *cpu_rows]
+    redis_lines = render_redis(results)
+    if redis_lines:
+        lines += ["", *redis_lines]
+    load = meta.get("load") or []
+    if load:
+        lines += ["", "load average (1 min) at " + ", ".join(f"{x['at']} {x['load1']:.2f}" for x in load)]
+    src = meta.get("source") or {}
+    if src:
+        lines.append(f"code: commit {src.get('commit')}, flowcore/ digest {src.get('flowcore_sha1')}"
+                     + (" (uncommitted changes)" if src.get("flowcore_modified") else "")
+                     + (" - CHANGED DURING THE RUN" if meta.get("source_changed_during_run") else ""))
     return "\n".join(lines)
+
+
+def table(header: tuple[str, ...], rows: Sequence[tuple[str, ...]]) -> list[str]:
+    widths = [max(len(r[i]) for r in [*rows, header]) for i in range(len(header))]
+    return ["  ".join(h.ljust(w) for h, w in zip(header, widths)).rstrip(),
+            "  ".join("-" * w for w in widths),
+            *("  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows)]
+
+
+def render_redis(results: dict[str, Any]) -> list[str]:
+    """The Redis engine's figures: against the reference, and against the ZeroMQ engine
+    of the same run (the issue's targets are against ZeroMQ); then SCALE."""
+    ref, zmq_ = results.get("reference", {}), results.get("flow", {})
+    red, aof = results.get("flow_redis", {}), results.get("flow_redis_aof", {})
+    scale = results.get("scale")
+    if not (red or aof or scale):
+        return []
+    rows: list[tuple[str, ...]] = []
+
+    def fmt(value: float | None, spec: str) -> str:
+        return "-" if value is None else format(value, spec)
+
+    def ratio(a: float | None, b: float | None) -> str:
+        return "-" if not a or not b else f"{a / b:.2f}x"
+
+    def get(d: dict[str, Any], w: str, k: str) -> Any:
+        return (d.get(w) or {}).get(k)
+
+    def delivered(r: dict[str, Any] | None) -> str:
+        if not r:
+            return "-"
+        text = f"{100 * r['delivered_ratio']:.2f}%"
+        if r["delivered"] < r["sent"]:
+            text += f" LOST {r['sent'] - r['delivered']}"
+        if r["dups"]:
+            text += f" DUP {r['dups']}"
+        return text
+
+    def complete(r: dict[str, Any] | None) -> bool | None:
+        return None if not r else r["delivered"] == r["sent"] and not r["dups"]
+
+    def verdicts(**oks: bool | None) -> str:
+        return ", ".join(f"{k}: {'met' if ok else 'NOT MET'}" for k, ok in oks.items() if ok is not None)
+
+    def per_msg(r: dict[str, Any] | None, key: str = "cpu_servers") -> float | None:
+        return r[key] * 1e6 / r["delivered"] if r and r.get("delivered") else None
+
+    def ops(r: dict[str, Any] | None, key: str) -> float | None:
+        return r["redis"][key] / r["delivered"] if r and r.get("redis") and r.get("delivered") else None
+
+    def row(name: str, f: Callable[[dict[str, Any] | None], str], w: str, vs: bool = True,
+            value: Callable[[dict[str, Any] | None], float | None] | None = None, target: str = "",
+            ok: str = "") -> None:
+        r, z, n, a = ref.get(w), zmq_.get(w), red.get(w), aof.get(w)
+        v = value or (lambda _: None)
+        rows.append((name, f(r), f(z), f(n), ratio(v(n), v(r)) if vs else "", ratio(v(n), v(z)) if vs else "",
+                     f(a), ratio(v(a), v(z)) if vs else "", target, ok))
+
+    def num(key: str, spec: str) -> tuple[Callable[[Any], str], Callable[[Any], float | None]]:
+        return (lambda r: fmt(r and r.get(key), spec)), (lambda r: r and r.get(key))
+
+    def cpu(key: str) -> tuple[Callable[[Any], str], Callable[[Any], float | None]]:
+        return (lambda r: fmt(per_msg(r, key), ".1f")), (lambda r: per_msg(r, key))
+
+    def stalls(r: dict[str, Any] | None) -> str:
+        if not (r and r.get("redis")):
+            return "-"
+        events = r["redis"].get("latency_max_ms") or {}
+        return " ".join(f"{e} {ms}" for e, ms in events.items()) or "none"
+
+    if "W1" in red or "W1" in aof:
+        row("W1 delivered/sent", delivered, "W1", vs=False, target="100%",
+            ok=verdicts(redis=complete(red.get("W1")), aof=complete(aof.get("W1"))))
+        f, v = num("rate", ",.0f")
+        zr = get(zmq_, "W1", "rate")
+        row("W1 msgs/s delivered", f, "W1", value=v, target=">= 0.5x zmq",
+            ok=verdicts(redis=None if not (zr and red.get("W1")) else red["W1"]["rate"] >= zr / 2,
+                        aof=None if not (zr and aof.get("W1")) else aof["W1"]["rate"] >= zr / 2))
+        row("W1 p50 / p99 ms", lambda r: "-" if not r else f"{r['p50_ms']:.1f} / {r['p99_ms']:.1f}", "W1", vs=False)
+        f, v = cpu("cpu_servers")
+        row("W1 server CPU us/msg (all)", f, "W1", value=v)
+        f, v = cpu("cpu_engine")
+        row("W1 of which proxy/redis-server", f, "W1", value=v)
+        row("W1 push calls/s (pusher)", lambda r: fmt(r["pushed"] / r["push_seconds"] if r else None, ",.0f"),
+            "W1", vs=False)
+        row(f"W1 Redis stalls > {LATENCY_THRESHOLD_MS} ms (max ms)", stalls, "W1", vs=False)
+        row("W1 Redis commands/msg (all | scripts)",
+            lambda r: "-" if not (r and r.get("redis")) else f"{ops(r, 'all_calls'):.2f} | {ops(r, 'script_calls'):.3f}",
+            "W1", vs=False)
+    if "W2" in red or "W2" in aof:
+        row("W2 delivered/sent", delivered, "W2", vs=False, target="100%",
+            ok=verdicts(redis=complete(red.get("W2")), aof=complete(aof.get("W2"))))
+        f, v = num("rate", ",.0f")
+        row("W2 deliveries/s", f, "W2", value=v)
+        f, v = cpu("cpu_servers")
+        row("W2 server CPU us/delivery", lambda r: fmt(per_msg(r), ".2f"), "W2", value=v)
+    if "W3" in red:
+        f, v = num("kib_per_connection", ".1f")
+        row(f"W3 KiB/connection ({red['W3']['clients']} idle)", f, "W3", value=v)
+        each = red["W3"].get("kib_per_connection_each", {})
+        rows.append(("W3 of which redis-server", "-", "-", fmt(each.get("redis"), ".2f"), "", "", "-", "", "", ""))
+    if "W4" in red or "W4" in aof:
+        row("W4 delivered/sent", delivered, "W4", vs=False, target="100%",
+            ok=verdicts(redis=complete(red.get("W4")), aof=complete(aof.get("W4"))))
+        for key, label in (("p50_ms", "p50"), ("p90_ms", "p90")):
+            f, v = num(key, ".2f")
+            row(f"W4 {label} ms", f, "W4", value=v)
+        f, v = num("p99_ms", ".2f")
+        row(f"W4 p99 ms", f, "W4", value=v, target="< 10 ms",
+            ok=verdicts(redis=None if not red.get("W4") else red["W4"]["p99_ms"] < 10,
+                        aof=None if not aof.get("W4") else aof["W4"]["p99_ms"] < 10))
+        f, v = num("p999_ms", ".2f")
+        row("W4 p99.9 ms", f, "W4", value=v)
+        f, v = cpu("cpu_servers")
+        row("W4 server CPU us/msg (all)", f, "W4", value=v)
+        f, v = cpu("cpu_engine")
+        row("W4 of which proxy/redis-server", f, "W4", value=v)
+        row("W4 Redis commands/msg (all | scripts)",
+            lambda r: "-" if not (r and r.get("redis")) else f"{ops(r, 'all_calls'):.2f} | {ops(r, 'script_calls'):.3f}",
+            "W4", vs=False)
+        row("W4 p99 ms, round by round", lambda r: "-" if not r else " ".join(f"{x['p99_ms']:.1f}" for x in r["rounds"]),
+            "W4", vs=False)
+        row(f"W4 Redis stalls > {LATENCY_THRESHOLD_MS} ms (max ms)", stalls, "W4", vs=False)
+    lines = ["Redis engine (redis: redis-server without persistence; aof: as shipped, appendfsync everysec):",
+             *table(("measure", "reference", "zmq", "redis", "vs ref", "vs zmq", "redis aof", "aof vs zmq",
+                     "target", ""), rows)]
+    if scale:
+        one, two = scale["one_host"], scale["two_hosts"]
+        srows = [
+            ("delivered/sent", delivered(one), delivered(two), "", "100%",
+             verdicts(one=complete(one), two=complete(two))),
+            ("msgs/s delivered", fmt(one["rate"], ",.0f"), fmt(two["rate"], ",.0f"), ratio(two["rate"], one["rate"]),
+             "", ""),
+            ("msgs/s, round by round", " ".join(f"{x['rate']:,.0f}" for x in one["rounds"]),
+             " ".join(f"{x['rate']:,.0f}" for x in two["rounds"]), "", "", ""),
+            ("p50 / p99 ms", f"{one['p50_ms']:.1f} / {one['p99_ms']:.1f}", f"{two['p50_ms']:.1f} / {two['p99_ms']:.1f}",
+             "", "", ""),
+            ("server CPU us/msg (all)", fmt(per_msg(one), ".1f"), fmt(per_msg(two), ".1f"),
+             ratio(per_msg(two), per_msg(one)), "", ""),
+            ("of which redis-server", fmt(per_msg(one, "cpu_engine"), ".1f"), fmt(per_msg(two, "cpu_engine"), ".1f"),
+             ratio(per_msg(two, "cpu_engine"), per_msg(one, "cpu_engine")), "", ""),
+            ("pusher CPU us/msg", fmt(per_msg(one, "cpu_pusher"), ".1f"), fmt(per_msg(two, "cpu_pusher"), ".1f"),
+             ratio(per_msg(two, "cpu_pusher"), per_msg(one, "cpu_pusher")), "", ""),
+        ]
+        lines += ["", "SCALE: W1 on one Redis (no persistence), one host's pool (2 WebSocket servers, 1 publisher) "
+                      "against two hosts' (2 + 2 servers, 2 publishers):",
+                  *table(("measure", "one host", "two hosts", "ratio", "target", ""), srows)]
+    cpu_rows = []
+    for key, label in (("flow_redis", "redis"), ("flow_redis_aof", "redis aof")):
+        for w in ("W1", "W2", "W4"):
+            r = results.get(key, {}).get(w)
+            if r:
+                cpu_rows.append(f"  {w} {label}: servers {r['cpu_servers']:.1f} (redis-server {r['cpu_engine']:.1f}), "
+                                f"clients {r['cpu_clients']:.1f}, pusher {r['cpu_pusher']:.1f} CPU s "
+                                f"over {r['span_seconds']:.1f} s")
+    if cpu_rows:
+        lines += ["", "CPU seconds (servers = redis-server + WebSocket processes):", *cpu_rows]
+    return lines
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -801,6 +1321,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--only", type=lambda s: [w.strip() for w in s.split(",") if w.strip()],
                         default=list(WORKLOADS), help=f"comma-separated subset of {','.join(WORKLOADS)}")
     parser.add_argument("--json", help="also write all results to this file")
+    parser.add_argument("--engines", type=lambda s: [e.strip() for e in s.split(",") if e.strip()],
+                        default=list(ENGINES), help=f"comma-separated engines to run Flow on (default: {','.join(ENGINES)})")
+    parser.add_argument("--redis-persistence", type=lambda s: [e.strip() for e in s.split(",") if e.strip()],
+                        default=list(PERSISTENCE),
+                        help="the Redis engine's redis-server: none (no persistence: W1-W4), aof (as shipped, "
+                             "appendfsync always: W1, W2, W4); default none,aof")
     parser.add_argument("--client", choices=("auto", "node", "python"), default="auto",
                         help="load client: Node's ws (bench/client.js) or plain Python (default: node if installed)")
     parser.add_argument("--client-procs", type=int, default=0, help="load-client processes (default: node 1, python 2)")
@@ -809,6 +1335,10 @@ def main(argv: list[str] | None = None) -> int:
     unknown = set(args.only) - set(WORKLOADS)
     if unknown:
         parser.error(f"unknown workload(s) {', '.join(sorted(unknown))}; choose from {', '.join(WORKLOADS)}")
+    if set(args.engines) - set(ENGINES) or not args.engines:
+        parser.error(f"--engines: choose from {', '.join(ENGINES)}")
+    if set(args.redis_persistence) - set(PERSISTENCE) or not args.redis_persistence:
+        parser.error(f"--redis-persistence: choose from {', '.join(PERSISTENCE)}")
     if args.client in ("auto", "node"):
         have = node_client_available() if args.no_install else install_node_client()
         if args.client == "node" and not have:

@@ -1,9 +1,11 @@
 """The benchmark still runs (bench/run.py --quick): tiny sizes, so it cannot rot.
 
 Figures from a quick run mean nothing; what is checked is that every workload completes
-against both the reference relay and Flow, the table is printed, and Flow delivered every
-message it accepted. The load client is Node's `ws` when bench/node_modules has it, else
-the plain-Python client; the Python client is also run on its own so neither rots.
+against the reference relay and Flow on both engines (the Redis engine without
+persistence and as shipped, and SCALE's two hosts on one Redis), the tables are printed,
+and Flow delivered every message it accepted. The load client is Node's `ws` when
+bench/node_modules has it, else the plain-Python client; the Python client is also run
+on its own so neither rots.
 """
 
 from __future__ import annotations
@@ -30,7 +32,7 @@ def run_bench(tmp_path: Path, *args: str) -> tuple[str, dict]:
 
 
 def assert_flow_delivered_everything(results: dict, workloads: tuple[str, ...]) -> None:
-    for key in ("flow", "flow_history_off"):
+    for key in ("flow", "flow_history_off", "flow_redis", "flow_redis_aof", "scale"):
         for w in workloads:
             r = results.get(key, {}).get(w)
             if r is None:
@@ -49,18 +51,32 @@ def test_quick_bench_runs_every_workload(tmp_path: Path) -> None:
     assert set(results["flow"]) == {"W1", "W2", "W3", "W4", "PUSH"}
     assert set(results["reference"]) == {"W1", "W2", "W3", "W4"}
     assert set(results["flow_history_off"]) == {"W1"}
-    assert_flow_delivered_everything(results, ("W1", "W2", "W4"))
-    for key in ("reference", "flow"):
+    assert set(results["flow_redis"]) == {"W1", "W2", "W3", "W4"}
+    assert set(results["flow_redis_aof"]) == {"W1", "W2", "W4"}
+    assert set(results["scale"]) == {"one_host", "two_hosts"}
+    assert_flow_delivered_everything(results, ("W1", "W2", "W4", "one_host", "two_hosts"))
+    # The Redis side really ran on Redis, each configuration as it says: Redis counted
+    # a PUBLISH per message, and the shipped one had its append-only file on.
+    for key, aof in (("flow_redis", 0), ("flow_redis_aof", 1)):
+        redis = results[key]["W1"]["redis"]
+        assert redis["calls"]["publish"] >= results[key]["W1"]["pushed"], redis
+        assert redis["aof_enabled"] == aof, redis
+    assert results["scale"]["two_hosts"]["pushers"] == 2
+    for label in ("Redis engine", "vs zmq", "SCALE", "two hosts"):
+        assert label in stdout, stdout
+    for key in ("reference", "flow", "flow_redis"):
         assert results[key]["W3"]["clients"] > 0
         assert results[key]["W3"]["refused"] == 0
     # As in production: W3's clients reach Flow's pool through the shipped nginx.
     assert results["flow"]["W3"]["through"] == "nginx"
+    assert results["flow_redis"]["W3"]["through"] == "nginx"
     push = results["flow"]["PUSH"]
     assert push["flow_push"] > 0 and push["raw_send"] > 0
 
 
 def test_quick_bench_with_the_python_client(tmp_path: Path) -> None:
-    stdout, results = run_bench(tmp_path, "--client", "python", "--only", "W1,W2")
+    stdout, results = run_bench(tmp_path, "--client", "python", "--only", "W1,W2", "--redis-persistence", "none")
     assert "W1 delivered/sent" in stdout and "W2 deliveries/s" in stdout, stdout
     assert results["meta"]["client"] == "python"
+    assert set(results["flow_redis"]) == {"W1", "W2"} and "flow_redis_aof" not in results
     assert_flow_delivered_everything(results, ("W1", "W2"))
