@@ -391,24 +391,12 @@ def push(username: str, message_id: str, data: Any = None) -> None:
 
 def push_all(message_id: str, data: Any = None) -> None:
     """Push to every authenticated socket (see :meth:`Flow.push_all`)."""
-    publisher = _get_default()
-    try:
-        publisher.push_all(message_id, data)
-    except RuntimeError:
-        if publisher is _default:
-            raise
-        _get_default().push_all(message_id, data)
+    _call_default("push_all", message_id, data)
 
 
 def publish(channel: str, message_id: str, data: Any = None) -> None:
     """Publish to every socket subscribed to ``channel`` (see :meth:`Flow.publish`)."""
-    publisher = _get_default()
-    try:
-        publisher.publish(channel, message_id, data)
-    except RuntimeError:
-        if publisher is _default:
-            raise
-        _get_default().publish(channel, message_id, data)
+    _call_default("publish", channel, message_id, data)
 
 
 def disconnect(username: str) -> None:
@@ -422,6 +410,7 @@ def unsubscribe(username: str, channel: str) -> None:
 
 
 def _call_default(method: str, *args: Any) -> None:
+    """``method`` of the default publisher (:func:`push` is the same, spelled out for speed)."""
     publisher = _get_default()
     try:
         getattr(publisher, method)(*args)

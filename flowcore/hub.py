@@ -235,13 +235,7 @@ class Hub:
             return
         state.sessions = tuple(s for s in state.sessions if s is not session)
         if not state.sessions and state is not self.broadcast:
-            del self.streams[state.name]
-            if not self.closed:
-                self.engine.unsubscribe(state.name)
-            # Joins still waiting for this stream end (and see their socket closed).
-            for waiter in state.waiters or ():
-                if not waiter.done():
-                    waiter.set_result(None)
+            self._drop_stream(state)
 
     # -- channels
 
@@ -277,12 +271,17 @@ class Hub:
         sub.state = None
         state.subscribers = tuple(s for s in state.subscribers if s is not sub)
         if not state.subscribers and self.streams.get(state.name) is state:
-            del self.streams[state.name]
-            if not self.closed:
-                self.engine.unsubscribe(state.name)
-            for waiter in state.waiters or ():
-                if not waiter.done():
-                    waiter.set_result(None)
+            self._drop_stream(state)
+
+    def _drop_stream(self, state: StreamState) -> None:
+        """The last receiver of ``state`` left: stop receiving it upstream."""
+        del self.streams[state.name]
+        if not self.closed:
+            self.engine.unsubscribe(state.name)
+        # Joins still waiting for this stream end (and see their socket closed).
+        for waiter in state.waiters or ():
+            if not waiter.done():
+                waiter.set_result(None)
 
     # -- fan-out (EngineSink)
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import sys
+import time
 from typing import Any, Coroutine
 
 from .settings import Settings, SettingsError, load_settings
@@ -104,3 +105,24 @@ def spawn(coro: Coroutine[Any, Any, None], tasks: "set[asyncio.Task[None]]", log
             log.error("%s failed", what, exc_info=task.exception())
 
     task.add_done_callback(done)
+
+
+class Throttled:
+    """A warning logged at most once per ``interval`` seconds, with the count it stood for:
+    bad input that arrives in floods (from an engine's far side) is one line, not one per item."""
+
+    def __init__(self, logger: logging.Logger, text: str, interval: float = 30.0) -> None:
+        self.logger = logger
+        self.text = text
+        self.interval = interval
+        self.count = 0
+        self.next_at = 0.0
+
+    def warn(self, detail: object) -> None:
+        self.count += 1
+        now = time.monotonic()
+        if now >= self.next_at:
+            more = f" ({self.count - 1} more since the last warning)" if self.count > 1 else ""
+            self.logger.warning("%s: %s%s", self.text, detail, more)
+            self.count = 0
+            self.next_at = now + self.interval

@@ -57,6 +57,7 @@ from redis.retry import Retry
 
 from .. import protocol
 from ..engine import EngineSink, Position, QueueFull, StreamHistory
+from ..runtime import Throttled
 from ..settings import Settings, redact_url
 
 log = logging.getLogger("flow.engine.redis")
@@ -228,24 +229,6 @@ return out
 """
 
 
-class _Throttled:
-    """A warning logged at most once per WARNING_INTERVAL, with the count it stood for."""
-
-    def __init__(self, text: str) -> None:
-        self.text = text
-        self.count = 0
-        self.next_at = 0.0
-
-    def warn(self, detail: object) -> None:
-        self.count += 1
-        now = time.monotonic()
-        if now >= self.next_at:
-            more = f" ({self.count - 1} more since the last warning)" if self.count > 1 else ""
-            log.warning("%s: %s%s", self.text, detail, more)
-            self.count = 0
-            self.next_at = now + WARNING_INTERVAL
-
-
 def _epoch_seed() -> str:
     # Hex only: epochs are spliced into JSON unescaped and end at a space on the channel.
     return secrets.token_hex(5) + "-"
@@ -399,7 +382,8 @@ class RedisPublisherEngine:
         self._script: Any = None
         self._durable = ""
         self._down_since: float | None = None
-        self._failures = _Throttled(f"publishing to Redis at {self.endpoint} failed; retrying")
+        self._failures = Throttled(log, f"publishing to Redis at {self.endpoint} failed; retrying",
+                                   WARNING_INTERVAL)
 
     # ---------------------------------------------------------------- the caller's side
 
@@ -642,8 +626,8 @@ class RedisServerEngine:
         self._closed = False
         self._outage_since: float | None = None
         self._policy_checked = False
-        self._bad_message = _Throttled("dropped a malformed message from Redis")
-        self._read_failed = _Throttled(f"reading from Redis at {self.endpoint} failed")
+        self._bad_message = Throttled(log, "dropped a malformed message from Redis", WARNING_INTERVAL)
+        self._read_failed = Throttled(log, f"reading from Redis at {self.endpoint} failed", WARNING_INTERVAL)
 
     # ---------------------------------------------------------------- lifecycle
 

@@ -25,6 +25,7 @@ import zmq
 
 from .. import compat, protocol
 from ..engine import EngineSink, Position, QueueFull, StreamHistory
+from ..runtime import Throttled
 from ..settings import Settings, parse_endpoint
 
 log = logging.getLogger("flow.engine.zmq")
@@ -304,24 +305,6 @@ def _never_finalize(kept: object) -> None:
     ctypes.pythonapi.Py_IncRef(ctypes.py_object(kept))
 
 
-class _Throttled:
-    """A warning logged at most once per WARNING_INTERVAL, with the count it stood for."""
-
-    def __init__(self, text: str) -> None:
-        self.text = text
-        self.count = 0
-        self.next_at = 0.0
-
-    def warn(self, detail: object) -> None:
-        self.count += 1
-        now = time.monotonic()
-        if now >= self.next_at:
-            more = f" ({self.count - 1} more since the last warning)" if self.count > 1 else ""
-            log.warning("%s: %s%s", self.text, detail, more)
-            self.count = 0
-            self.next_at = now + WARNING_INTERVAL
-
-
 class _Subscription:
     __slots__ = ("name", "epoch")
 
@@ -365,8 +348,8 @@ class ZmqServerEngine:
         self._control_due = False
         self._task: asyncio.Task[None] | None = None
         self._closed = False
-        self._bad_delivery = _Throttled("dropped a malformed delivery from the proxy")
-        self._bad_reply = _Throttled("ignored a bad control reply from the proxy")
+        self._bad_delivery = Throttled(log, "dropped a malformed delivery from the proxy", WARNING_INTERVAL)
+        self._bad_reply = Throttled(log, "ignored a bad control reply from the proxy", WARNING_INTERVAL)
 
     # ---------------------------------------------------------------- lifecycle
 
