@@ -20,8 +20,8 @@ from typing import Any, AsyncIterator, Callable, Coroutine, Iterator
 
 from . import protocol
 from .engine import Position, ServerEngine
-from .session import ChannelJoin, ChannelSub, JoinRequest, JoinResult, Session
-from .runtime import spawn
+from .session import SUB_GONE, ChannelJoin, ChannelSub, JoinRequest, JoinResult, Session
+from .runtime import Throttled, spawn
 from .settings import Settings
 
 log = logging.getLogger("flow.websocket")
@@ -133,6 +133,7 @@ class Hub:
         self.tasks: set[asyncio.Task[None]] = set()
         self.timers: "Timers | None" = None
         self.closed = False
+        self.forged = Throttled(log, "dropped messages the engine never numbered")
 
     async def start(self) -> None:
         await self.engine.start(self)
@@ -242,6 +243,8 @@ class Hub:
     async def subscribe_channel(self, sub: ChannelSub, since: Position | None) -> ChannelJoin | None:
         """Attach ``sub`` to its channel's stream; where delivery continues and what a
         ``since`` is owed. None when the engine could not say where the channel stands."""
+        if sub.stage == SUB_GONE:
+            return None  # unsubscribed or closed before its turn came: nothing to attach
         name = sub.stream
         state = self.streams.get(name)
         if state is None:
@@ -326,6 +329,7 @@ class Hub:
             if op == "disconnect":
                 session.close(protocol.CLOSE_DISCONNECTED, "disconnected by the application")
             elif op == "unsubscribe":
+                session.cancel_pending(command["channel"])
                 sub = session.channels.get(command["channel"])
                 if sub is not None:
                     session.drop_channel(sub, "unsubscribed", resubscribe=False)
@@ -446,12 +450,15 @@ class Hub:
                 held = state.held
                 if held and held[0][0] <= state.seq + 1:
                     break  # what was held continues from here
+                # Held before the question: the engine had numbered them when it answered.
+                asked_after = {id(entry) for entry in held or ()}
                 answer = await self.engine.history({name: (state.seq, epoch)}, PAGE_BYTES)
                 if state.held is None or state.epoch != epoch or self.streams.get(name) is not state:
                     return  # the epoch changed or the stream went meanwhile: handled there
                 stream = None if answer is None else answer.get(name)
                 if stream is not None and stream.epoch == epoch:
                     engine_head = max(engine_head, stream.seq)
+                    self._drop_forged(state, asked_after, stream.seq)
                 if stream is None or stream.messages is None or stream.epoch != epoch:
                     raise LookupError(name)
                 before = state.seq
@@ -471,7 +478,9 @@ class Hub:
                         name, state.seq)
             # Numbering goes on from the engine's head: the sockets that missed the rest
             # are closed, and sockets that join later start from there.
-            head = max([state.seq, engine_head, *(seq for seq, _, _ in state.held or ())])
+            # Never from what was held: a message beyond every head the engine reported did not
+            # come from it, and would make every real message after it look like a copy.
+            head = max(state.seq, engine_head)
             state.held, state.held_bytes = None, 0
             self._close_all(state, "messages lost")
             state.seq = head
@@ -480,6 +489,19 @@ class Hub:
         for seq, held_epoch, wire in held or ():
             self.on_message(name, seq, held_epoch, wire)
         self.flush()
+
+    def _drop_forged(self, state: StreamState, asked_after: set[int], head: int) -> None:
+        """Held messages that were here before a history question, numbered beyond the head
+        its answer reports: the engine never numbered them (a forged or corrupt delivery,
+        from whoever else can write to a shared Redis). Dropped, with one warning."""
+        held = state.held
+        if not held or not asked_after:
+            return
+        kept = [entry for entry in held if entry[0] <= head or id(entry) not in asked_after]
+        if len(kept) != len(held):
+            self.forged.warn(f"stream {state.name!r}: {len(held) - len(kept)} beyond the engine's head {head}")
+            state.held = kept
+            state.held_bytes = sum(len(wire) for _, _, wire in kept)
 
     async def _audits(self) -> None:
         while True:

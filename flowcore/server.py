@@ -27,7 +27,7 @@ from . import compat, protocol
 from .engine import server_engine
 from .hub import Hub, Timers
 from .proxy import WarningLimiter
-from .session import CLOSED, SUB_RESUMING, JoinRequest, Session, SubscribeRequest
+from .session import CLOSED, SUB_GONE, SUB_RESUMING, JoinRequest, Session, SubscribeRequest
 from .runtime import spawn
 from .settings import Settings
 from .tokens import TokenVerifier
@@ -356,6 +356,8 @@ class Server:
         `since` is owed under back-pressure, then live delivery (PROTOCOL.md section 9)."""
         sub = request.sub
         result = await self.hub.subscribe_channel(sub, request.since)
+        if sub.stage == SUB_GONE:
+            return  # unsubscribed or closed meanwhile: nothing to say
         if result is None:
             client_log.warning("%s (%s): the engine is not answering, subscription to %r refused",
                                session.peer, session.username, sub.name)

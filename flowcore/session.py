@@ -201,7 +201,8 @@ class Session:
         self.grants = channels.Grants.NONE
         self.channels: dict[str, ChannelSub] = {}
         # SUBSCRIBEs (AUTH's `subscribe` included) waiting for AUTH OK, in order.
-        self.pending: list[protocol.Subscribe] = []
+        # (frame, whether a refusal costs against the rate limit: not for AUTH's own map).
+        self.pending: list[tuple[protocol.Subscribe, bool]] = []
         self.channel_deadline: float | None = None  # the earliest subscription token's expiry
         self._next_grants = channels.Grants.NONE  # what the token _verify accepted grants
 
@@ -303,7 +304,7 @@ class Session:
         self.attempts = 0
         self.stage = JOINING
         self.held = []
-        self.pending.extend(frame.subscribe)
+        self.pending.extend((entry, False) for entry in frame.subscribe)
         wanted = {k: v for k, v in frame.resume.items() if k == self.username or k == protocol.BROADCAST}
         return JoinRequest(self.username, wanted)
 
@@ -392,6 +393,7 @@ class Session:
             self._refuse("authenticate first: channels are for authenticated sockets")
             return None
         if isinstance(frame, protocol.Unsubscribe):
+            self.cancel_pending(frame.channel)
             sub = self.channels.get(frame.channel)
             if sub is not None:
                 self.drop_channel(sub)
@@ -401,26 +403,32 @@ class Session:
             self._refuse("presence is not available in this version")
             return None
         if self.stage == JOINING:
-            self.pending.append(frame)  # answered once AUTH OK is out
+            self.pending.append((frame, True))  # answered once AUTH OK is out
             return None
         return self.subscribe(frame)
 
-    def subscribe(self, frame: protocol.Subscribe) -> SubscribeRequest | None:
-        """Decide a SUBSCRIBE: a refusal is answered here; a grant becomes a request."""
+    def cancel_pending(self, channel: str) -> None:
+        """Forget a SUBSCRIBE still waiting for AUTH OK (an UNSUBSCRIBE came first)."""
+        self.pending = [entry for entry in self.pending if entry[0].channel != channel]
+
+    def subscribe(self, frame: protocol.Subscribe, charge: bool = True) -> SubscribeRequest | None:
+        """Decide a SUBSCRIBE: a refusal is answered here; a grant becomes a request.
+        ``charge``: a refusal costs like an error frame against the rate limit (not for
+        AUTH's own `subscribe` map, which a page sends again at every reconnect)."""
         name, ref = frame.channel, frame.ref
         if self.stage not in (RESUMING, OPEN):
             return None
         if name in self.channels:
-            self._subscribe_failed(name, "already_subscribed", False, ref)
+            self._subscribe_failed(name, "already_subscribed", False, ref, charge=charge)
             return None
         if len(self.channels) >= self.settings.max_channels:
-            self._subscribe_failed(name, "limit", False, ref)
+            self._subscribe_failed(name, "limit", False, ref, charge=charge)
             return None
         assert self.username is not None
         try:
             exp = channels.authorize(self.grants, self.verifier, self.username, name, frame.token)
         except channels.SubscribeRefused as exc:
-            self._subscribe_failed(name, exc.reason, exc.temporary, ref, exc.detail)
+            self._subscribe_failed(name, exc.reason, exc.temporary, ref, exc.detail, charge=charge)
             return None
         expires_at = None if exp is None else self.clock.monotonic() + (exp - self.clock.time())
         sub = ChannelSub(self, name, expires_at, exp is None, ref)
@@ -432,14 +440,14 @@ class Session:
     def take_pending(self) -> list[SubscribeRequest]:
         """The SUBSCRIBEs that waited for AUTH OK, decided now (refusals answered)."""
         pending, self.pending = self.pending, []
-        requests = [self.subscribe(frame) for frame in pending]
+        requests = [self.subscribe(frame, charge) for frame, charge in pending]
         return [r for r in requests if r is not None]
 
     def _subscribe_failed(self, name: str, reason: str, temporary: bool, ref: str | int | None,
-                          detail: str = "") -> None:
+                          detail: str = "", charge: bool = True) -> None:
         client_log.warning("%s (%s): subscription to %r refused: %s%s", self.peer, self.username, name, reason,
                            f" ({detail})" if detail else "")
-        if self._charge(ERROR_COST - 1):
+        if not charge or self._charge(ERROR_COST - 1):
             self._send(protocol.subscribe_failed(name, reason, temporary, ref))
         return None
 

@@ -931,7 +931,7 @@ class TestMessageFrames:
             b"ualice\0",
             b"ualice\0M1 e",  # no space after the epoch
             b"ualice\0M1",
-            b"ualice\0X1 e {}",
+            b"ualice\0Z1 e {}",
             b"ualice\0 1 e {}",
             b"ualice\0Mone e {}",
             b"ualice\0M e {}",

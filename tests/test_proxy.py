@@ -749,6 +749,7 @@ def test_a_graceful_stop_under_load_starts_new_epochs_rather_than_a_silent_loss(
         recorder.join(10)
         if streamer.poll() is None:
             streamer.kill()
+            streamer.wait(10)
     assert "continuing" not in proxy.log().split("pushes were still arriving")[-1]
     for u in range(users):
         name = f"u{u}"
