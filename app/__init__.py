@@ -23,8 +23,10 @@ def create_app(test_config: Mapping[str, Any] | None = None) -> Flask:
     """Build the demo app.
 
     ``test_config`` may set ``FLOW_SETTINGS`` (a Settings object), ``PUSH`` (a callable
-    ``push(username, id, data)`` used instead of ``flow.push``), ``TASK_DELAY`` (seconds
-    before background results are pushed) and any Flask setting.
+    ``push(username, id, data)`` used instead of ``flow.push``), ``PUSH_ALL`` and
+    ``PUBLISH`` (instead of ``flow.push_all`` and ``flow.publish``), ``DISCONNECT``
+    (instead of ``flow.disconnect``, which logout calls), ``TASK_DELAY``
+    (seconds before background results are pushed), ``DOC_PAGE_ROWS`` and any Flask setting.
 
     Raises SettingsError (one line naming the variable) when the settings cannot issue
     tokens, or when there is no session key: FLOW_APP_SECRET (or FLOW_APP_SECRET_FILE)
@@ -53,13 +55,18 @@ def create_app(test_config: Mapping[str, Any] | None = None) -> Flask:
         STATE_DB=os.path.join(os.environ.get("FLOW_RUN_DIR") or app.instance_path, "demo-state.sqlite3"),
     )
     app.config.update(config)
-    if app.config["PUSH"] is None:
+    app.config.setdefault("DISCONNECT", None)
+    if app.config["PUSH"] is None or app.config["DISCONNECT"] is None:
         import flow
 
-        app.config["PUSH"] = flow.push
+        app.config["PUSH"] = app.config["PUSH"] or flow.push
+        app.config["DISCONNECT"] = app.config["DISCONNECT"] or flow.disconnect
 
-    from . import auth, demo
+    from . import auth, demo, demos
 
+    # First: its upload limit must be set before CSRFProtect (registered with auth.bp)
+    # parses a request's form.
+    demos.init_app(app)
     app.register_blueprint(auth.bp)
     app.register_blueprint(demo.bp)
     app.extensions["flow_tasks"] = demo.Tasks(app)

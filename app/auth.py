@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import re
+from urllib.parse import urlsplit
 
 from flask import (Blueprint, Flask, Response, current_app, has_request_context, jsonify, redirect,
                    render_template, request, session, url_for)
@@ -62,6 +63,25 @@ def current_user() -> str | None:
     return session.get("username")
 
 
+def safe_next(target: str | None) -> str | None:
+    """``target`` when it is a path of this site ("/docs/x"), else None: a login form's
+    ``next`` must not send the user to another site ("//evil", "/\\evil", "https:...")."""
+    if not target or len(target) > 2000 or not target.startswith("/") or target.startswith("//"):
+        return None
+    if "\\" in target or any(ord(char) < 0x21 or ord(char) == 0x7F for char in target):
+        return None
+    parts = urlsplit(target)
+    return target if not parts.scheme and not parts.netloc else None
+
+
+def _form_next() -> str | None:
+    # Read from a refused request, whose form may itself be the problem (too large).
+    try:
+        return safe_next(request.form.get("next"))
+    except HTTPException:
+        return None
+
+
 def wants_html() -> bool:
     """A browser's form post (Accept prefers text/html), not a fetch or a script."""
     best = request.accept_mimetypes.best_match(["application/json", "text/html"], "application/json")
@@ -73,7 +93,8 @@ def refused(message: str, status: int = 400) -> tuple[Response | str, int]:
     JSON ``{"error": message}`` for anything else; one warning line, no traceback."""
     log.warning("refused %s %s (%d): %s", request.method, request.path, status, message)
     if wants_html():
-        return render_template("index.html", username=current_user(), error=message), status
+        return render_template("index.html", username=current_user(), error=message,
+                               next=_form_next()), status
     return jsonify(error=message), status
 
 
@@ -127,12 +148,21 @@ def login():
         return bad_request(f"username: {exc}")
     session.clear()
     session["username"] = username
-    return redirect(url_for("demo.index"))
+    # Back to the page that asked for the login (a shared document's URL), never elsewhere.
+    return redirect(safe_next(request.form.get("next")) or url_for("demo.index"))
 
 
 @bp.post("/logout")
 def logout():
+    username = current_user()
     session.clear()
+    if username is not None:
+        # Every open tab of the user, on every server, is closed (4004) at once: its token
+        # stays valid until exp, and a logged-out user must not go on receiving.
+        try:
+            current_app.config["DISCONNECT"](username)
+        except Exception as exc:  # QueueFull: the push service is away; the logout stands
+            log.warning("logout of %r: could not disconnect its sockets: %s", username, exc)
     return redirect(url_for("demo.index"))
 
 

@@ -36,8 +36,14 @@ def pushes():
 
 
 @pytest.fixture
-def client(settings, pushes, tmp_path):
+def disconnected():
+    return []
+
+
+@pytest.fixture
+def client(settings, pushes, disconnected, tmp_path):
     app = create_app({"FLOW_SETTINGS": settings, "PUSH": pushes, "TASK_DELAY": 0, "TESTING": True,
+                      "DISCONNECT": disconnected.append,
                       "STATE_DB": str(tmp_path / "state.sqlite3"), "SECRET_KEY": SESSION_KEY})
     return app.test_client()
 
@@ -74,12 +80,16 @@ def test_index_shows_login_then_status_elements(client):
         assert element in page
 
 
-def test_token_requires_a_session(client):
+def test_token_requires_a_session(client, disconnected):
     reply = client.get("/socket_auth_token")
     assert reply.status_code == 401
     login(client)
     assert post(client, "/logout").status_code == 302
     assert client.get("/socket_auth_token").status_code == 401
+    # The logged-out user's open tabs are cut at once (flow.disconnect: 4004 everywhere).
+    assert disconnected == ["alice"]
+    assert post(client, "/logout").status_code == 302  # logged out already: nobody to cut
+    assert disconnected == ["alice"]
 
 
 def test_token_plain_text_is_message_flow_compatible(client, settings):
