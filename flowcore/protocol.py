@@ -925,17 +925,7 @@ def _parse_resume(resume: object) -> dict[str, tuple[int, str]]:
         return {}
     if not isinstance(resume, dict):
         raise ProtocolError("resume must be an object of {stream: {seq, epoch}}")
-    out = {}
-    for name, position in resume.items():
-        if not isinstance(position, dict):
-            raise ProtocolError(f"resume[{_shown(name)}] must be an object with seq and epoch")
-        seq, epoch = position.get("seq"), position.get("epoch")
-        if type(seq) is not int or seq < 0:
-            raise ProtocolError(f"resume[{_shown(name)}].seq must be a non-negative integer")
-        if not isinstance(epoch, str):
-            raise ProtocolError(f"resume[{_shown(name)}].epoch must be a string")
-        out[name] = (seq, epoch)
-    return out
+    return {name: _parse_position(position, f"resume[{_shown(name)}]") for name, position in resume.items()}
 
 
 def looks_like_jwt(text: str) -> bool:

@@ -14,7 +14,7 @@ import os
 import signal
 import socket
 import time
-from typing import Any, Coroutine
+from typing import Any, Callable, Coroutine
 
 import tornado.httpserver
 import tornado.httputil
@@ -329,14 +329,11 @@ class Server:
                     if until <= after:
                         continue
                     broadcast = name == protocol.BROADCAST
-                    async for page in self.hub.history_pages(name, after, until, epoch):
-                        for seq, wire in page:
-                            session.deliver_history(broadcast, seq, wire)
-                        session.flush()
-                        # Back-pressure: the next page is fetched once this one is out.
-                        await sock.drained()
-                        if session.stage == CLOSED:
-                            return
+                    if not await self._write_history(
+                            sock, session, name, after, until, epoch,
+                            lambda seq, wire: session.deliver_history(broadcast, seq, wire),
+                            lambda: session.stage != CLOSED):
+                        return
                 # Live messages held meanwhile that passed the bound were dropped: they
                 # are in history too, so fetch on from where this socket is.
                 owed = session.catch_up()
@@ -371,14 +368,11 @@ class Server:
                 if state is None or sub.stage != SUB_RESUMING:
                     return  # unsubscribed or closed meanwhile
                 until, epoch = state.seq, state.epoch
-                if until > after:
-                    async for page in self.hub.history_pages(sub.stream, after, until, epoch):
-                        for seq, wire in page:
-                            session.channel_history(sub, seq, wire)
-                        session.flush()
-                        await sock.drained()
-                        if sub.stage != SUB_RESUMING:
-                            return
+                if until > after and not await self._write_history(
+                        sock, session, sub.stream, after, until, epoch,
+                        lambda seq, wire: session.channel_history(sub, seq, wire),
+                        lambda: sub.stage == SUB_RESUMING):
+                    return
                 after = session.channel_catch_up(sub)
         except LookupError:
             client_log.warning("%s (%s): history of %r went while it was being served", session.peer,
@@ -386,6 +380,21 @@ class Server:
             session.drop_channel(sub, "reset", resubscribe=True)
             return
         session.channel_resumed(sub)
+
+    async def _write_history(self, sock: "FlowSocket", session: Session, stream: str, after: int, until: int,
+                             epoch: str, deliver: Callable[[int, bytes], None], wanted: Callable[[], bool]) -> bool:
+        """Write the messages (after, until] of ``stream`` a page at a time, each page once the
+        previous one is out (back-pressure: a resume of any size costs bounded memory). False
+        when ``wanted()`` turned false meanwhile (closed, unsubscribed). LookupError from the hub
+        when history cannot give them all."""
+        async for page in self.hub.history_pages(stream, after, until, epoch):
+            for seq, wire in page:
+                deliver(seq, wire)
+            session.flush()
+            await sock.drained()
+            if not wanted():
+                return False
+        return True
 
     async def _auth_deadlines(self) -> None:
         """One sweep for every unauthenticated socket, a few times per auth timeout."""

@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Protocol
 from . import channels, protocol
 from .engine import Position
 from .settings import Settings
-from .tokens import EXPIRED, TokenError, TokenVerifier, VerifiedToken
+from .tokens import EXPIRED, TokenError, TokenVerifier
 
 if TYPE_CHECKING:
     from .hub import Hub, StreamState
@@ -159,7 +159,7 @@ class Session:
         "transport", "hub", "settings", "verifier", "clock", "peer", "stage", "username",
         "attempts", "auth_deadline", "expires_at", "grace_until", "allowance_at",
         "own", "seq_own", "seq_all", "held", "held_bytes", "held_dropped", "outbox", "outbox_bytes",
-        "ring_group", "revision2", "grants", "channels", "pending", "channel_deadline", "_next_grants",
+        "ring_group", "revision2", "grants", "channels", "pending", "channel_deadline",
     )
 
     def __init__(self, transport: Transport, hub: "Hub", settings: Settings, verifier: TokenVerifier,
@@ -204,7 +204,6 @@ class Session:
         # (frame, whether a refusal costs against the rate limit: not for AUTH's own map).
         self.pending: list[tuple[protocol.Subscribe, bool]] = []
         self.channel_deadline: float | None = None  # the earliest subscription token's expiry
-        self._next_grants = channels.Grants.NONE  # what the token _verify accepted grants
 
     # -- what arrives from the client
 
@@ -269,9 +268,9 @@ class Session:
         if self._charge(ERROR_COST - 1):
             self._send(protocol.error(reason))
 
-    def _verify(self, token: str) -> tuple[VerifiedToken, float] | None:
-        """(the token, its monotonic expiry) of a valid token with valid channel grants;
-        None after answering a bad one."""
+    def _verify(self, token: str) -> tuple[str, float, channels.Grants] | None:
+        """(username, monotonic expiry, channel grants) of a valid token with a valid
+        `channels` claim; None after answering a bad one."""
         try:
             verified = self.verifier.verify_claims(token)
             grants = channels.connection_grants(verified)
@@ -292,15 +291,13 @@ class Session:
                 self._send(protocol.auth_request("expired"))
             return None
         remaining = verified.expires_at - self.clock.time()
-        self._next_grants = grants
-        return verified, self.clock.monotonic() + remaining
+        return verified.username, self.clock.monotonic() + remaining, grants
 
     def _authenticate(self, frame: protocol.Authenticate) -> JoinRequest | None:
         verified = self._verify(frame.token)
         if verified is None:
             return None
-        self.username, self.expires_at = verified[0].username, verified[1]
-        self.grants = self._next_grants
+        self.username, self.expires_at, self.grants = verified
         self.attempts = 0
         self.stage = JOINING
         self.held = []
@@ -313,7 +310,7 @@ class Session:
         verified = self._verify(frame.token)
         if verified is None:
             return
-        username, expires_at = verified[0].username, verified[1]
+        username, expires_at, grants = verified
         if username != self.username:
             client_log.warning("%s (%s): refresh with a token for %r, closing 4001", self.peer, self.username,
                                username)
@@ -321,7 +318,7 @@ class Session:
             return
         self.attempts = 0
         self.expires_at, self.grace_until = expires_at, None
-        self.grants = self._next_grants
+        self.grants = grants
         # What the old token's `channels` claim granted and the new one does not is revoked.
         for sub in [s for s in self.channels.values() if s.by_grant and not self.grants.allows(s.name)]:
             self.drop_channel(sub, "forbidden", resubscribe=False)

@@ -271,10 +271,11 @@ _CLIENT_OPTIONS: dict[str, Any] = {
 }
 
 
-def sync_client(url: str) -> redis.Redis:
+def sync_client(url: str, timeout: float = COMMAND_TIMEOUT) -> redis.Redis:
     """A client that never retries by itself: a retried publish is the engine's decision
     (with its idempotency counter), never redis-py's."""
-    return redis.Redis.from_url(url, retry=Retry(NoBackoff(), 0), **_CLIENT_OPTIONS)
+    options = {**_CLIENT_OPTIONS, "socket_timeout": timeout, "socket_connect_timeout": timeout}
+    return redis.Redis.from_url(url, retry=Retry(NoBackoff(), 0), **options)
 
 
 def async_client(url: str, retries: int = 1) -> redis.asyncio.Redis:
@@ -284,8 +285,7 @@ def async_client(url: str, retries: int = 1) -> redis.asyncio.Redis:
 def link_problem(url: str, timeout: float = 2.0) -> str | None:
     """What stops the engine from using the Redis at ``url`` (connect, TLS, AUTH, PING,
     a refused script), in one line without the password; None when it works."""
-    client = redis.Redis.from_url(url, retry=Retry(NoBackoff(), 0), socket_timeout=timeout,
-                                  socket_connect_timeout=timeout, protocol=2)
+    client = sync_client(url, timeout)
     try:
         client.ping()
         client.register_script(READ_SCRIPT)(keys=[], args=["flow-check", persistence_token(client), 1000, "x", 0, 0])
@@ -820,7 +820,7 @@ class RedisServerEngine:
             subscription = self._subscriptions.get(channel)
             if subscription is not None:
                 try:
-                    self._on_message(subscription, payload, sink)
+                    self._on_message(subscription, channel, payload, sink)
                 except Exception:
                     log.exception("the sink failed handling a message for %r", subscription.name)
             elif channel == self._probe_channel:
@@ -834,7 +834,7 @@ class RedisServerEngine:
             subscription = self._subscriptions.get(channel)
             if kind == b"subscribe" and subscription is not None and subscription.state == SUBSCRIBING:
                 subscription.state = POSITIONING
-                self._want_position(subscription.name, channel)
+                self._want_position(channel)
             elif channel == self._probe_channel:
                 # Redis answered on the new link: it is back (connecting alone says little:
                 # a stopped Redis's kernel still accepts connections).
@@ -844,13 +844,13 @@ class RedisServerEngine:
                              self.endpoint, self._heard - self._outage_since)
                     self._outage_since = None
 
-    def _want_position(self, name: str, channel: bytes) -> None:
+    def _want_position(self, channel: bytes) -> None:
         self._positions_due.append(channel)
         if self._positions_task is None or self._positions_task.done():
             assert self._loop is not None
             self._positions_task = self._loop.create_task(self._read_positions())
 
-    def _on_message(self, subscription: _Subscription, payload: bytes, sink: EngineSink) -> None:
+    def _on_message(self, subscription: _Subscription, channel: bytes, payload: bytes, sink: EngineSink) -> None:
         if payload.startswith(b"cmd "):
             try:
                 command = protocol.check_command(payload[4:])
@@ -879,7 +879,7 @@ class RedisServerEngine:
             # says which epoch is real (_go_live).
             subscription.state = POSITIONING
             subscription.held = [(seq, epoch, frame)]
-            self._want_position(subscription.name, self._channel(subscription.name))
+            self._want_position(channel)
         elif state == POSITIONING:
             if len(subscription.held) < HOLD_MAX:
                 subscription.held.append((seq, epoch, frame))

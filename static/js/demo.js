@@ -9,52 +9,25 @@
     list.insertBefore(item, list.firstChild);
   }
 
-  var errorText = document.getElementById("error");
-  var csrfToken = document.querySelector('meta[name="csrf-token"]').content;
-
-  function showError(text) {
-    errorText.textContent = text;
-    errorText.hidden = false;
-  }
-
-  function clearError() {
-    errorText.hidden = true;
-    errorText.textContent = "";
-  }
-
-  // The app's answer as JSON; a refusal (400, 401, a proxy's 502) or a network failure
-  // rejects with a sentence for the page, the app's own {"error": ...} when it sent one.
-  function answer(response) {
-    var json = (response.headers.get("Content-Type") || "").indexOf("application/json") === 0;
-    return (json ? response.json() : response.text()).then(function (body) {
-      if (response.ok && json) { return body; }
-      var detail = json && body && body.error ? body.error : response.statusText;
-      throw new Error(response.status + " " + detail);
-    }, function () {
-      throw new Error(response.status + " " + response.statusText);
-    });
-  }
+  // The page's #error line and the app's JSON requests: pages.js, which base.html loads first.
+  var page = window.FlowPage;
 
   function failed(what) {
     return function (error) {
-      showError(what + " failed: " + error.message);
+      page.showError(what + " failed: " + error.message);
       throw error;
     };
   }
 
   function post(url, form) {
-    return fetch(url, { method: "POST", body: new URLSearchParams(new FormData(form)),
-                        credentials: "same-origin",
-                        headers: { "Accept": "application/json", "X-CSRFToken": csrfToken } })
-      .then(answer)
-      .then(function (body) { clearError(); return body; }, failed(url));
+    return page.postJson(url, new URLSearchParams(new FormData(form)))
+      .then(function (body) { page.clearError(); return body; }, failed(url));
   }
 
   // Reload what the page shows from the app's own API (the socket could not replay).
   function reloadState() {
     document.getElementById("resync").hidden = false;
-    fetch("/api/state", { credentials: "same-origin", headers: { "Accept": "application/json" } })
-      .then(answer)
+    page.getJson("/api/state")
       .then(function (state) {
         list.textContent = "";
         state.recent.forEach(function (item) { show(item.id + ": " + JSON.stringify(item.data)); });
