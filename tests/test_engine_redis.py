@@ -320,3 +320,90 @@ def test_forget_after_fork_starts_a_new_publisher(tmp_path, redis_server):
     parent_client.close()
     engine.close()
     assert os.getpid()  # the process goes on
+
+
+def test_the_database_number_of_the_url_holds_every_key(tmp_path, make_redis):
+    """FLOW_REDIS_URL's /N: Flow's keys are there and nowhere else (another deployment may
+    use database 0 of the same Redis)."""
+    import redis as redis_py
+
+    server = make_redis(db=3, password="db-pw")
+    assert server.url.endswith("/3")
+    settings = settings_for(tmp_path, server)
+
+    async def test() -> None:
+        sink = RecordingSink()
+        engine = server_engine(settings)
+        await engine.start(sink)
+        try:
+            engine.subscribe("alice")
+            await until(lambda: sink.position("alice"), message="alice's position")
+            publisher = flow.Flow(settings=settings, linger=2)
+            publisher.push("alice", "IN DB 3", 1)
+            publisher.close()
+            await until(lambda: sink.messages("alice"), message="the message")
+        finally:
+            await engine.close()
+
+    run(test)
+    assert server.client().exists(b"flow:meta:u:alice", b"flow:hist:u:alice") == 2
+    db0 = redis_py.Redis(host=server.host, port=server.port, password="db-pw", db=0)
+    try:
+        assert db0.dbsize() == 0
+    finally:
+        db0.close()
+
+
+def test_a_server_subscribes_per_user_while_the_user_has_a_socket_and_never_by_pattern(tmp_path, redis_server):
+    from pipeline import Pipeline, authenticate
+    from support import wait_until
+
+    pipe = Pipeline(tmp_path, servers=1, redis_url=redis_server.url)
+    client = redis_server.client()
+
+    def subscribers(user: str) -> int:
+        return dict(client.pubsub_numsub(f"flow:msg:u:{user}".encode()))[f"flow:msg:u:{user}".encode()]
+
+    try:
+        async def scenario() -> None:
+            tabs = [(await authenticate(pipe.url(), pipe.token("alice")))[0] for _ in range(2)]
+            assert subscribers("alice") == 1  # one subscription for the server, not per tab
+            assert subscribers("bob") == 0 and client.pubsub_numpat() == 0
+            await tabs[0].close()
+            wait_until(lambda: pipe.stats(0)["sockets"] == 1, 10, message="one tab gone")
+            assert subscribers("alice") == 1  # the other tab still receives
+            await tabs[1].close()
+
+        asyncio.run(scenario())
+        wait_until(lambda: subscribers("alice") == 0, 10, message="the subscription dropped with the last tab")
+    finally:
+        pipe.stop()
+        client.close()
+
+
+def test_an_idle_pub_sub_link_is_not_cut_by_the_clients_socket_timeout(tmp_path, redis_server, monkeypatch, caplog):
+    """redis-py applies socket_timeout to every read; the pub/sub reader must wait for as long
+    as nothing is published (here: no probe either, within the test)."""
+    monkeypatch.setitem(redis_engine._CLIENT_OPTIONS, "socket_timeout", 0.3)
+    settings = settings_for(tmp_path, redis_server, FLOW_REDIS_PROBE="30")
+
+    async def test() -> None:
+        sink = RecordingSink()
+        engine = server_engine(settings)
+        await engine.start(sink)
+        try:
+            engine.subscribe("alice")
+            await until(lambda: sink.position("alice"), message="alice's position")
+            mark = len(sink.events)
+            await asyncio.sleep(1.2)  # idle on purpose: four socket timeouts' worth
+            publisher = flow.Flow(settings=settings, linger=2)
+            publisher.push("alice", "AFTER IDLE", 1)
+            publisher.close()
+            await until(lambda: sink.messages("alice", mark), message="the message after the idle time")
+            assert sink.position("alice", mark) is None  # no re-subscription happened
+        finally:
+            await engine.close()
+
+    with caplog.at_level(logging.WARNING, logger="flow.engine.redis"):
+        run(test)
+    assert [r.getMessage() for r in caplog.records if "pub/sub link" in r.getMessage()] == []
