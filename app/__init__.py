@@ -62,13 +62,15 @@ def create_app(test_config: Mapping[str, Any] | None = None) -> Flask:
         app.config["PUSH"] = app.config["PUSH"] or flow.push
         app.config["DISCONNECT"] = app.config["DISCONNECT"] or flow.disconnect
 
-    from . import auth, demo, demos
+    from . import auth, demo, demos, health
 
     # First: its upload limit must be set before CSRFProtect (registered with auth.bp)
     # parses a request's form.
     demos.init_app(app)
     app.register_blueprint(auth.bp)
     app.register_blueprint(demo.bp)
+    # /healthz, /readyz and /metrics of the publisher side (PROTOCOL section 11).
+    health.init_app(app, settings)
     app.extensions["flow_tasks"] = demo.Tasks(app)
     logging.getLogger("flow.app").debug("demo app created")
     return app

@@ -21,6 +21,9 @@ from werkzeug.exceptions import HTTPException
 from flowcore.protocol import ProtocolError, check_username
 from flowcore.tokens import issue_token
 
+# The channel every logged-in user may subscribe to (the index page's "online now").
+LOBBY = "lobby"
+
 bp = Blueprint("auth", __name__)
 log = logging.getLogger("flow.app")
 csrf = CSRFProtect()
@@ -172,7 +175,10 @@ def socket_auth_token():
     if username is None:
         return Response("not logged in\n", status=401, mimetype="text/plain")
     settings = current_app.config["FLOW_SETTINGS"]
-    token = issue_token(settings, username)
+    # Every logged-in user may join the lobby (who is online, on the index page): a grant
+    # in the connection token's `channels` claim (PROTOCOL section 9). Documents are
+    # granted one at a time by subscription tokens instead (/socket_channel_token).
+    token = issue_token(settings, username, extra={"channels": [LOBBY]})
     headers = {"Cache-Control": "no-store"}
     if request.accept_mimetypes.best == "application/json":
         return jsonify(token=token, expires_in=settings.token_ttl), 200, headers

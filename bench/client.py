@@ -20,7 +20,7 @@ import time
 from urllib.parse import urlsplit
 
 runs: dict[str, dict] = {}
-authed = failed = closed_after_ready = 0
+authed = failed = subscribed = closed_after_ready = 0
 close_codes: dict[str, int] = {}
 writers: list[asyncio.StreamWriter] = []
 
@@ -33,7 +33,8 @@ def out(obj: dict) -> None:
 def run_state(run: str) -> dict:
     state = runs.get(run)
     if state is None:
-        state = runs[run] = {"received": 0, "dups": 0, "first": 0.0, "last": 0.0, "lat": [], "ids": []}
+        state = runs[run] = {"received": 0, "dups": 0, "gaps": 0, "foreign": 0, "first": 0.0, "last": 0.0,
+                             "lat": [], "ids": []}
     return state
 
 
@@ -52,10 +53,12 @@ def frame(opcode: int, payload: bytes) -> bytes:
     return header + mask + masked
 
 
-async def one_socket(url: str, token: str, done: asyncio.Event) -> None:
-    global authed, failed, closed_after_ready
+async def one_socket(url: str, token: str, channel: str | None, done: asyncio.Event) -> None:
+    """One socket; with ``channel``, AUTH subscribes it there and it is ready at SUBSCRIBE OK."""
+    global authed, failed, subscribed, closed_after_ready
     parts = urlsplit(url)
     state = "connecting"
+    seq = -1  # the last seq of `channel` this socket got (SUBSCRIBE OK's to begin with)
     try:
         reader, writer = await asyncio.open_connection(parts.hostname, parts.port)
         key = base64.b64encode(os.urandom(16)).decode()
@@ -88,20 +91,37 @@ async def one_socket(url: str, token: str, done: asyncio.Event) -> None:
                 continue
             msg = json.loads(payload)
             if state != "authed":
-                if msg.get("id") == "AUTH REQUEST":
-                    writer.write(frame(1, token.encode()))
-                elif msg.get("id") == "AUTH OK":
+                kind = msg.get("id")
+                if kind == "AUTH REQUEST":
+                    auth = token if channel is None else json.dumps(
+                        {"id": "AUTH", "token": token, "subscribe": {channel: {}}})
+                    writer.write(frame(1, auth.encode()))
+                    continue
+                if (kind == "AUTH OK" and channel is None) or (kind == "SUBSCRIBE OK" and msg.get("channel") == channel):
                     state = "authed"
                     authed += 1
+                    if channel is not None:
+                        subscribed += 1
+                        seq = msg["seq"]
                     done.set()
-                elif msg.get("id") == "AUTH FAILED":
+                    continue
+                if kind in ("AUTH FAILED", "SUBSCRIBE FAILED"):
                     break
-                continue
+                if kind == "AUTH OK":
+                    continue
             data = msg.get("data")
             if not isinstance(data, dict) or "r" not in data:
                 continue
             now = time.time()
             s = run_state(data["r"])
+            if "channel" in msg:
+                if msg["channel"] != channel:
+                    s["foreign"] += 1
+                    continue
+                if msg.get("seq") != seq + 1:
+                    s["gaps"] += 1
+                if isinstance(msg.get("seq"), int) and msg["seq"] > seq:
+                    seq = msg["seq"]
             seen = s.setdefault("seen", {}).setdefault(id(writer), set())
             if data["i"] in seen:
                 s["dups"] += 1
@@ -138,24 +158,27 @@ async def main() -> None:
     gate = asyncio.Semaphore(config.get("concurrency", 200))
     tasks = []
 
-    async def opened(token: str) -> None:
+    async def opened(token: str, channel: str | None) -> None:
         done = asyncio.Event()
         async with gate:
-            task = asyncio.ensure_future(one_socket(config["url"], token, done))
+            task = asyncio.ensure_future(one_socket(config["url"], token, channel, done))
             tasks.append(task)
             await done.wait()
 
-    opening = asyncio.gather(*(opened(t) for t in config["tokens"]))
+    channels = config.get("channels") or [None] * len(config["tokens"])
+    opening = asyncio.gather(*(opened(t, c) for t, c in zip(config["tokens"], channels)))
     try:
         await asyncio.wait_for(opening, config.get("timeout", 60))
     except asyncio.TimeoutError:
         pass
-    out({"event": "ready", "authed": authed, "failed": failed, "seconds": time.time() - started})
+    out({"event": "ready", "authed": authed, "failed": failed, "subscribed": subscribed,
+         "seconds": time.time() - started})
     while True:
         cmd = await commands.get()
         if cmd.get("cmd") == "report":
             s = run_state(cmd["run"])
             reply = {"event": "report", "run": cmd["run"], "received": s["received"], "dups": s["dups"],
+                     "gaps": s["gaps"], "foreign": s["foreign"],
                      "first": s["first"], "last": s["last"], "authed": authed, "failed": failed,
                      "closed": closed_after_ready, "codes": close_codes}
             if cmd.get("latencies"):

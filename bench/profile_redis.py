@@ -2,6 +2,7 @@
 
     python bench/profile_redis.py                         # W1 (flood), no persistence
     python bench/profile_redis.py --workload W4           # paced at 3,000 msgs/s
+    python bench/profile_redis.py --workload W5 --count 20000   # channel publishes, 100 channels
     python bench/profile_redis.py --persistence aof       # the shipped redis-server
     python bench/profile_redis.py --engine zmq            # the same on the ZeroMQ engine
 
@@ -64,12 +65,13 @@ def top(paths: list[Path], limit: int) -> list[str]:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--workload", choices=("W1", "W4"), default="W1")
+    parser.add_argument("--workload", choices=("W1", "W4", "W5"), default="W1")
     parser.add_argument("--engine", choices=run.ENGINES, default="redis")
     parser.add_argument("--persistence", choices=run.PERSISTENCE, default="none")
     parser.add_argument("--count", type=int, default=50_000)
     parser.add_argument("--clients", type=int, default=1000)
     parser.add_argument("--rate", type=int, default=3000, help="W4's pace, msgs/s")
+    parser.add_argument("--channels", type=int, default=100, help="W5's channels (clients spread evenly)")
     parser.add_argument("--top", type=int, default=25)
     args = parser.parse_args(argv)
     bench_args = argparse.Namespace(quick=False, client="node" if run.node_client_available() else "python",
@@ -84,11 +86,14 @@ def main(argv: list[str] | None = None) -> int:
     clients = None
     try:
         system.start()
-        clients = bench.clients(system, args.clients)
+        names = [f"bench:{k:03d}" for k in range(args.channels)] if args.workload == "W5" else None
+        clients = bench.clients(system, args.clients, channels=names)
         rate = args.rate if args.workload == "W4" else 0
         run.log(f"{system.name}: {args.workload}, {args.count} pushes to {args.clients} users"
+                + (f" on {args.channels} channels" if names else "")
                 + (f" at {rate}/s" if rate else ", flood") + ", profiled")
-        result = bench.push_run(system, clients, args.workload, args.count, args.clients, rate=rate)
+        result = bench.push_run(system, clients, args.workload, args.count, args.clients, rate=rate,
+                                channels=names)
     finally:
         if clients is not None:
             clients.close()
@@ -110,7 +115,7 @@ def main(argv: list[str] | None = None) -> int:
             usec = redis.get("usec", {}).get(name, 0)
             print(f"  {name:<14} {n:>9} calls  {n / delivered:6.3f}/msg  {usec / max(1, n):7.2f} µs/call  "
                   f"{usec / delivered:6.2f} µs/msg")
-    lost = result["delivered"] < result["sent"] or result["dups"]
+    lost = result["delivered"] < result["sent"] or result["dups"] or result["seq_gaps"] or result["foreign"]
     if not lost:
         import shutil
 

@@ -6,7 +6,9 @@ Config: {"kind": "flow" | "ref" | "pushcost", "env": {FLOW_...} (flow, pushcost)
 "endpoint": XSUB endpoint (ref), "run": id, "users": n, "count": n, "rate": msgs/s (0: as
 fast as the call returns), "broadcast": bool, "deadline": seconds, "seed": n,
 "user_offset": n (users are user<offset + k>, k < users), "index_offset": n (the first
-message's index: several pushers of one run number their messages apart)}.
+message's index: several pushers of one run number their messages apart), "channels":
+[names] (flow only: message i is flow.publish'ed to channel i % len(names), so each channel
+gets its exact share, whatever the split between pushers)}.
 
 Each message's data is {"r": run, "i": index, "t": time.time() at the push, "p": padding},
 so clients count distinct messages and measure push-to-receive latency.
@@ -44,12 +46,14 @@ def cpu_seconds() -> float:
 
 
 def pushes(config: dict, send) -> dict:
-    """Call ``send(user or None, data)`` count times, paced if asked; bounded by the deadline."""
+    """Call ``send(user, channel or None, data)`` count times, paced if asked; bounded by the
+    deadline. A broadcast has neither user nor channel."""
     rng = random.Random(config.get("seed", 1))
     count, rate, run = config["count"], config.get("rate", 0), config["run"]
     users = config.get("users", 1)
     user_offset, index_offset = config.get("user_offset", 0), config.get("index_offset", 0)
     broadcast = config.get("broadcast", False)
+    channels = config.get("channels") or []
     deadline = time.monotonic() + config.get("deadline", 120)
     sent = queue_full = 0
     cpu0 = cpu_seconds()
@@ -60,10 +64,12 @@ def pushes(config: dict, send) -> dict:
             delay = due - time.time()
             if delay > 0:
                 time.sleep(delay)
-        user = None if broadcast else username(user_offset + rng.randrange(users))
+        index = index_offset + i
+        channel = channels[index % len(channels)] if channels else None
+        user = None if broadcast or channel else username(user_offset + rng.randrange(users))
         while True:
             try:
-                send(user, {"r": run, "i": index_offset + i, "t": time.time(), "p": PAD})
+                send(user, channel, {"r": run, "i": index, "t": time.time(), "p": PAD})
                 sent += 1
                 break
             except flow.QueueFull:
@@ -103,8 +109,10 @@ def run_flow(config: dict) -> dict:
         profiled_publisher_thread(config["profile"])
     publisher = flow.Flow(settings=load_settings(config["env"]))
 
-    def send(user, data):
-        if user is None:
+    def send(user, channel, data):
+        if channel is not None:
+            publisher.publish(channel, MESSAGE_ID, data)
+        elif user is None:
             publisher.push_all(MESSAGE_ID, data)
         else:
             publisher.push(user, MESSAGE_ID, data)
@@ -116,12 +124,14 @@ def run_flow(config: dict) -> dict:
 
 
 def run_ref(config: dict) -> dict:
+    if config.get("channels"):
+        raise SystemExit("the reference relay has no channels")
     context = zmq.Context()
     pub = context.socket(zmq.PUB)
     pub.connect(config["endpoint"])
     time.sleep(config.get("settle", 1.0))  # PUB/SUB slow joiner: let subscriptions arrive
 
-    def send(user, data):
+    def send(user, channel, data):
         name = "*" if user is None else user
         body = json.dumps({"id": MESSAGE_ID, "username": name, "data": data})
         pub.send_multipart([name.encode(), body.encode()])

@@ -2,7 +2,7 @@
 
     python bench/run.py                   # everything, issue-5 sizes (a few minutes)
     python bench/run.py --quick           # tiny sizes, seconds (the smoke test runs this)
-    python bench/run.py --only W1,W4      # some workloads (W1 W1off W2 W3 W4 PUSH SCALE)
+    python bench/run.py --only W1,W4      # some workloads (W1 W1off W1nometrics W2 W3 W4 W5 PUSH SCALE)
     python bench/run.py --engines redis   # Flow on some engines (zmq, redis; default both)
     python bench/run.py --redis-persistence none   # the Redis engine's redis-server: none, aof
     python bench/run.py --json out.json   # also write every figure as JSON
@@ -14,13 +14,18 @@ the `ws` package: `npm ci` in bench/) when available, else Python (`bench/client
 Flow are shown next to the reference relay's (`bench/reference_relay.py`) measured in the
 same run, as ratios; the Redis engine's also as ratios to the ZeroMQ engine's. SCALE is
 W1 on Redis with one host's pool against two hosts' pools (each its own WebSocket
-servers and publisher) sharing the Redis. Anything Flow loses is a defect: the run says
-so loudly and exits 1.
+servers and publisher) sharing the Redis. W5 is channels (PROTOCOL.md section 9), Flow
+only (the reference has none): the clients, each granted one channel by its token's
+`channels` claim and subscribed in its AUTH, get `flow.publish`es spread evenly over the
+channels; its deliveries/s is shown against W2's broadcasts in the same run, per engine.
+Anything Flow loses is a defect (for W5 also a seq gap, or a message of another channel):
+the run says so loudly and exits 1.
 """
 
 from __future__ import annotations
 
 import argparse
+import collections
 import functools
 import hashlib
 import json
@@ -54,7 +59,7 @@ sys.path.insert(0, str(ROOT / "tests"))
 from support import free_port, port_open, wait_until  # noqa: E402  (the tests' process helpers)
 
 PYTHON = sys.executable
-WORKLOADS = ("W1", "W1off", "W2", "W3", "W4", "PUSH", "SCALE")
+WORKLOADS = ("W1", "W1off", "W1nometrics", "W2", "W3", "W4", "W5", "PUSH", "SCALE")
 ENGINES = ("zmq", "redis")
 # The Redis engine's redis-server: without persistence, and as the stack ships it (an
 # append-only file, every write fsynced before Redis answers).
@@ -78,13 +83,18 @@ class Sizes:
     w4_rounds: int = 4
     # SCALE: W1 with one host's pool and with two, in alternating rounds (one, two, two, one).
     scale_rounds: int = 4
+    # W5: `clients` sockets, clients / w5_channels on each channel, w5_count publishes spread
+    # evenly over the channels: as many deliveries as W2's (20,000 x 10 = 200 x 1000).
+    w5_channels: int = 100
+    w5_count: int = 20_000
     push_count: int = 50_000
     idle: float = 5.0  # a run ends when nothing arrived for this long...
     deadline: float = 180.0  # ...or at the latest this long after the pusher ends
 
 
 QUICK = Sizes(clients=20, w1_count=1000, w2_count=10, w3_clients=100, w4_count=300,
-              w4_rate=1000, push_count=5000, idle=2.0, deadline=30.0, scale_rounds=2)
+              w4_rate=1000, push_count=5000, idle=2.0, deadline=30.0, scale_rounds=2,
+              w5_channels=5, w5_count=500)
 
 
 def log(msg: str) -> None:
@@ -263,7 +273,7 @@ class Flow(System):
                 self.flow_env["FLOW_REDIS_URL"] = redis_of.redis_url
         self.settings = load_settings(self.flow_env)
         # Unset FLOW_REDIS_URL: the stack's own server's socket, FLOW_RUN_DIR/redis.sock.
-        self.redis_url = self.settings.redis_address() if engine == "redis" else ""
+        self.redis_url: str = self.settings.redis_address() if engine == "redis" else ""
         self.engine_proc: Proc | None = None
         self.nginx: Proc | None = None
 
@@ -452,9 +462,11 @@ def install_node_client() -> bool:
 
 
 class Clients:
-    """``procs`` load-client processes holding one authenticated socket per token."""
+    """``procs`` load-client processes holding one authenticated socket per token; with
+    ``channels`` (one name per token), each socket subscribed to its channel in its AUTH."""
 
-    def __init__(self, kind: str, url: str | list[str], tokens: list[str], procs: int, timeout: float) -> None:
+    def __init__(self, kind: str, url: str | list[str], tokens: list[str], procs: int, timeout: float,
+                 channels: list[str] | None = None) -> None:
         command = ["node", "--expose-gc", str(BENCH / "client.js")] if kind == "node" \
             else [PYTHON, str(BENCH / "client.py")]
         # Several URLs (several hosts' pools): at least a process each, taking turns.
@@ -468,18 +480,22 @@ class Clients:
                                      text=True, bufsize=1, start_new_session=True)
             lines: queue.Queue = queue.Queue()
             threading.Thread(target=self._read, args=(popen, lines), daemon=True).start()
-            popen.stdin.write(json.dumps({"url": urls[i % len(urls)], "tokens": share, "concurrency": 100,
-                                          "timeout": timeout}) + "\n")
-            popen.stdin.flush()
+            config: dict[str, Any] = {"url": urls[i % len(urls)], "tokens": share, "concurrency": 100,
+                                      "timeout": timeout}
+            if channels is not None:
+                config["channels"] = channels[i::procs]
             self.procs.append(popen)
+            self._send(len(self.procs) - 1, config)
             self.lines.append(lines)
         ready = [self._expect(i, "ready", timeout + 10) for i in range(procs)]
         self.authed = sum(r["authed"] for r in ready)
         self.failed = sum(r["failed"] for r in ready)
+        self.subscribed = sum(r.get("subscribed", 0) for r in ready)
         self.connect_seconds = max(r["seconds"] for r in ready)
 
     @staticmethod
     def _read(popen: subprocess.Popen, lines: queue.Queue) -> None:
+        assert popen.stdout is not None  # started with stdout=PIPE
         for line in popen.stdout:
             lines.put(line)
         lines.put(None)
@@ -498,8 +514,10 @@ class Clients:
                 return msg
 
     def _send(self, i: int, cmd: dict[str, Any]) -> None:
-        self.procs[i].stdin.write(json.dumps(cmd) + "\n")
-        self.procs[i].stdin.flush()
+        stdin = self.procs[i].stdin
+        assert stdin is not None  # started with stdin=PIPE
+        stdin.write(json.dumps(cmd) + "\n")
+        stdin.flush()
 
     def report(self, run: str, latencies: bool = False, ids: bool = False) -> dict[str, Any]:
         for i in range(len(self.procs)):
@@ -509,6 +527,9 @@ class Clients:
         total = {
             "received": sum(p["received"] for p in parts),
             "dups": sum(p["dups"] for p in parts),
+            # W5: channel messages out of seq order on a socket, or of a channel it is not on.
+            "gaps": sum(p.get("gaps", 0) for p in parts),
+            "foreign": sum(p.get("foreign", 0) for p in parts),
             "first": min(firsts) if firsts else 0.0,
             "last": max(p["last"] for p in parts),
             "closed": sum(p["closed"] for p in parts),
@@ -545,7 +566,8 @@ class Clients:
                 popen.wait(5)
             for stream in (popen.stdin, popen.stdout):
                 try:
-                    stream.close()
+                    if stream is not None:
+                        stream.close()
                 except OSError:
                     pass
 
@@ -571,6 +593,9 @@ class Bench:
                                              "FLOW_SECRET_FILE": str(self.workdir / "none"),
                                              "FLOW_TOKEN_TTL": "7200"})
         self._tokens: list[str] = []
+        # W5's tokens (each with a channels claim), for the channel names they were made for.
+        self._channel_tokens: list[str] = []
+        self._channel_key: tuple[str, ...] = ()
         self.load: list[dict[str, Any]] = []
         self.source: dict[str, Any] = {}
 
@@ -579,13 +604,30 @@ class Bench:
             self._tokens.append(issue_token(self.token_settings, f"user{len(self._tokens):05d}"))
         return self._tokens[:n]
 
-    def clients(self, system: System, n: int, procs: int | None = None, url: str | None = None
-                ) -> Clients:
-        clients = Clients(self.args.client, url or system.url, self.tokens(n),
-                          procs or self.args.client_procs, timeout=max(30.0, n / 50))
+    def channel_tokens(self, n: int, names: list[str]) -> tuple[list[str], list[str]]:
+        """W5: tokens for the first ``n`` users, user k granted exactly channel k % len(names)
+        by its ``channels`` claim (PROTOCOL.md section 9); and each one's channel."""
+        channels = [names[k % len(names)] for k in range(n)]
+        key = tuple(names)
+        if self._channel_key != key or len(self._channel_tokens) < n:
+            self._channel_key = key
+            self._channel_tokens = [issue_token(self.token_settings, f"user{k:05d}", extra={"channels": [c]})
+                                    for k, c in enumerate(channels)]
+        return self._channel_tokens[:n], channels
+
+    def clients(self, system: System, n: int, procs: int | None = None, url: str | None = None,
+                channels: list[str] | None = None) -> Clients:
+        """``n`` authenticated sockets; with ``channels`` (names), spread evenly over those
+        channels, each granted and subscribed to its own."""
+        tokens, per_socket = self.channel_tokens(n, channels) if channels else (self.tokens(n), None)
+        clients = Clients(self.args.client, url or system.url, tokens, procs or self.args.client_procs,
+                          timeout=max(30.0, n / 50), channels=per_socket)
         if clients.authed != n:
-            raise RuntimeError(f"{system.name}: only {clients.authed} of {n} clients authenticated "
-                               f"({clients.failed} failed); logs in {self.workdir}")
+            raise RuntimeError(f"{system.name}: only {clients.authed} of {n} clients authenticated"
+                               + (" and subscribed" if channels else "")
+                               + f" ({clients.failed} failed); logs in {self.workdir}")
+        if channels and clients.subscribed != n:
+            raise RuntimeError(f"{system.name}: only {clients.subscribed} of {n} clients subscribed to their channel")
         return clients
 
     def cpu_snapshot(self, system: System, clients: Clients) -> dict[str, float]:
@@ -596,9 +638,15 @@ class Bench:
 
     def push_run(self, system: System, clients: Clients, run: str, count: int, users: int,
                  rate: int = 0, broadcast: bool = False, keep_latencies: bool = False,
-                 user_offset: int = 0) -> dict[str, Any]:
+                 user_offset: int = 0, channels: list[str] | None = None) -> dict[str, Any]:
         """Push ``count`` messages from separate processes (one per ``system.pushers()``,
-        sharing the count and the rate); collect what the clients got."""
+        sharing the count and the rate); collect what the clients got. ``channels``: publish
+        message i to channel i % len(channels), to clients spread evenly over them, so each
+        message is owed to clients / len(channels) sockets."""
+        if channels and clients.authed % len(channels):
+            raise ValueError(f"{clients.authed} clients do not spread evenly over {len(channels)} channels")
+        # Sockets each message is owed to.
+        fanout = clients.authed if broadcast else clients.authed // len(channels) if channels else 1
         configs = system.pushers()
         n = len(configs)
         counts = [count // n + (1 if k < count % n else 0) for k in range(n)]
@@ -606,7 +654,8 @@ class Bench:
         seed = hash(run) & 0xFFFF
         configs = [{**c, "run": run, "count": counts[k], "users": users, "rate": rate / n if rate else 0,
                     "broadcast": broadcast, "deadline": self.sizes.deadline, "seed": seed + k,
-                    "user_offset": user_offset, "index_offset": offsets[k]} for k, c in enumerate(configs)]
+                    "user_offset": user_offset, "index_offset": offsets[k],
+                    **({"channels": channels} if channels else {})} for k, c in enumerate(configs)]
         info0 = system.redis_info()
         cpu0 = self.cpu_snapshot(system, clients)
         popens = [subprocess.Popen([PYTHON, str(BENCH / "pusher.py"), json.dumps(c)], cwd=ROOT,
@@ -633,7 +682,7 @@ class Bench:
         # Wait for deliveries: until all arrived, nothing arrived for `idle` s, or the deadline.
         deadline = time.monotonic() + self.sizes.deadline
         last_count, last_change = -1, time.monotonic()
-        expected = count * (clients.authed if broadcast else 1)
+        expected = count * fanout
         while True:
             got = clients.report(run)["received"]
             now = time.monotonic()
@@ -650,15 +699,19 @@ class Bench:
         clients.forget(run)
         system.check_alive()
         lat = final.pop("lat")
-        # Which pushes never arrived (user messages only): where in the run the losses were.
-        wanted = {i for off, p in zip(offsets, parts) for i in range(off, off + p["sent"])}
-        missing = sorted(wanted - set(final.pop("ids", wanted)))
+        # Which pushes did not reach every socket owed them (not for broadcasts): where in
+        # the run the losses were.
+        wanted = [i for off, p in zip(offsets, parts) for i in range(off, off + p["sent"])]
+        got = collections.Counter(final.pop("ids", ()))
+        missing = [] if broadcast else [i for i in wanted if got[i] < fanout]
         span = (final["last"] - pushed["t_start"]) if final["received"] else 0.0
         out = {
-            "sent": pushed["sent"] * (clients.authed if broadcast else 1),
+            "sent": pushed["sent"] * fanout,
             "pushed": pushed["sent"], "pushers": n, "expected": expected, "delivered": final["received"],
             "dups": final["dups"], "closed_sockets": final["closed"],
-            "delivered_ratio": final["received"] / max(1, pushed["sent"] * (clients.authed if broadcast else 1)),
+            "delivered_ratio": final["received"] / max(1, pushed["sent"] * fanout),
+            "seq_gaps": final["gaps"], "foreign": final["foreign"],
+            **({"channels": len(channels), "per_channel": fanout} if channels else {}),
             "push_seconds": pushed["t_end"] - pushed["t_start"], "queue_full": pushed["queue_full"],
             "span_seconds": span, "rate": final["received"] / span if span > 0 else 0.0,
             **latency_figures(lat),
@@ -760,7 +813,18 @@ class Bench:
                     out["W2"] = self.push_run(system, clients, "W2", s.w2_count, s.clients, broadcast=True)
             finally:
                 clients.close()
+        if "W5" in wanted:
+            names = [f"bench:{k:03d}" for k in range(s.w5_channels)]
+            log(f"{system.name}: connecting {s.clients} clients, {s.clients // s.w5_channels} on each of "
+                f"{s.w5_channels} channels")
+            clients = self.clients(system, s.clients, channels=names)
+            try:
+                log(f"{system.name}: W5, {s.w5_count} publishes over {s.w5_channels} channels")
+                out["W5"] = self.push_run(system, clients, "W5", s.w5_count, s.clients, channels=names)
+            finally:
+                clients.close()
         if pushcost:
+            assert isinstance(system, Flow), "PUSH measures Flow's publisher"
             log(f"{system.name}: flow.push cost vs a raw send")
             config = {"kind": "pushcost", "env": system.flow_env, "count": s.push_count, "repeats": 5}
             done = subprocess.run([PYTHON, str(BENCH / "pusher.py"), json.dumps(config)], cwd=ROOT,
@@ -818,16 +882,23 @@ class Bench:
         main = wanted & {"W1", "W2", "W3", "W4"}
         if main:
             plan.append(("reference", lambda: Reference(self.workdir, self.secret), main, False))
+        # W5 (channels) is Flow's alone: the reference relay has none.
+        main = main | (wanted & {"W5"})  # a new set: the reference's stays without it
         if "zmq" in engines and (main or "PUSH" in wanted):
             plan.append(("flow", lambda: Flow(self.workdir, self.secret), main, "PUSH" in wanted))
         if "zmq" in engines and "W1off" in wanted:
             plan.append(("flow_history_off", lambda: Flow(self.workdir, self.secret, FLOW_HISTORY_SIZE="0"),
                          {"W1"}, False))
+        if "zmq" in engines and "W1nometrics" in wanted:
+            # What the metrics cost (issue 14's target: under 10% of W1): the same stack
+            # with FLOW_METRICS=0.
+            plan.append(("flow_metrics_off", lambda: Flow(self.workdir, self.secret, FLOW_METRICS="0"),
+                         {"W1"}, False))
         if "redis" in engines:
             for mode in persistence:
                 # What fsync costs shows in the rates and the tail; memory per socket does not
                 # depend on it, so the shipped configuration skips W3.
-                work = main if mode == "none" else main & {"W1", "W2", "W4"}
+                work = main if mode == "none" else main & {"W1", "W2", "W4", "W5"}
                 plan.append((redis_keys[mode], functools.partial(Flow, self.workdir, self.secret, engine="redis",
                                                                  persistence=mode), work, False))
         started = time.monotonic()
@@ -1014,8 +1085,11 @@ def flow_losses(results: dict[str, Any]) -> list[str]:
     lost = []
     for key in [k for k in results if k.startswith("flow") or k == "scale"]:
         for w, r in results.get(key, {}).items():
-            if isinstance(r, dict) and "delivered" in r and (r["delivered"] < r["sent"] or r["dups"]):
-                lost.append(f"{key} {w}: delivered {r['delivered']} of {r['sent']}, {r['dups']} duplicates")
+            if isinstance(r, dict) and "delivered" in r and (r["delivered"] < r["sent"] or r["dups"]
+                                                              or r.get("seq_gaps") or r.get("foreign")):
+                lost.append(f"{key} {w}: delivered {r['delivered']} of {r['sent']}, {r['dups']} duplicates"
+                            + (f", {r['seq_gaps']} seq gaps" if r.get("seq_gaps") else "")
+                            + (f", {r['foreign']} of another channel" if r.get("foreign") else ""))
     return lost
 
 
@@ -1078,6 +1152,17 @@ def render(results: dict[str, Any], args: argparse.Namespace) -> str:
             f"on/off {ratio(fr, o1['rate'])}" if fr else "")
         row("W1 history off: server CPU us/msg", "-", fmt(per_msg(o1), ".1f"),
             f"on/off {ratio(per_msg(fl.get('W1')), per_msg(o1))}" if fl.get("W1") else "")
+    nometrics = results.get("flow_metrics_off", {})
+    if "W1" in nometrics:
+        m1 = nometrics["W1"]
+        fr = get(fl, "W1", "rate")
+        on_cpu, off_cpu = per_msg(fl.get("W1")), per_msg(m1)
+        row("W1 metrics off: delivered", "-", delivered(m1), "", "flow 100%", m1["delivered"] == m1["sent"])
+        row("W1 metrics off: msgs/s", "-", fmt(m1["rate"], ",.0f"),
+            f"on/off {ratio(fr, m1['rate'])}" if fr else "")
+        row("W1 metrics off: server CPU us/msg", "-", fmt(off_cpu, ".1f"),
+            f"on/off {ratio(on_cpu, off_cpu)}" if on_cpu else "", "on/off <= 1.10x",
+            None if not (on_cpu and off_cpu) else on_cpu / off_cpu <= 1.10)
     if "W2" in ref or "W2" in fl:
         r2, f2 = ref.get("W2"), fl.get("W2")
         row("W2 delivered/sent", delivered(r2), delivered(f2), "", "flow 100%",
@@ -1129,14 +1214,15 @@ def render(results: dict[str, Any], args: argparse.Namespace) -> str:
         f"Flow benchmark: {meta['nproc']} cores ({meta['cpu']}), Python {meta['python']}, "
         f"clients: {meta['client']} x{meta['client_procs']}, {meta['seconds']} s"
         + (", QUICK sizes (smoke test, not figures)" if meta["quick"] else ""),
-        "  ".join(h.ljust(w) for h, w in zip(header, widths)).rstrip(),
-        "  ".join("-" * w for w in widths),
     ]
-    lines += ["  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows]
+    if rows:  # none with only Flow-alone workloads (W5, SCALE)
+        lines += ["  ".join(h.ljust(w) for h, w in zip(header, widths)).rstrip(), "  ".join("-" * w for w in widths),
+                  *("  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows)]
     # CPU seconds spent per workload: where the time goes (the servers include the proxy).
     cpu_rows = []
-    for key, label in (("reference", "reference"), ("flow", "flow"), ("flow_history_off", "flow, history off")):
-        for w in ("W1", "W2", "W4"):
+    for key, label in (("reference", "reference"), ("flow", "flow"), ("flow_history_off", "flow, history off"),
+                       ("flow_metrics_off", "flow, metrics off")):
+        for w in ("W1", "W2", "W4", "W5"):
             r = results.get(key, {}).get(w)
             if r:
                 cpu_rows.append(f"  {w} {label}: servers {r['cpu_servers']:.1f}, clients {r['cpu_clients']:.1f}, "
@@ -1146,6 +1232,9 @@ def render(results: dict[str, Any], args: argparse.Namespace) -> str:
     redis_lines = render_redis(results)
     if redis_lines:
         lines += ["", *redis_lines]
+    w5_lines = render_w5(results)
+    if w5_lines:
+        lines += ["", *w5_lines]
     load = meta.get("load") or []
     if load:
         lines += ["", "load average (1 min) at " + ", ".join(f"{x['at']} {x['load1']:.2f}" for x in load)]
@@ -1162,6 +1251,43 @@ def table(header: tuple[str, ...], rows: Sequence[tuple[str, ...]]) -> list[str]
     return ["  ".join(h.ljust(w) for h, w in zip(header, widths)).rstrip(),
             "  ".join("-" * w for w in widths),
             *("  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows)]
+
+
+def render_w5(results: dict[str, Any]) -> list[str]:
+    """W5 (channel publishes) against W2 (broadcasts) on the same engine in the same run:
+    the same number of deliveries, one message per 10 sockets instead of one per 1000."""
+    engines = (("flow", "zmq"), ("flow_redis", "redis"), ("flow_redis_aof", "redis aof"))
+    rows: list[tuple[str, ...]] = []
+    w5s = [(label, results[key]) for key, label in engines if "W5" in results.get(key, {})]
+    if not w5s:
+        return []
+
+    def fmt(value: float | None, spec: str) -> str:
+        return "-" if value is None else format(value, spec)
+
+    def per_delivery(r: dict[str, Any] | None, key: str) -> float | None:
+        return r[key] * 1e6 / r["delivered"] if r and r.get("delivered") else None
+
+    for label, res in w5s:
+        w5, w2 = res["W5"], res.get("W2")
+        ratio = w5["rate"] / w2["rate"] if w2 and w2.get("rate") and w5.get("rate") else None
+        text = f"{100 * w5['delivered_ratio']:.2f}%"
+        if w5["delivered"] < w5["sent"]:
+            text += f" LOST {w5['sent'] - w5['delivered']}"
+        for key, what in (("dups", "DUP"), ("seq_gaps", "GAPS"), ("foreign", "FOREIGN")):
+            if w5.get(key):
+                text += f" {what} {w5[key]}"
+        rows.append((label, fmt(w2 and w2["rate"], ",.0f"), fmt(w5["rate"], ",.0f"), fmt(ratio, ".2f"),
+                     ">= 0.50", "-" if ratio is None else "met" if ratio >= 0.5 else "NOT MET", text,
+                     f"{fmt(per_delivery(w2, 'cpu_servers'), '.2f')} / {fmt(per_delivery(w5, 'cpu_servers'), '.2f')}",
+                     fmt(per_delivery(w5, "cpu_engine"), ".2f"),
+                     fmt(w5["pushed"] / w5["push_seconds"] if w5.get("push_seconds") else None, ",.0f")))
+    first = w5s[0][1]["W5"]
+    return [f"W5: {first['pushed']:,} flow.publish calls over {first['channels']} channels, "
+            f"{first['per_channel']} sockets each, against W2's broadcasts (deliveries/s, same run, same engine):",
+            *table(("engine", "W2 deliveries/s", "W5 deliveries/s", "W5/W2", "target", "",
+                    "W5 delivered/sent", "server CPU us/delivery W2 / W5", "W5 of which engine", "W5 publish/s"),
+                   rows)]
 
 
 def render_redis(results: dict[str, Any]) -> list[str]:
@@ -1304,7 +1430,7 @@ def render_redis(results: dict[str, Any]) -> list[str]:
                   *table(("measure", "one host", "two hosts", "ratio", "target", ""), srows)]
     cpu_rows = []
     for key, label in (("flow_redis", "redis"), ("flow_redis_aof", "redis aof")):
-        for w in ("W1", "W2", "W4"):
+        for w in ("W1", "W2", "W4", "W5"):
             r = results.get(key, {}).get(w)
             if r:
                 cpu_rows.append(f"  {w} {label}: servers {r['cpu_servers']:.1f} (redis-server {r['cpu_engine']:.1f}), "
@@ -1325,8 +1451,8 @@ def main(argv: list[str] | None = None) -> int:
                         default=list(ENGINES), help=f"comma-separated engines to run Flow on (default: {','.join(ENGINES)})")
     parser.add_argument("--redis-persistence", type=lambda s: [e.strip() for e in s.split(",") if e.strip()],
                         default=list(PERSISTENCE),
-                        help="the Redis engine's redis-server: none (no persistence: W1-W4), aof (as shipped, "
-                             "appendfsync always: W1, W2, W4); default none,aof")
+                        help="the Redis engine's redis-server: none (no persistence: W1-W5), aof (as shipped, "
+                             "appendfsync everysec: W1, W2, W4, W5); default none,aof")
     parser.add_argument("--client", choices=("auto", "node", "python"), default="auto",
                         help="load client: Node's ws (bench/client.js) or plain Python (default: node if installed)")
     parser.add_argument("--client-procs", type=int, default=0, help="load-client processes (default: node 1, python 2)")

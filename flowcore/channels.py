@@ -20,6 +20,7 @@ show a client: it quotes at most 40 characters of the input, escaped.
 
 from __future__ import annotations
 
+import functools
 import re
 from dataclasses import dataclass
 from typing import ClassVar
@@ -34,7 +35,7 @@ __all__ = [
     "MAX_CHANNEL_BYTES", "MAX_GRANTS", "REASONS", "SubscribeRefused", "TEMPORARY_REASONS",
     "TOKEN_EXPIRED", "TOKEN_INVALID", "UNAVAILABLE", "authorize", "check_channel",
     "connection_grants", "issue_subscription_token", "parse_presence_channels",
-    "presence_enabled", "verify_subscription",
+    "presence_enabled", "presence_grants", "verify_subscription",
 ]
 
 # Entries of one `channels` claim (or of FLOW_PRESENCE_CHANNELS). A token is sent on every
@@ -256,3 +257,9 @@ def parse_presence_channels(raw: str) -> Grants:
 def presence_enabled(patterns: Grants, channel: str) -> bool:
     """Whether ``channel`` keeps presence (it matches FLOW_PRESENCE_CHANNELS)."""
     return patterns.allows(channel)
+
+
+@functools.lru_cache(maxsize=8)
+def presence_grants(entries: tuple[str, ...]) -> Grants:
+    """Settings.presence_channels (checked when the settings were loaded), parsed once."""
+    return Grants.parse(list(entries))

@@ -39,7 +39,7 @@ EXIT_USAGE = 2
 EXIT_NOT_RUNNING = 3
 
 # Started by supervisord (supervisord.conf), not by people.
-INTERNAL = ("proxy", "redis", "websocket", "nginx")
+INTERNAL = ("proxy", "redis", "websocket", "nginx", "api")
 # What the stack's processes need beyond the base install (the "server" extra).
 SERVER_MODULES = ("tornado", "supervisor", "gunicorn")
 SERVER_EXTRA = "pip install 'flow-push[server]'"
@@ -157,10 +157,20 @@ def _ports(settings: Settings) -> list[tuple[str, int, str]]:
     ports = [("127.0.0.1", settings.http_port, "FLOW_HTTP_PORT"),
              ("127.0.0.1", settings.ws_port, "FLOW_WS_PORT"),
              ("127.0.0.1", settings.app_port, "FLOW_APP_PORT")]
+    if settings.api_key:  # the HTTP publish API runs only then
+        host = settings.api_bind if settings.api_bind != "localhost" else "127.0.0.1"
+        ports.append((host, settings.api_port, "FLOW_API_PORT"))
     for name in _engine_endpoints(settings):
         address = _endpoint_address(getattr(settings, name))
         if address is not None:
             ports.append((address[0], address[1], "FLOW_" + name.upper()))
+    if settings.metrics_port:
+        # The proxy's (ZeroMQ engine only), then one per WebSocket server of the pool.
+        if settings.engine == "zmq":
+            ports.append(("127.0.0.1", settings.metrics_port, "FLOW_METRICS_PORT"))
+        for index in range(settings.ws_processes):
+            ports.append(("127.0.0.1", settings.metrics_port + 1 + index,
+                          f"FLOW_METRICS_PORT + {1 + index} (websocket-{index})"))
     return ports
 
 
@@ -190,6 +200,9 @@ def port_problems(settings: Settings) -> list[str]:
             problems.append(f"port {port} is set for both {seen[port]} and {name}; give each its own")
             continue
         seen[port] = name
+        if port > 65535:  # FLOW_METRICS_PORT + the pool's servers
+            problems.append(f"port {port} ({name}) is past 65535: lower FLOW_METRICS_PORT")
+            continue
         error = port_in_use(host, port)
         if error is None:
             continue
@@ -732,7 +745,7 @@ def cmd_listen(args: argparse.Namespace) -> int:
 
 def _parser() -> _Parser:
     parser = _Parser(prog="flow", description="Flow: push messages to your users' browsers.",
-                     epilog="Internal (supervisord runs them): flow proxy | redis | websocket | nginx.")
+                     epilog="Internal (supervisord runs them): flow proxy | redis | websocket | nginx | api.")
     commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
 
     def command(name: str, handler: Callable[[argparse.Namespace], int], help: str) -> _Parser:
@@ -768,6 +781,10 @@ def _internal(name: str, rest: list[str]) -> int:
 
     if name == "proxy":
         processes.proxy_main()
+    elif name == "api":
+        from . import api
+
+        api.main(rest)
     elif name == "websocket":
         processes.websocket_main(rest)
     elif name == "redis":

@@ -15,6 +15,12 @@ are the engine's. Detecting gaps and epoch changes in what an engine delivers, a
 repairing them from history, is the hub's (``flowcore.hub``), so that every engine gets
 the same checks; ``tests/test_engine_contract.py`` holds every engine to the same promises.
 
+Presence and occupancy (PROTOCOL section 9, and the ``online`` of section 10) are the
+engine's too: each server counts what it holds in a :class:`flowcore.presence.Ledger`
+(its sink's ``ledger``), the engine sums every server's ledger by the rules of
+:class:`flowcore.presence.PresenceTable` and delivers the JOIN/LEAVE that result to the
+servers subscribed to the channel.
+
 Streams are named by strings: a username for a user's stream, ``protocol.BROADCAST``
 (``"*"``) for broadcasts. Channels (PROTOCOL section 9) will take names no username can
 take (usernames never hold NUL); how a name maps onto topics or keys is the engine's
@@ -26,10 +32,30 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Mapping, Protocol
 
+from .presence import Ledger, PresenceEvent, Snapshot
 from .settings import Settings
 
 # The position of a stream: (seq of its last message, epoch). seq 0: no message yet.
 Position = tuple[int, str]
+
+
+class Unavailable(Exception):
+    """The engine did not answer in time (a presence query, a confirmed push): nothing is
+    known, and for a confirmed push it is unknown whether it was taken. (``flow.Unavailable``.)"""
+
+
+@dataclass(frozen=True, slots=True)
+class Receipt:
+    """What a confirmed push became (PROTOCOL section 10): its stream as users name it (a
+    username, ``"*"`` or the channel's name), seq, epoch, and the sockets it was dispatched to."""
+
+    stream: str
+    seq: int
+    epoch: str
+    online: int
+
+    def as_dict(self) -> dict[str, object]:
+        return {"stream": self.stream, "seq": self.seq, "epoch": self.epoch, "online": self.online}
 
 
 class QueueFull(Exception):
@@ -67,6 +93,18 @@ class EngineSink(Protocol):
         """A command for the sockets of ``stream``'s user (``protocol.check_command``):
         flow.disconnect, flow.unsubscribe. Outside the numbering: no seq, no history."""
 
+    def on_presence(self, event: PresenceEvent) -> None:
+        """A JOIN or LEAVE on a channel this server subscribed to; outside the numbering."""
+
+    def on_presence_reset(self) -> None:
+        """The engine had lost every server's counts (a restarted proxy, a Redis that lost
+        its data) and has this server's again: subscribers' snapshots may be stale (a LEAVE
+        that was pending is gone), so the hub sends them fresh ones."""
+
+    @property
+    def ledger(self) -> Ledger:
+        """This server's counts, which the engine reports (after :meth:`ServerEngine.presence_changed`)."""
+
     def on_batch_start(self) -> None:
         """Several calls follow at once; the hub writes them when the batch ends."""
 
@@ -92,6 +130,20 @@ class ServerEngine(Protocol):
         at most about ``max_bytes`` of frames per stream (at least one message when any is
         owed and ``max_bytes`` > 0; none when ``max_bytes`` is 0, to ask positions only).
         None when the engine did not answer in time."""
+
+    def presence_changed(self) -> None:
+        """The sink's ledger has changes: report them soon (the engine batches them, renews
+        its lease meanwhile, and sends the whole ledger when the far side does not know it)."""
+
+    def presence_retire(self, linger: float) -> None:
+        """This server is draining and told its clients to reconnect within ``linger``
+        seconds: report no more changes, and at :meth:`close` have the engine keep its
+        counts that long, so that clients counted again elsewhere make no LEAVE/JOIN."""
+
+    async def presence(self, stream: str, limit: int | None) -> Snapshot | None:
+        """The channel's presence over every server, after this server's pending changes
+        are in (so its own sockets are counted); ``users`` None past ``limit``. None when
+        the engine did not answer in time."""
 
     @property
     def live(self) -> bool:
@@ -129,6 +181,23 @@ class PublisherEngine(Protocol):
 
     def forget_after_fork(self) -> None:
         """In a forked child: drop the parent's resources without touching them."""
+
+    def presence(self, stream: str, timeout: float, limit: int | None = None) -> Snapshot:
+        """A channel's presence over every server. Raises :class:`Unavailable`."""
+
+    def online(self, stream: str, timeout: float) -> int:
+        """Sockets on ``stream`` over every server. Raises :class:`Unavailable`."""
+
+    def send_confirmed(self, frame: bytes, timeout: float) -> str:
+        """Hand one push frame over like :meth:`send` (behind every frame sent before it;
+        thread-safety is the caller's; raises :class:`QueueFull`), to be numbered only
+        within ``timeout`` seconds from now, so that a push whose caller was told
+        :class:`Unavailable` is not published later; a token for :meth:`wait_receipt`."""
+
+    def wait_receipt(self, token: str, timeout: float) -> Receipt:
+        """The :class:`Receipt` of the confirmed push ``token`` once the engine numbered
+        and stored it, waiting up to ``timeout`` seconds; raises :class:`Unavailable`.
+        Safe from many threads at once, without the caller's lock."""
 
 
 def server_engine(settings: Settings) -> ServerEngine:

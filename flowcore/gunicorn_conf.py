@@ -59,3 +59,12 @@ logconfig_dict: dict[str, Any] = {
     },
     "formatters": {"flow": {"format": LOG_FORMAT}},
 }
+
+
+def post_worker_init(worker: Any) -> None:
+    """In each worker, once the app is loaded: the workers' counters are shared from now on
+    (flowcore.health.SharedCounters), so the app's /metrics sums every worker whichever one
+    a scrape reaches. Nothing to do for an app that keeps none."""
+    from flowcore.health import start_shared
+
+    start_shared()

@@ -13,13 +13,16 @@ history cannot give closes the stream's sockets with 1012, so clients resume and
 from __future__ import annotations
 
 import asyncio
+import collections
 import heapq
 import itertools
 import logging
+import time
 from typing import Any, AsyncIterator, Callable, Coroutine, Iterator
 
 from . import protocol
 from .engine import Position, ServerEngine
+from .presence import Ledger, PresenceEvent, Snapshot
 from .session import SUB_GONE, ChannelJoin, ChannelSub, JoinRequest, JoinResult, Session
 from .runtime import Throttled, spawn
 from .settings import Settings
@@ -46,13 +49,17 @@ AUDIT_SLICES = 10
 RECONNECTS_PER_SECOND = 500.0
 MIN_RECONNECT_WINDOW = 2.0
 MAX_RECONNECT_WINDOW = 60.0
+# JOIN/LEAVE kept per presence channel for subscriptions whose snapshot is on its way.
+PRESENCE_RECENT = 256
+# Repairs refresh every listening presence subscription's snapshot at most this often.
+PRESENCE_REFRESH_MIN = 2.0
 
 
 class StreamState:
     """One stream this server receives, and the sessions that receive it."""
 
     __slots__ = ("name", "sessions", "subscribers", "epoch", "seq", "synced", "waiters", "held", "held_bytes",
-                 "audit_head")
+                 "audit_head", "presence_recent")
 
     def __init__(self, name: str) -> None:
         self.name = name
@@ -69,6 +76,9 @@ class StreamState:
         self.held: list[tuple[int, str, bytes]] | None = None
         self.held_bytes = 0
         self.audit_head: int | None = None  # the engine's head at the last audit
+        # A presence channel's last JOIN/LEAVE (event, frame): a subscription whose snapshot
+        # was taken before one of them arrived is sent it after its SUBSCRIBE OK.
+        self.presence_recent: collections.deque[tuple[PresenceEvent, str]] | None = None
 
     def mark_synced(self) -> None:
         self.synced = True
@@ -126,6 +136,14 @@ class Hub:
         self.upstream_messages = 0  # messages received for user streams
         self.repairs = 0
         self.gap_closes = 0
+        # Messages routed to sockets and their frames' bytes, by stream kind, counted once
+        # per fan-out (recipients x message), not per socket; flowcore.metrics reads them.
+        self.sent_user = self.sent_broadcast = self.sent_channel = 0
+        self.sent_user_bytes = self.sent_broadcast_bytes = self.sent_channel_bytes = 0
+        # flowcore.metrics.LagHistogram, observed once per engine batch; None: FLOW_METRICS=0.
+        self.lag: Any = None
+        self._batch_at = 0.0
+        self._batch_sent = 0
         # Sessions with frames queued during this loop iteration; written once per batch.
         self.dirty: list[Session] = []
         # True while a flush is due anyway: scheduled, or an engine batch is running.
@@ -134,6 +152,9 @@ class Hub:
         self.timers: "Timers | None" = None
         self.closed = False
         self.forged = Throttled(log, "dropped messages the engine never numbered")
+        # What this server holds, for presence, flow.is_online and receipts (flowcore.presence).
+        self.ledger = Ledger()
+        self._presence_refresh_after = 0.0  # monotonic: gap-driven refreshes, at most so often
 
     async def start(self) -> None:
         await self.engine.start(self)
@@ -174,6 +195,7 @@ class Hub:
             state = self.streams[name] = StreamState(name)
             self.engine.subscribe(name)
         state.sessions += (session,)
+        self._count(name, 1)
         self.ring.add(session)
         if not (await self._synced(state) and await self._synced(self.broadcast)):
             return None
@@ -235,6 +257,7 @@ class Hub:
         if state is None or session not in state.sessions:
             return
         state.sessions = tuple(s for s in state.sessions if s is not session)
+        self._count(state.name, -1)
         if not state.sessions and state is not self.broadcast:
             self._drop_stream(state)
 
@@ -253,6 +276,7 @@ class Hub:
         assert state.subscribers is not None
         state.subscribers += (sub,)
         sub.state = state
+        self._count_sub(sub, 1)
         if not await self._synced(state):
             return None
         seq, epoch = state.seq, state.epoch
@@ -273,8 +297,63 @@ class Hub:
             return
         sub.state = None
         state.subscribers = tuple(s for s in state.subscribers if s is not sub)
+        self._count_sub(sub, -1)
         if not state.subscribers and self.streams.get(state.name) is state:
             self._drop_stream(state)
+
+    # -- presence and occupancy
+
+    def _count(self, username: str, delta: int) -> None:
+        ledger = self.ledger
+        ledger.add(username, "", delta)
+        ledger.add(protocol.BROADCAST, "", delta)
+        self.engine.presence_changed()
+
+    def _count_sub(self, sub: ChannelSub, delta: int) -> None:
+        ledger = self.ledger
+        ledger.add(sub.stream, "", delta)
+        if sub.presence:
+            ledger.add(sub.stream, sub.session.username or "", delta)
+        self.engine.presence_changed()
+
+    async def presence(self, sub: ChannelSub) -> Snapshot | None:
+        """The channel's presence over the pool (this server's sockets counted)."""
+        return await self.engine.presence(sub.stream, self.settings.presence_max_list)
+
+    def presence_sent(self, sub: ChannelSub) -> None:
+        """``sub`` has its snapshot: send it what arrived after the snapshot was taken."""
+        state = sub.state
+        if state is None or not state.presence_recent or sub.presence_version is None:
+            return
+        for event, text in state.presence_recent:
+            sub.session.presence_event(sub, event, text)
+
+    def on_presence_reset(self) -> None:
+        for state in list(self.streams.values()):
+            if state.subscribers and any(sub.presence_version is not None for sub in state.subscribers):
+                self._spawn(self._refresh_presence(state))
+
+    async def _refresh_presence(self, state: StreamState) -> None:
+        snapshot = await self.engine.presence(state.name, self.settings.presence_max_list)
+        if snapshot is None or self.streams.get(state.name) is not state or state.subscribers is None:
+            return
+        state.presence_recent = None  # older than this snapshot, every one of them
+        for sub in state.subscribers:
+            sub.session.presence_refresh(sub, snapshot)
+        self.flush()
+
+    def on_presence(self, event: PresenceEvent) -> None:
+        state = self.streams.get(event.stream)
+        if state is None or not state.subscribers:
+            return
+        text = protocol.presence_diff(protocol.channel_of_stream(event.stream), event)
+        recent = state.presence_recent
+        if recent is None:
+            recent = state.presence_recent = collections.deque(maxlen=PRESENCE_RECENT)
+        recent.append((event, text))
+        for sub in state.subscribers:
+            if sub.presence_version is not None:
+                sub.session.presence_event(sub, event, text)
 
     def _drop_stream(self, state: StreamState) -> None:
         """The last receiver of ``state`` left: stop receiving it upstream."""
@@ -296,9 +375,15 @@ class Hub:
 
     def on_batch_start(self) -> None:
         self._flush_due = True
+        if self.lag is not None:
+            self._batch_at = time.perf_counter()
+            self._batch_sent = self.sent_user + self.sent_broadcast + self.sent_channel
 
     def on_batch_end(self) -> None:
         self.flush()
+        # A batch that routed nothing (positions, commands, an empty wake-up) is no lag.
+        if self.lag is not None and self._batch_sent != self.sent_user + self.sent_broadcast + self.sent_channel:
+            self.lag.observe(time.perf_counter() - self._batch_at)
 
     def flush(self) -> None:
         self._flush_due = False
@@ -338,13 +423,23 @@ class Hub:
 
     def _fan_out(self, state: StreamState, seq: int, wire: bytes) -> None:
         if state is self.broadcast:
-            for session in self.ring:
+            ring = self.ring
+            count = len(ring)
+            self.sent_broadcast += count
+            self.sent_broadcast_bytes += count * len(wire)
+            for session in ring:
                 session.deliver_all(seq, wire)
         elif state.subscribers is not None:
-            for sub in state.subscribers:
+            subscribers = state.subscribers
+            self.sent_channel += len(subscribers)
+            self.sent_channel_bytes += len(subscribers) * len(wire)
+            for sub in subscribers:
                 sub.deliver(seq, wire)
         else:
-            for session in state.sessions:
+            sessions = state.sessions
+            self.sent_user += len(sessions)
+            self.sent_user_bytes += len(sessions) * len(wire)
+            for session in sessions:
                 session.deliver_own(seq, wire)
 
     def _irregular(self, state: StreamState, seq: int, epoch: str, wire: bytes) -> None:
@@ -440,6 +535,12 @@ class Hub:
         state.held, state.held_bytes = [], 0
         self.repairs += 1
         self._spawn(self._repair(state))
+        # What dropped this stream's messages (a full pipe, a lost link) dropped JOIN/LEAVE
+        # too, which no history holds: listening subscriptions get fresh snapshots.
+        now = time.monotonic()
+        if now >= self._presence_refresh_after:
+            self._presence_refresh_after = now + PRESENCE_REFRESH_MIN
+            self.on_presence_reset()
 
     async def _repair(self, state: StreamState) -> None:
         """Deliver what the engine lost for ``state`` from history, then what was held."""

@@ -87,6 +87,10 @@ def _tls_paths(settings: Settings) -> tuple[str, str]:
     return str(settings.path(cert)), str(settings.path(key))
 
 
+# What the demo app (FLOW_APP's default) keeps presence on, unless FLOW_PRESENCE_CHANNELS says.
+DEMO_PRESENCE_CHANNELS = "doc:*,lobby"
+
+
 def stack_env(settings: Settings, environ: Mapping[str, str] | None = None) -> dict[str, str]:
     """Every variable supervisord.conf and nginx.conf expand, resolved and absolute."""
     environ = os.environ if environ is None else environ
@@ -125,6 +129,11 @@ def stack_env(settings: Settings, environ: Mapping[str, str] | None = None) -> d
         # make it (and `flow status`) exit 3 for a healthy stack.
         "FLOW_PROXY_PROCESSES": "1" if settings.engine == "zmq" else "0",
         "FLOW_REDIS_PROCESSES": "1" if runs_own_server(settings) else "0",
+        # The HTTP publish API's process runs only when FLOW_API_KEY is set.
+        "FLOW_API_PROCESSES": "1" if settings.api_key else "0",
+        # The demo's shared documents show who is viewing them (PROTOCOL section 9).
+        **({"FLOW_PRESENCE_CHANNELS": DEMO_PRESENCE_CHANNELS}
+           if settings.app == Settings.app and not settings.presence_channels else {}),
     }
 
 

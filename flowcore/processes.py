@@ -27,6 +27,9 @@ def websocket_main(argv: list[str] | None = None) -> None:
     """
     parser = argparse.ArgumentParser(prog="flow websocket", description="Flow WebSocket server")
     parser.add_argument("--port", type=int, help="listen port (default FLOW_WS_PORT)")
+    parser.add_argument("--index", type=int, help="this server's number in the pool (supervisord's "
+                        "process_num): with FLOW_METRICS_PORT it also serves /metrics and health on "
+                        "FLOW_METRICS_PORT + 1 + INDEX")
     args = parser.parse_args(argv)
 
     from .runtime import start_process
@@ -46,7 +49,7 @@ def websocket_main(argv: list[str] | None = None) -> None:
     except compat.CompatError as exc:
         print(f"websocket_server: {exc}", file=sys.stderr, flush=True)
         raise SystemExit(2) from None
-    asyncio.run(serve(settings, args.port or settings.ws_port))
+    asyncio.run(serve(settings, args.port or settings.ws_port, args.index))
 
 
 def proxy_main() -> None:
@@ -85,10 +88,25 @@ def proxy_main() -> None:
     proxies.append(proxy)
     if signals:
         proxy.request_stop()
+    health = None
+    if settings.metrics_port:
+        try:
+            health = proxy.listen_health(settings.metrics_port)
+        except OSError as exc:
+            log.error("cannot listen on 127.0.0.1:%d for metrics and health (FLOW_METRICS_PORT): %s; "
+                      "choose another port or set FLOW_METRICS_PORT=0", settings.metrics_port, exc.strerror or exc)
+            proxy.close()
+            raise SystemExit(1) from None
     try:
-        proxy.run()
-    except Exception:
-        log.exception("the proxy loop failed; stopping without saving the state")
-        proxy.close()
-        raise SystemExit(1) from None
-    raise SystemExit(proxy.stop())
+        try:
+            proxy.run()
+        except Exception:
+            log.exception("the proxy loop failed; stopping without saving the state")
+            proxy.close()
+            raise SystemExit(1) from None
+        # Still answering meanwhile: /readyz says 503 "stopping" while the state is saved.
+        code = proxy.stop()
+    finally:
+        if health is not None:
+            health.close()
+    raise SystemExit(code)

@@ -39,6 +39,7 @@ from typing import Any, Callable, Mapping
 import orjson
 
 from .engine import StreamHistory
+from .presence import PresenceEvent, Snapshot
 
 BROADCAST = "*"
 HEARTBEAT = "<3"
@@ -158,6 +159,11 @@ def channel_stream(name: str) -> str:
 
 def is_channel_stream(stream: str) -> bool:
     return stream[:1] == CHANNEL_MARK
+
+
+def channel_of_stream(stream: str) -> str:
+    """The channel name of a channel's stream."""
+    return stream[len(CHANNEL_MARK):]
 
 
 # The ids of the protocol's own frames (PROTOCOL.md sections 3, 5 and 9). A push may not
@@ -543,7 +549,7 @@ def decode_delivery(raw: bytes) -> Delivery:
     """Inverse of :func:`message_frame` and :func:`sync_frame`. Raises ProtocolError."""
     cut = raw.find(b"\0") + 1
     kind = raw[cut : cut + 1]
-    if kind == KIND_COMMAND and cut:
+    if (kind == KIND_COMMAND or kind == KIND_PRESENCE) and cut:
         return Delivery(raw[:cut], kind, 0, "", raw[cut + 1 :])
     if cut == 0 or kind not in (KIND_MESSAGE, KIND_SYNC):
         raise ProtocolError("expected topic, kind, seq, epoch, frame")
@@ -617,6 +623,165 @@ def decode_command(raw: bytes) -> tuple[str, bytes]:
 def command_frame(stream: str, command_json: bytes) -> bytes:
     """What the proxy publishes for a command: ``topic X command_json``."""
     return topic(stream) + KIND_COMMAND + command_json
+
+
+# ---------------------------------------------------------------- presence (section 9)
+#
+# Engine -> servers, on the channel's topic, outside the numbering (no seq, no history):
+#     topic b"J" ["JOIN" | "LEAVE", username, version]
+# Server -> proxy, on the control DEALER (after the empty delimiter), one JSON frame:
+#     {"op": "presence", "rid": n, "server": id, "full": bool, "bye": bool,
+#      "changes": [[stream, user, count], ...], "query": stream | null, "limit": n | null}
+#   a server's absolute counts (flowcore.presence.Ledger); "full": they are all it holds;
+#   "bye": it stops (its counts go). A publisher asks with no "server" and only "query".
+#     {"op": "online", "rid": n, "stream": s}
+# Proxy -> server/publisher: {"rid": n, "streams": {}, "known": bool,
+#                             "presence": {"version", "count", "users": {u: k} | null} | null,
+#                             "online": n}
+#   "known": false when a partial report came from a server the proxy does not know (it
+#   restarted, or the server's lease ran out): nothing was applied, send everything.
+
+KIND_PRESENCE = b"J"
+PRESENCE_KINDS = ("JOIN", "LEAVE")
+
+
+# To every server (on the broadcast topic): the proxy rebuilt its presence table; listening
+# subscriptions get fresh snapshots (ServerEngine's sink.on_presence_reset).
+PRESENCE_RESET = b"RESET"
+
+
+def presence_reset_frame() -> bytes:
+    return topic(BROADCAST) + KIND_PRESENCE + PRESENCE_RESET
+
+
+def presence_event_frame(event: PresenceEvent) -> bytes:
+    return topic(event.stream) + KIND_PRESENCE + dumps([event.kind, event.user, event.version])
+
+
+def check_presence_event(stream: str, payload: bytes) -> PresenceEvent:
+    """The event a presence delivery carries, checked; ProtocolError for anything else."""
+    try:
+        kind, user, version = _orjson_loads(payload)
+    except (orjson.JSONDecodeError, RecursionError, ValueError, TypeError):
+        raise ProtocolError("a presence event is [kind, username, version]") from None
+    if kind not in PRESENCE_KINDS or type(version) is not int or not is_channel_stream(stream):
+        raise ProtocolError("a presence event is [\"JOIN\" | \"LEAVE\", username, version] on a channel")
+    check_username(user)
+    return PresenceEvent(stream, kind, user, version)
+
+
+@dataclass(frozen=True)
+class PresenceRequest:
+    request_id: int
+    op: str  # "presence" | "online"
+    server: str | None
+    full: bool
+    bye: bool
+    changes: dict[tuple[str, str], int]
+    query: str | None
+    limit: int | None
+    linger: float = 0.0  # with bye: keep the counts this long (a drain's reconnect window)
+    again: bool = False  # a full report from a server an earlier proxy knew
+
+
+def build_presence_request(request_id: int, server: str | None, changes: Mapping[tuple[str, str], int],
+                           full: bool = False, bye: bool = False, query: str | None = None,
+                           limit: int | None = None, linger: float = 0.0, again: bool = False) -> bytes:
+    return dumps({"op": "presence", "rid": request_id, "server": server, "full": full, "bye": bye,
+                  "changes": [[stream, user, count] for (stream, user), count in changes.items()],
+                  "query": query, "limit": limit, "linger": linger, "again": again})
+
+
+def build_online_request(request_id: int, stream: str) -> bytes:
+    return dumps({"op": "online", "rid": request_id, "stream": stream})
+
+
+# A stopping server's counts are kept at most this long (hub.MAX_RECONNECT_WINDOW and more).
+MAX_PRESENCE_LINGER = 600.0
+PRESENCE_REQUEST_HEAD = b'{"op":"presence",'
+ONLINE_REQUEST_HEAD = b'{"op":"online",'
+
+
+def parse_presence_request(raw: bytes) -> PresenceRequest:
+    """Inverse of :func:`build_presence_request` and :func:`build_online_request`; any other
+    bytes raise ProtocolError."""
+    try:
+        obj = _orjson_loads(raw)
+        if type(obj) is not dict or type(obj.get("rid")) is not int:
+            raise ProtocolError("not an object with an integer rid")
+        if obj.get("op") == "online":
+            return PresenceRequest(obj["rid"], "online", None, False, False, {}, check_stream(obj["stream"]), None)
+        if obj.get("op") != "presence":
+            raise ProtocolError("unknown op")
+        server = obj.get("server")
+        if server is not None and (type(server) is not str or not 0 < len(server) <= 64):
+            raise ProtocolError("server is not a short string")
+        changes: dict[tuple[str, str], int] = {}
+        for stream, user, count in obj.get("changes") or ():
+            if type(count) is not int or count < 0:
+                raise ProtocolError("a count is a non-negative integer")
+            check_stream(stream)
+            if user != "":
+                check_username(user)
+            changes[(stream, user)] = count
+        if changes and server is None:
+            raise ProtocolError("changes without a server")
+        query, limit = obj.get("query"), obj.get("limit")
+        if query is not None:
+            check_stream(query)
+        if limit is not None and (type(limit) is not int or limit < 0):
+            raise ProtocolError("limit is not a non-negative integer")
+        linger = obj.get("linger", 0)
+        if type(linger) not in (int, float) or not 0 <= linger <= MAX_PRESENCE_LINGER:
+            raise ProtocolError(f"linger is a number of seconds from 0 to {MAX_PRESENCE_LINGER}")
+        return PresenceRequest(obj["rid"], "presence", server, obj.get("full") is True, obj.get("bye") is True,
+                               changes, query, limit, float(linger), obj.get("again") is True)
+    except ProtocolError as exc:
+        raise ProtocolError(f"bad presence request: {exc}") from None
+    except (orjson.JSONDecodeError, ValueError, KeyError, TypeError, AttributeError, RecursionError) as exc:
+        raise ProtocolError(f"bad presence request: {exc!r}") from None
+
+
+def build_presence_reply(request_id: int, known: bool, snapshot: Snapshot | None, online: int = 0) -> bytes:
+    presence = None if snapshot is None else {
+        "version": snapshot.version, "count": snapshot.count, "users": snapshot.users}
+    return dumps({"rid": request_id, "streams": {}, "known": known, "presence": presence, "online": online})
+
+
+def parse_presence_reply(obj: Mapping[str, Any]) -> tuple[bool, Snapshot | None, int]:
+    """(known, snapshot, online) of a decoded presence reply; ProtocolError when malformed."""
+    known, presence, online = obj.get("known"), obj.get("presence"), obj.get("online", 0)
+    if type(known) is not bool or type(online) is not int:
+        raise ProtocolError("a presence reply has known (bool) and online (int)")
+    if presence is None:
+        return known, None, online
+    try:
+        version, count, users = presence["version"], presence["count"], presence["users"]
+    except (KeyError, TypeError):
+        raise ProtocolError("presence is {version, count, users}") from None
+    if type(version) is not int or type(count) is not int or not (users is None or type(users) is dict):
+        raise ProtocolError("presence is {version: int, count: int, users: {...} | null}")
+    if users is not None and not all(type(k) is int for k in users.values()):
+        raise ProtocolError("presence users map names to connection counts")
+    return known, Snapshot(version, count, users), online
+
+
+def presence_state(snapshot: Snapshot) -> dict[str, Any]:
+    """A snapshot as browsers see it (SUBSCRIBE OK's ``presence``, a PRESENCE answer): past
+    FLOW_PRESENCE_MAX_LIST users, ``users`` is left out and only ``count`` says how many."""
+    state: dict[str, Any] = {"version": snapshot.version, "count": snapshot.count}
+    if snapshot.users is not None:
+        state["users"] = {user: {"connections": count} for user, count in snapshot.users.items()}
+    return state
+
+
+def presence_answer(channel: str, snapshot: Snapshot, ref: str | int | None = None) -> str:
+    return _with_ref({"id": "PRESENCE", "channel": channel, **presence_state(snapshot)}, ref)
+
+
+def presence_diff(channel: str, event: PresenceEvent) -> str:
+    return dumps({"id": event.kind, "channel": channel, "username": event.user,
+                  "version": event.version}).decode("utf-8")
 
 
 # ---------------------------------------------------------------- history (control channel)
@@ -771,7 +936,7 @@ class Subscribe:
     channel: str
     since: tuple[int, str] | None = None
     token: str | None = None
-    presence: bool = False
+    presence: bool | None = None  # None: as the channel has it (FLOW_PRESENCE_CHANNELS)
     ref: str | int | None = None
 
 
@@ -894,10 +1059,10 @@ def _parse_subscribe(channel: object, obj: dict[str, Any], ref: str | int | None
     name = str.__str__(channel)
     since = obj.get("since")
     token = obj.get("token")
-    presence = obj.get("presence", False)
+    presence = obj.get("presence")
     if token is not None and not isinstance(token, str):
         raise ProtocolError(f"the token for channel {_shown(name)} must be a string")
-    if not isinstance(presence, bool):
+    if presence is not None and not isinstance(presence, bool):
         raise ProtocolError("presence must be true or false")
     return Subscribe(name, None if since is None else _parse_position(since, f"since of {_shown(name)}"),
                      token, presence, ref)
@@ -994,9 +1159,12 @@ def _with_ref(frame: dict[str, Any], ref: str | int | None) -> str:
 
 
 def subscribe_ok(channel: str, seq: int, epoch: str, recovered: bool, missed: int,
-                 ref: str | int | None = None) -> str:
-    return _with_ref({"id": "SUBSCRIBE OK", "channel": channel, "seq": seq, "epoch": epoch,
-                      "recovered": recovered, "missed": missed}, ref)
+                 ref: str | int | None = None, presence: Snapshot | None = None) -> str:
+    frame: dict[str, Any] = {"id": "SUBSCRIBE OK", "channel": channel, "seq": seq, "epoch": epoch,
+                             "recovered": recovered, "missed": missed}
+    if presence is not None:
+        frame["presence"] = presence_state(presence)
+    return _with_ref(frame, ref)
 
 
 def subscribe_failed(channel: str, reason: str, temporary: bool, ref: str | int | None = None) -> str:
@@ -1099,3 +1267,74 @@ def _parse_flush(raw: bytes, key: str, value: object, token_key: str) -> tuple[i
             or not _FLUSH_TOKEN.fullmatch(token.encode("ascii"))):
         raise ProtocolError("bad flush message: rid is not an integer or the token not 32 hex digits")
     return request_id, token
+
+
+# ---------------------------------------------------------------- confirmed pushes (section 10)
+#
+# flow.Flow.push(..., confirm=True) learns its message's stream, seq, epoch and the sockets
+# it was dispatched to (flowcore.engine.Receipt). On the ZeroMQ engine, two halves carrying
+# one token, paired by the proxy in either order like a flush:
+#
+#   publisher -> proxy, on the PUSH socket (so it never overtakes the pushes sent before it):
+#       b"R1\0" token b" " deadline b"\0" push_frame
+#     ``deadline`` is the Unix time in milliseconds after which the proxy must not number it
+#     (the publisher then raised flow.Unavailable, and a retry must not make a duplicate);
+#     ``push_frame`` is an ordinary push (encode_push, encode_channel_push), numbered and
+#     fanned out exactly like one.
+#   publisher -> proxy, on its control DEALER: {"op": "receipt", "rid": n, "token": t}
+#   proxy -> publisher: {"rid": n, "streams": {}, "receipt": t, "stream": s, "seq": n,
+#                        "epoch": e, "online": k}
+#     ``stream`` is the engine's name (a username, "*", or CHANNEL_MARK + a channel).
+
+RECEIPT_PREFIX = b"R1\0"
+RECEIPT_REQUEST_HEAD = b'{"op":"receipt",'
+# The longest head a confirmed push adds to its push frame.
+RECEIPT_HEAD_BYTES = len(RECEIPT_PREFIX) + FLUSH_TOKEN_CHARS + 1 + 20 + 1
+
+
+def confirmed_push(token: str, deadline_ms: int, push_frame: bytes) -> bytes:
+    """The frame of a confirmed push: ``push_frame`` behind its token and deadline."""
+    return b"%s%s %d\0%s" % (RECEIPT_PREFIX, token.encode("ascii"), deadline_ms, push_frame)
+
+
+def decode_confirmed_push(raw: bytes) -> tuple[str, int, Push]:
+    """(token, deadline in Unix ms, push) of a confirmed push. Raises ProtocolError."""
+    start = len(RECEIPT_PREFIX)
+    token = raw[start : start + FLUSH_TOKEN_CHARS]
+    cut = raw.find(b"\0", start + FLUSH_TOKEN_CHARS)
+    deadline = raw[start + FLUSH_TOKEN_CHARS + 1 : cut]
+    if (not raw.startswith(RECEIPT_PREFIX) or not _FLUSH_TOKEN.fullmatch(token) or cut < 0
+            or raw[start + FLUSH_TOKEN_CHARS : start + FLUSH_TOKEN_CHARS + 1] != b" "
+            or not deadline.isdigit() or len(deadline) > 20):
+        raise ProtocolError(f"a confirmed push is {RECEIPT_PREFIX!r}, a token, a deadline and a push")
+    return token.decode("ascii"), int(deadline), decode_push(raw[cut + 1 :])
+
+
+def build_receipt_request(request_id: int, token: str) -> bytes:
+    return dumps({"op": "receipt", "rid": request_id, "token": token})
+
+
+def parse_receipt_request(raw: bytes) -> tuple[int, str]:
+    """``(rid, token)`` of a receipt request; any other bytes raise ProtocolError."""
+    return _parse_flush(raw, "op", "receipt", "token")
+
+
+def build_receipt_reply(request_id: int, token: str, stream: str, seq: int, epoch: str, online: int) -> bytes:
+    return dumps({"rid": request_id, "streams": {}, "receipt": token, "stream": stream, "seq": seq,
+                  "epoch": epoch, "online": online})
+
+
+def parse_receipt_reply(obj: Mapping[str, Any]) -> tuple[str, str, int, str, int]:
+    """(token, stream, seq, epoch, online) of a decoded receipt reply; ProtocolError when
+    malformed. ``stream`` is the engine's name, checked."""
+    token, stream, seq, epoch, online = (obj.get(k) for k in ("receipt", "stream", "seq", "epoch", "online"))
+    if (not isinstance(token, str) or type(seq) is not int or seq < 1 or not isinstance(epoch, str)
+            or not epoch or type(online) is not int or online < 0):
+        raise ProtocolError("a receipt is {receipt, stream, seq >= 1, epoch, online >= 0}")
+    return token, check_stream(stream), seq, epoch, online
+
+
+def public_stream_name(stream: str) -> str:
+    """A stream as users name it (a receipt's ``stream``): a username, ``"*"``, or a
+    channel's name without its CHANNEL_MARK."""
+    return stream[1:] if stream[:1] == CHANNEL_MARK else stream

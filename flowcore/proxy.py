@@ -31,6 +31,7 @@ so the next start has new epochs.
 from __future__ import annotations
 
 import bisect
+import functools
 import json
 import logging
 import math
@@ -46,6 +47,7 @@ from typing import Any, Callable, Iterator, NamedTuple
 import zmq
 
 from . import compat, protocol
+from .presence import PresenceEvent, PresenceTable
 from .settings import Settings
 
 log = logging.getLogger("flow.proxy")
@@ -79,6 +81,11 @@ QUIET_LIMIT = 1.0
 FANOUT_LINGER_MS = 2000
 
 STATE_FILE = "proxy-state"
+# /readyz answers 503 when the loop has not turned for this long (a stuck loop, e.g. a
+# huge control request being answered).
+LOOP_STALE = 3.0
+# Due LEAVEs and expired server leases are looked for this often.
+PRESENCE_TICK = 0.1
 
 # A plain int: pyzmq's flag enums cost more than the send itself on this path.
 NOBLOCK = int(zmq.NOBLOCK)
@@ -545,6 +552,57 @@ class FlushMatcher:
         return len(self._markers) + len(self._requests)
 
 
+class ReceiptMatcher:
+    """Pairs each confirmed push (numbered from PULL) with its receipt request (on control),
+    whichever comes first (protocol.py, the confirmed pushes section), bounded in time and
+    number like :class:`FlushMatcher`. No I/O."""
+
+    def __init__(self, warnings: WarningLimiter, wait: float = FLUSH_WAIT, kept: int = FLUSH_KEPT) -> None:
+        self.warnings = warnings
+        self.wait = wait
+        self.kept = kept
+        # token -> (when it was numbered, (stream, seq, epoch, online))
+        self._receipts: dict[str, tuple[float, tuple[str, int, str, int]]] = {}
+        # token -> (when it came, routing id, rid)
+        self._requests: dict[str, tuple[float, bytes, int]] = {}
+
+    def numbered(self, token: str, receipt: tuple[str, int, str, int], now: float) -> tuple[bytes, int] | None:
+        """The push was numbered: the request to answer now (routing id, rid), if it came first."""
+        waiting = self._requests.pop(token, None)
+        if waiting is not None:
+            return waiting[1], waiting[2]
+        self._receipts.pop(token, None)
+        self._receipts[token] = (now, receipt)
+        self._forget(self._receipts, now)
+        return None
+
+    def asked(self, token: str, identity: bytes, request_id: int, now: float) -> tuple[str, int, str, int] | None:
+        """The request came: the receipt, when its push was numbered first (answer now)."""
+        done = self._receipts.pop(token, None)
+        if done is not None:
+            return done[1]
+        self._requests.pop(token, None)
+        self._requests[token] = (now, identity, request_id)
+        self._forget(self._requests, now)
+        return None
+
+    def _forget(self, table: dict[str, Any], now: float) -> None:
+        cutoff = now - self.wait
+        crowded = 0
+        while table:
+            oldest = next(iter(table))
+            if table[oldest][0] >= cutoff and len(table) <= self.kept:
+                break
+            if len(table) > self.kept:
+                crowded += 1
+            del table[oldest]
+        if crowded:
+            self.warnings.warn("receipt", "forgot %d unanswered receipt halves: more than %d wait", crowded, self.kept)
+
+    def __len__(self) -> int:
+        return len(self._receipts) + len(self._requests)
+
+
 # ---------------------------------------------------------------- the loop
 
 
@@ -559,13 +617,23 @@ class Proxy:
         self.log = MessageLog(settings.history_size, settings.history_ttl)
         self.warnings = WarningLimiter(log)
         self.stop_requested = False
+        # When the loop last turned (monotonic): /readyz and flow_engine_up say whether it still does.
+        self.turned_at = time.monotonic()
         self.numbered = 0
         self.flushes = FlushMatcher(self.warnings)
         self.flushed = 0  # flush requests answered
+        # Confirmed pushes (flow.push(..., confirm=True)) and their receipt requests.
+        self.receipts = ReceiptMatcher(self.warnings)
         # Restored streams -> subscriptions still to come back before we take pushes.
         self.awaited: dict[str, int] = {}
         # The longest push a publisher with our settings may send, plus its head.
-        self.max_push = settings.max_message + len(protocol.PUSH_PREFIX) + protocol.MAX_USERNAME_BYTES + 2
+        # (A confirmed push adds protocol.RECEIPT_HEAD_BYTES before the push.)
+        self.max_push = (settings.max_message + len(protocol.PUSH_PREFIX) + protocol.MAX_USERNAME_BYTES + 2
+                         + protocol.RECEIPT_HEAD_BYTES)
+        # Presence and occupancy of the pool (flowcore.presence); not kept across a restart:
+        # every server reports in full to a proxy that does not know it.
+        self.presence = PresenceTable(settings.presence_leave_delay, version_base=int(time.time() * 1e6),
+                                      lease_ttl=settings.presence_lease, started=time.monotonic())
 
         self.context = context or zmq.Context()
         self.pull = self.context.socket(zmq.PULL)
@@ -688,6 +756,8 @@ class Proxy:
                     self.take_flush_marker(raw)
                 elif raw.startswith(protocol.COMMAND_PREFIX):
                     self.take_command(raw)
+                elif raw.startswith(protocol.RECEIPT_PREFIX):
+                    numbered += self.take_confirmed(raw, now)
                 else:
                     self.warnings.warn("push", "dropped a malformed push (%d bytes): %s", len(raw), _short(exc))
                 continue
@@ -695,6 +765,49 @@ class Proxy:
             numbered += 1
         self.numbered += numbered
         return numbered
+
+    def take_confirmed(self, raw: bytes, now: float) -> int:
+        """A confirmed push: numbered and fanned out exactly like a push (same append, same
+        send), then its receipt kept for the publisher's request. 1 when it was numbered."""
+        try:
+            token, deadline_ms, push = protocol.decode_confirmed_push(raw)
+        except protocol.ProtocolError as exc:
+            self.warnings.warn("push", "dropped a malformed confirmed push (%d bytes): %s", len(raw), _short(exc))
+            return 0
+        if now * 1000 > deadline_ms:
+            # Its publisher has raised flow.Unavailable (we were away or behind): numbering
+            # it now would make a retry a duplicate. Same host, same clock (loopback only).
+            self.warnings.warn("expired", "dropped a confirmed push that came %.0f ms after its deadline "
+                               "(its publisher was told the engine is unavailable)", now * 1000 - deadline_ms)
+            return 0
+        _backend_send(self.xpub, self.log.append(push, now), NOBLOCK)
+        stream = push.stream
+        position = self.log.position(stream)
+        assert position is not None  # append made it
+        # The sockets it was dispatched to, as the servers last reported them.
+        receipt = (stream, position[0], position[1], self.presence.online(stream))
+        waiting = self.receipts.numbered(token, receipt, time.monotonic())
+        if waiting is not None:
+            self._answer_receipt(waiting[0], waiting[1], token, receipt)
+        return 1
+
+    def take_receipt_request(self, identity: bytes, raw: bytes) -> None:
+        try:
+            request_id, token = protocol.parse_receipt_request(raw)
+        except protocol.ProtocolError as exc:
+            self.warnings.warn("control", "dropped a receipt request (%d bytes): %s", len(raw), _short(exc))
+            return
+        receipt = self.receipts.asked(token, identity, request_id, time.monotonic())
+        if receipt is not None:
+            self._answer_receipt(identity, request_id, token, receipt)
+
+    def _answer_receipt(self, identity: bytes, request_id: int, token: str,
+                        receipt: tuple[str, int, str, int]) -> None:
+        try:
+            self.control.send_multipart(
+                [identity, b"", protocol.build_receipt_reply(request_id, token, *receipt)], NOBLOCK)
+        except zmq.Again:
+            pass  # a ROUTER drops for a requester that does not read: its own loss
 
     def take_command(self, raw: bytes) -> None:
         try:
@@ -754,6 +867,12 @@ class Proxy:
                 self.warnings.warn("control", "dropped a control request of %d bytes (at most %d)",
                                    len(raw), MAX_CONTROL_REQUEST)
                 continue
+            if raw.startswith(protocol.PRESENCE_REQUEST_HEAD) or raw.startswith(protocol.ONLINE_REQUEST_HEAD):
+                self.take_presence(identity, raw)
+                continue
+            if raw.startswith(protocol.RECEIPT_REQUEST_HEAD):
+                self.take_receipt_request(identity, raw)
+                continue
             try:
                 request = protocol.parse_history_request(raw)
             except protocol.ProtocolError as exc:
@@ -771,6 +890,45 @@ class Proxy:
             except zmq.Again:
                 pass  # a ROUTER drops for a requester that does not read: its own loss
 
+    def take_presence(self, identity: bytes, raw: bytes) -> None:
+        """A server's report (and maybe a query), or a publisher's query (PROTOCOL.md 9, 10)."""
+        try:
+            request = protocol.parse_presence_request(raw)
+        except protocol.ProtocolError as exc:
+            self.warnings.warn("control", "dropped a presence request (%d bytes): %s", len(raw), _short(exc))
+            return
+        table, now = self.presence, time.monotonic()
+        known = True
+        if request.op == "online":
+            assert request.query is not None
+            reply = protocol.build_presence_reply(request.request_id, True, None, table.online(request.query))
+        else:
+            server = request.server
+            if server is not None:
+                if request.bye:
+                    self.publish_presence(table.retire(server, now, request.linger))
+                elif request.full or table.known(server):
+                    self.publish_presence(table.report(server, request.changes, now, request.full, request.again))
+                else:
+                    known = False  # a restarted proxy, or a lease that ran out: nothing applied
+            snapshot = None if request.query is None else table.snapshot(request.query, request.limit)
+            reply = protocol.build_presence_reply(request.request_id, known, snapshot)
+        try:
+            self.control.send_multipart([identity, b"", reply], NOBLOCK)
+        except zmq.Again:
+            pass  # a ROUTER drops for a requester that does not read: its own loss
+
+    def presence_tick(self) -> None:
+        now = time.monotonic()
+        self.publish_presence(self.presence.tick(now))
+        if self.presence.end_rebuild(now):
+            log.info("presence rebuilt from the servers' reports: they refresh their pages")
+            _backend_send(self.xpub, protocol.presence_reset_frame(), NOBLOCK)
+
+    def publish_presence(self, events: list[PresenceEvent]) -> None:
+        for event in events:
+            _backend_send(self.xpub, protocol.presence_event_frame(event), NOBLOCK)
+
     def answer(self, request: protocol.HistoryRequest) -> list[bytes]:
         """The frames of the reply (after the routing id and the delimiter)."""
         if request.op == "ping":
@@ -778,6 +936,7 @@ class Proxy:
         if request.op == "stats":
             stats: dict[str, Any] = {
                 **self.log.stats(),
+                **self.presence.stats(),
                 "numbered": self.numbered,
                 "flushed": self.flushed,
                 "dropped": dict(self.warnings.counts),
@@ -823,6 +982,37 @@ class Proxy:
         """From a signal handler: the loop ends within one poll timeout."""
         self.stop_requested = True
 
+    # ---------------------------------------------------------------- health and metrics
+
+    @property
+    def live(self) -> bool:
+        """The loop turned within LOOP_STALE seconds (it polls at least every 250 ms)."""
+        return time.monotonic() - self.turned_at < LOOP_STALE
+
+    def problem(self) -> str | None:
+        """Why /readyz answers 503, or None (read from the health listener's thread)."""
+        if self.stop_requested:
+            return "stopping"
+        if not self.live:
+            return f"the proxy's loop has not turned for {time.monotonic() - self.turned_at:.1f}s"
+        return None
+
+    def listen_health(self, port: int) -> Any:
+        """/healthz, /readyz and (FLOW_METRICS) /metrics on 127.0.0.1:``port``, from a thread
+        of their own (flowcore.health.HealthListener). Raises OSError when the port is taken."""
+        from .health import HealthListener
+
+        render = None
+        if self.settings.metrics:
+            try:
+                from . import metrics
+            except ImportError as exc:  # prometheus-client is the server extra's: the proxy needs none
+                log.warning("no /metrics: %s is missing (pip install 'flow-push[server]')", exc.name or exc)
+            else:
+                registry = metrics.registry("proxy", "zmq", metrics.ProxyCollector(self))
+                render = functools.partial(metrics.render, registry)
+        return HealthListener(port, self.problem, render).start()
+
     def _guarded(self, step: Callable[[], object], what: str) -> None:
         try:
             step()
@@ -852,8 +1042,10 @@ class Proxy:
         interval = sweep_interval(self.settings.history_ttl)
         started = time.monotonic()
         next_sweep = started + interval
+        next_presence_tick = started + PRESENCE_TICK
         message_log, guarded = self.log, self._guarded
         while not self.stop_requested:
+            self.turned_at = time.monotonic()
             if holding and (not self.awaited or time.monotonic() - started >= RESUBSCRIBE_GRACE):
                 holding = False
                 poller.register(self.pull, zmq.POLLIN)
@@ -863,7 +1055,7 @@ class Proxy:
             sweeping = message_log.sweeping
             # Only the sockets that have something: an empty recv costs an exception, and
             # at a few thousand pushes a second most wake-ups are for one push.
-            events = dict(poller.poll(0 if sweeping else 20 if holding else 250))
+            events = dict(poller.poll(0 if sweeping else 20 if holding else 100))
             if self.xpub in events:
                 guarded(self.take_subscriptions, "subscriptions")
             if self.control in events:
@@ -875,6 +1067,9 @@ class Proxy:
             elif time.monotonic() >= next_sweep:
                 message_log.start_sweep()
                 next_sweep = time.monotonic() + interval
+            if time.monotonic() >= next_presence_tick:
+                guarded(self.presence_tick, "presence")
+                next_presence_tick = time.monotonic() + PRESENCE_TICK
             self.warnings.flush()
 
     def _wait_for_quiet(self, limit: float) -> bool:

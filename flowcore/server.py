@@ -23,11 +23,11 @@ import tornado.web
 import tornado.websocket
 from tornado.log import access_log
 
-from . import compat, protocol
+from . import compat, metrics, protocol
 from .engine import server_engine
 from .hub import Hub, Timers
 from .proxy import WarningLimiter
-from .session import CLOSED, SUB_GONE, SUB_RESUMING, JoinRequest, Session, SubscribeRequest
+from .session import CLOSED, SUB_GONE, SUB_RESUMING, JoinRequest, PresenceAsk, Session, SubscribeRequest
 from .runtime import spawn
 from .settings import Settings
 from .tokens import TokenVerifier
@@ -88,6 +88,7 @@ class FlowSocket(tornado.websocket.WebSocketHandler):
     def open(self) -> None:
         server = self.server
         server.sockets[self] = None
+        server.opened += 1
         compat.forget_headers(self, NO_HEADERS)
         stream = self.ws_connection.stream  # type: ignore[union-attr]
         assert stream is not None
@@ -112,7 +113,15 @@ class FlowSocket(tornado.websocket.WebSocketHandler):
         if isinstance(message, bytes):
             session.receive_binary()
             return
+        # Auth outcomes for the metrics, told apart by what the frame changed: a refused
+        # token counts an attempt, an accepted refresh moves the expiry (a client frame is
+        # rare next to deliveries: this costs nothing that matters).
+        attempts, expires_at = session.attempts, session.expires_at
         request = session.receive(message)
+        if session.attempts > attempts:
+            self.server.auth_refused += 1
+        elif request is None and expires_at is not None and session.expires_at != expires_at:
+            self.server.auth_refreshed += 1
         if request is None:
             return
         # A task of its own: tornado reads no more frames while on_message awaits, and a
@@ -120,6 +129,8 @@ class FlowSocket(tornado.websocket.WebSocketHandler):
         # close reply included, must still be read meanwhile).
         if isinstance(request, SubscribeRequest):
             self.server.spawn(self.server.subscribe(self, session, request))
+        elif isinstance(request, PresenceAsk):
+            self.server.spawn(self.server.answer_presence(session, request))
         else:
             self.server.spawn(self.server.authenticate(self, session, request))
 
@@ -194,6 +205,7 @@ class FlowSocket(tornado.websocket.WebSocketHandler):
                 client_log.info("%s (%s): closed 1006 '' by the client or the network: no close code "
                                 "came", session.peer, session.username)
         server = self.server
+        server.count_close(self.sent, self.close_code)
         server.sockets.pop(self, None)
         if self.session is not None:
             server.awaiting.pop(self.session, None)
@@ -251,13 +263,28 @@ class HealthHandler(tornado.web.RequestHandler):
         self.write({"alive": True})
 
 
+class MetricsHandler(tornado.web.RequestHandler):
+    """``/metrics``: Prometheus text (flowcore.metrics), computed now from the live state.
+    For the host's scraper: nginx does not route here. Absent with FLOW_METRICS=0."""
+
+    def initialize(self, server: "Server") -> None:
+        self.server = server
+
+    def get(self) -> None:
+        registry = self.server.registry
+        assert registry is not None  # routed only when there is one
+        self.set_header("Content-Type", metrics.CONTENT_TYPE)
+        self.set_header("Cache-Control", "no-store")
+        self.write(metrics.render(registry))
+
+
 def _log_request(handler: tornado.web.RequestHandler) -> None:
     """Tornado's access log, except that health checks are debug lines: a load balancer
     asks every few seconds, and a 503 from /readyz during an outage is an answer, not an
     error of this server (the engine's own warning says what is wrong)."""
     status = handler.get_status()
     request = handler.request
-    if isinstance(handler, HealthHandler):
+    if isinstance(handler, (HealthHandler, MetricsHandler)):  # a scraper asks every few seconds too
         log_method = access_log.debug
     else:
         log_method = access_log.info if status < 400 else access_log.warning if status < 500 else access_log.error
@@ -282,27 +309,89 @@ class Server:
         self.draining = False
         self.answered_close = 0
         self.refusals = WarningLimiter(client_log)
+        # Plain counters for flowcore.metrics, read at scrape time (never per message).
+        self.opened = 0
+        self.auth_ok = self.auth_refused = self.auth_refreshed = self.auth_unavailable = 0
+        self.closes: dict[tuple[str, str], int] = {}  # (by, code label) -> count
+        self.resumes: dict[tuple[str, str], int] = {}  # (connection|channel, recovered|not_recovered)
+        self.registry: metrics.CollectorRegistry | None = None
+        if settings.metrics:
+            self.hub.lag = metrics.LagHistogram()
+            self.registry = metrics.registry("websocket", settings.engine, metrics.WebSocketCollector(self))
+        # The loopback listener of this server alone (FLOW_METRICS_PORT + 1 + index).
+        self.own_http: tornado.httpserver.HTTPServer | None = None
+
+    def count_close(self, sent: tuple[int | None, str] | None, received: int | None) -> None:
+        """One closed socket, by who closed it: the close we sent, else the client's, else none (1006)."""
+        if sent is not None:
+            key = ("server", metrics.close_label(sent[0]))
+        elif received is not None:
+            key = ("client", metrics.close_label(received))
+        else:
+            key = ("network", "1006")
+        self.closes[key] = self.closes.get(key, 0) + 1
+
+    def count_resume(self, kind: str, recovered: bool) -> None:
+        key = (kind, "recovered" if recovered else "not_recovered")
+        self.resumes[key] = self.resumes.get(key, 0) + 1
+
+    def count_history(self, stream: str, page: list[tuple[int, bytes]]) -> None:
+        """A page of history written to one socket (a resume), for flow_messages_sent_total."""
+        hub, size = self.hub, sum(len(wire) for _, wire in page)
+        kind = metrics.stream_kind(stream)
+        if kind == 0:
+            hub.sent_user += len(page)
+            hub.sent_user_bytes += size
+        elif kind == 1:
+            hub.sent_broadcast += len(page)
+            hub.sent_broadcast_bytes += size
+        else:
+            hub.sent_channel += len(page)
+            hub.sent_channel_bytes += size
 
     def spawn(self, coro: Coroutine[Any, Any, None]) -> None:
         spawn(coro, self.auth_tasks, log, "authenticating a socket")
 
     def make_app(self) -> tornado.web.Application:
         return tornado.web.Application(
-            [
-                (r"/websocket", FlowSocket, {"server": self}),
-                (r"/stats", StatsHandler, {"server": self}),
-                (r"/healthz", HealthHandler, {"server": self, "ready": False}),
-                (r"/readyz", HealthHandler, {"server": self, "ready": True}),
-            ],
+            [(r"/websocket", FlowSocket, {"server": self}), *self._admin_routes()],
             websocket_max_message_size=self.settings.max_frame,
             log_function=_log_request,
         )
 
-    async def start(self, port: int) -> None:
+    def _admin_routes(self) -> list[Any]:
+        """What the host's checks and scraper ask (nginx routes none of it)."""
+        routes: list[Any] = [
+            (r"/stats", StatsHandler, {"server": self}),
+            (r"/healthz", HealthHandler, {"server": self, "ready": False}),
+            (r"/readyz", HealthHandler, {"server": self, "ready": True}),
+        ]
+        if self.registry is not None:
+            routes.append((r"/metrics", MetricsHandler, {"server": self}))
+        return routes
+
+    async def start(self, port: int, index: int | None = None) -> None:
+        """Listen on ``port`` (shared by the pool: SO_REUSEPORT) and, with FLOW_METRICS_PORT
+        and the server's ``index`` in the pool, on a loopback port of its own for the
+        scraper and health checks (the shared port reaches a random server of the pool)."""
         await self.hub.start()
         sockets = tornado.netutil.bind_sockets(port, "127.0.0.1", family=socket.AF_INET, reuse_port=True)
         self.http = tornado.httpserver.HTTPServer(self.make_app(), xheaders=True)
         self.http.add_sockets(sockets)
+        if self.settings.metrics_port and index is not None:
+            own = self.settings.metrics_port + 1 + index
+            try:
+                # No SO_REUSEPORT: a second stack on the same ports must fail here, loudly.
+                own_sockets = tornado.netutil.bind_sockets(own, "127.0.0.1", family=socket.AF_INET)
+            except OSError as exc:
+                log.error("cannot listen on 127.0.0.1:%d for metrics and health (FLOW_METRICS_PORT=%d + 1 + "
+                          "index %d): %s; choose other ports or set FLOW_METRICS_PORT=0", own,
+                          self.settings.metrics_port, index, exc.strerror or exc)
+                raise SystemExit(1) from None
+            self.own_http = tornado.httpserver.HTTPServer(
+                tornado.web.Application(self._admin_routes(), log_function=_log_request))
+            self.own_http.add_sockets(own_sockets)
+            log.info("metrics and health of this server on 127.0.0.1:%d", own)
         self.tasks = [asyncio.ensure_future(self._heartbeats()), asyncio.ensure_future(self.timers.run()),
                       asyncio.ensure_future(self._auth_deadlines())]
         log.info("websocket server up on 127.0.0.1:%d (engine %s)", port, self.settings.engine)
@@ -315,12 +404,16 @@ class Server:
         if session.stage == CLOSED:
             return
         if result is None:
+            self.auth_unavailable += 1
             client_log.warning("%s (%s): the engine is not answering, closing 1013", session.peer,
                                session.username)
             session.close(protocol.CLOSE_TRY_AGAIN,
                           protocol.reconnect_reason("engine unavailable", self.hub.reconnect_window(len(self.sockets))))
             return
         session.attached(result)
+        self.auth_ok += 1
+        if request.resume:
+            self.count_resume("connection", result.recovered)
         owed: dict[str, int] | None = dict(result.owed) if result.recovered else {}
         try:
             while owed is not None:
@@ -360,7 +453,20 @@ class Server:
                                session.peer, session.username, sub.name)
             session.channel_failed(sub, "unavailable", temporary=True)
             return
-        session.channel_attached(sub, result)
+        snapshot = None
+        if sub.wants_presence:
+            snapshot = await self.hub.presence(sub)
+            if sub.stage == SUB_GONE:
+                return
+            if snapshot is None:
+                client_log.warning("%s (%s): the engine gave no presence of %r, subscription refused",
+                                   session.peer, session.username, sub.name)
+                session.channel_failed(sub, "unavailable", temporary=True)
+                return
+        session.channel_attached(sub, result, snapshot)
+        if request.since is not None:
+            self.count_resume("channel", result.recovered)
+        self.hub.presence_sent(sub)
         after = result.owed_after
         try:
             while after is not None:
@@ -381,6 +487,9 @@ class Server:
             return
         session.channel_resumed(sub)
 
+    async def answer_presence(self, session: Session, request: PresenceAsk) -> None:
+        session.presence_answer(request.sub, await self.hub.presence(request.sub), request.ref)
+
     async def _write_history(self, sock: "FlowSocket", session: Session, stream: str, after: int, until: int,
                              epoch: str, deliver: Callable[[int, bytes], None], wanted: Callable[[], bool]) -> bool:
         """Write the messages (after, until] of ``stream`` a page at a time, each page once the
@@ -390,6 +499,7 @@ class Server:
         async for page in self.hub.history_pages(stream, after, until, epoch):
             for seq, wire in page:
                 deliver(seq, wire)
+            self.count_history(stream, page)
             session.flush()
             await sock.drained()
             if not wanted():
@@ -427,7 +537,11 @@ class Server:
         for task in self.tasks:
             task.cancel()
         total = len(self.sockets)
-        reason = protocol.reconnect_reason("server shutting down", self.hub.reconnect_window(total))
+        window = self.hub.reconnect_window(total)
+        reason = protocol.reconnect_reason("server shutting down", window)
+        # Clients told to come back within the window are not gone: presence keeps them
+        # (as this server's) that long, and they make no LEAVE when they return elsewhere.
+        self.engine.presence_retire(window)
         for sock in list(self.sockets):
             if sock.session is not None:
                 sock.session.close(protocol.CLOSE_GOING_AWAY, reason)
@@ -449,11 +563,18 @@ class Server:
             except asyncio.TimeoutError:
                 log.warning("connections still open after the drain")
         await self.hub.close()
+        if self.own_http is not None:
+            # Last: /readyz answered 503 "draining" there until now.
+            self.own_http.stop()
+            try:
+                await asyncio.wait_for(self.own_http.close_all_connections(), 1)
+            except asyncio.TimeoutError:
+                pass  # a scraper's connection; the process exits anyway
 
 
-async def serve(settings: Settings, port: int) -> None:
+async def serve(settings: Settings, port: int, index: int | None = None) -> None:
     server = Server(settings)
-    await server.start(port)
+    await server.start(port, index)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):

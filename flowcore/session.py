@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Protocol
 
 from . import channels, protocol
 from .engine import Position
+from .presence import PresenceEvent, Snapshot
 from .settings import Settings
 from .tokens import EXPIRED, TokenError, TokenVerifier
 
@@ -26,6 +27,8 @@ client_log = logging.getLogger("flow.websocket.client")
 
 # A bad frame costs this many rate-limit frames; a good one costs one.
 ERROR_COST = 5
+# What a PRESENCE query costs against the rate limit, in frames.
+PRESENCE_COST = 5
 # Bytes one held message costs a session besides its (shared) frame: the tuple and the
 # list slot, counted so that a flood of small broadcasts is bounded too.
 HELD_ENTRY_COST = 80
@@ -97,10 +100,10 @@ class ChannelSub:
     dedupe, and the hold while its history is served, as the socket has for its streams."""
 
     __slots__ = ("session", "name", "stream", "stage", "seq", "held", "held_bytes", "held_dropped",
-                 "expires_at", "by_grant", "ref", "state")
+                 "expires_at", "by_grant", "ref", "state", "presence", "wants_presence", "presence_version")
 
     def __init__(self, session: "Session", name: str, expires_at: float | None, by_grant: bool,
-                 ref: str | int | None) -> None:
+                 ref: str | int | None, presence: bool = False, wants_presence: bool = False) -> None:
         self.session = session
         self.name = name
         self.stream = protocol.channel_stream(name)
@@ -115,6 +118,12 @@ class ChannelSub:
         self.by_grant = by_grant
         self.ref = ref
         self.state: "StreamState | None" = None  # the hub's, once joined
+        # The channel keeps presence (this socket counts in it); the client wants its
+        # snapshot and JOIN/LEAVE (SUBSCRIBE's `presence`, default yes); the version of
+        # the snapshot it was sent (diffs go to it only after that, and only newer ones).
+        self.presence = presence
+        self.wants_presence = presence and wants_presence
+        self.presence_version: int | None = None
 
     def deliver(self, seq: int, wire: bytes) -> None:
         """A live message of the channel (the fan-out's hot path)."""
@@ -142,6 +151,14 @@ class SubscribeRequest:
 
 
 @dataclass(slots=True)
+class PresenceAsk:
+    """A PRESENCE query on a subscribed presence channel, for the server to answer."""
+
+    sub: ChannelSub
+    ref: str | int | None
+
+
+@dataclass(slots=True)
 class ChannelJoin:
     """The hub's answer to a SubscribeRequest."""
 
@@ -151,7 +168,7 @@ class ChannelJoin:
     owed_after: int | None  # the seq after which history is owed (only when recovered)
 
 
-Request = JoinRequest | SubscribeRequest
+Request = JoinRequest | SubscribeRequest | PresenceAsk
 
 
 class Session:
@@ -384,7 +401,7 @@ class Session:
     # -- channels (PROTOCOL.md section 9)
 
     def _channel_frame(self, frame: "protocol.Subscribe | protocol.Unsubscribe | protocol.PresenceQuery"
-                       ) -> SubscribeRequest | None:
+                       ) -> SubscribeRequest | PresenceAsk | None:
         self.revision2 = True
         if self.stage == AWAITING:
             self._refuse("authenticate first: channels are for authenticated sockets")
@@ -397,7 +414,15 @@ class Session:
             self._send(protocol.unsubscribe_ok(frame.channel, frame.ref))
             return None
         if isinstance(frame, protocol.PresenceQuery):
-            self._refuse("presence is not available in this version")
+            sub = self.channels.get(frame.channel)
+            if sub is None or sub.stage not in (SUB_RESUMING, SUB_OPEN):
+                self._refuse(f"PRESENCE of {protocol.shown_name(frame.channel)}: not subscribed to it")
+            elif not sub.presence:
+                self._refuse(f"PRESENCE of {protocol.shown_name(frame.channel)}: the channel has no presence "
+                             "(FLOW_PRESENCE_CHANNELS)")
+            elif self._charge(PRESENCE_COST - 1):
+                # A query costs the engine a round trip: dearer than a frame, like an error.
+                return PresenceAsk(sub, frame.ref)
             return None
         if self.stage == JOINING:
             self.pending.append((frame, True))  # answered once AUTH OK is out
@@ -428,7 +453,10 @@ class Session:
             self._subscribe_failed(name, exc.reason, exc.temporary, ref, exc.detail, charge=charge)
             return None
         expires_at = None if exp is None else self.clock.monotonic() + (exp - self.clock.time())
-        sub = ChannelSub(self, name, expires_at, exp is None, ref)
+        sub = ChannelSub(self, name, expires_at, exp is None, ref,
+                         presence=channels.presence_enabled(
+                             channels.presence_grants(self.settings.presence_channels), name),
+                         wants_presence=frame.presence is not False)
         self.channels[name] = sub
         if expires_at is not None:
             self._reschedule_channels()
@@ -455,8 +483,9 @@ class Session:
         self._forget(sub)
         self._send(protocol.subscribe_failed(sub.name, reason, temporary, sub.ref))
 
-    def channel_attached(self, sub: ChannelSub, result: ChannelJoin) -> None:
-        """SUBSCRIBE OK; history (if owed) follows, then live messages."""
+    def channel_attached(self, sub: ChannelSub, result: ChannelJoin, presence: Snapshot | None = None) -> None:
+        """SUBSCRIBE OK (with the channel's presence when the client wants it); history (if
+        owed) follows, then live messages."""
         if sub.stage != SUB_JOINING or self.channels.get(sub.name) is not sub or self.stage == CLOSED:
             return
         seq, epoch = result.position
@@ -465,9 +494,39 @@ class Session:
             sub.held = [(s, w) for s, w in sub.held if s > seq]
             sub.held_bytes = sum(len(w) + HELD_ENTRY_COST for _, w in sub.held)
         sub.stage = SUB_RESUMING
-        self._send(protocol.subscribe_ok(sub.name, seq, epoch, result.recovered, result.missed, sub.ref))
+        self._send(protocol.subscribe_ok(sub.name, seq, epoch, result.recovered, result.missed, sub.ref,
+                                         presence if sub.wants_presence else None))
+        if presence is not None and sub.wants_presence:
+            sub.presence_version = presence.version
         client_log.info("%s (%s): subscribed to %r (recovered=%s, missed=%d)", self.peer, self.username,
                         sub.name, result.recovered, result.missed)
+
+    def presence_event(self, sub: ChannelSub, event: PresenceEvent, text: str) -> None:
+        """A JOIN/LEAVE (``text``, its frame) for a subscription that has its snapshot."""
+        version = sub.presence_version
+        if version is None or event.version <= version or sub.stage == SUB_GONE or self.stage == CLOSED:
+            return
+        sub.presence_version = event.version
+        self._queue_text(text)
+
+    def presence_refresh(self, sub: ChannelSub, snapshot: Snapshot) -> None:
+        """A snapshot the client did not ask for (the engine had lost presence): a PRESENCE
+        without ref, which replaces what the client built, from a higher version."""
+        version = sub.presence_version
+        if version is None or snapshot.version <= version or sub.stage == SUB_GONE or self.stage == CLOSED:
+            return
+        sub.presence_version = snapshot.version
+        self._queue_text(protocol.presence_answer(sub.name, snapshot))
+
+    def presence_answer(self, sub: ChannelSub, snapshot: Snapshot | None, ref: str | int | None) -> None:
+        """The answer to a PRESENCE query (an ERROR when the engine did not give one)."""
+        if self.channels.get(sub.name) is not sub or self.stage == CLOSED:
+            return
+        if snapshot is None:
+            self._send(protocol.error(f"PRESENCE of {protocol.shown_name(sub.name)}: the engine did not "
+                                      "answer, try again"))
+            return
+        self._send(protocol.presence_answer(sub.name, snapshot, ref))
 
     def channel_history(self, sub: ChannelSub, seq: int, wire: bytes) -> None:
         if sub.stage != SUB_RESUMING or seq <= sub.seq:
@@ -635,6 +694,10 @@ class Session:
             self.outbox = None
             self.outbox_bytes = 0
             self.transport.send_frames(outbox[0] if len(outbox) == 1 else b"".join(outbox))
+
+    def _queue_text(self, text: str) -> None:
+        """A server frame that keeps its place among queued messages, written with them."""
+        self._queue(protocol.encode_text_frame(text.encode("utf-8")))
 
     def _send(self, text: str) -> None:
         self.flush()  # keep order with queued messages

@@ -64,6 +64,7 @@ META_VARIABLES = frozenset(
         "FLOW_CLIENT_JS",
         "FLOW_PROXY_PROCESSES",
         "FLOW_REDIS_PROCESSES",
+        "FLOW_API_PROCESSES",
     }
 )
 
@@ -98,6 +99,15 @@ class Settings:
     expire_grace: float = 25.0
     # Channels one socket may be subscribed to at once (PROTOCOL section 9).
     max_channels: int = 128
+    # Channels that keep presence (PROTOCOL section 9): names and `name:*` patterns.
+    presence_channels: tuple[str, ...] = ()
+    # Seconds a user whose last connection left a channel stays present (a reload, a drain).
+    presence_leave_delay: float = 10.0
+    # Presence lists at most this many users; past it, only the count.
+    presence_max_list: int = 100
+    # Seconds the engine keeps a WebSocket server's counts without hearing from it (a
+    # killed or frozen server's users then leave); servers renew five times as often.
+    presence_lease: float = 10.0
 
     # How messages travel between publishers and the WebSocket pool (PROTOCOL section 11).
     engine: str = "zmq"
@@ -119,6 +129,25 @@ class Settings:
     # Seconds between probes of each WebSocket server's pub/sub link: a link that carries no
     # probe back within three intervals is deaf, and is replaced (its streams then repaired).
     redis_probe: float = 1.0
+
+    # The HTTP publish API (PROTOCOL section 10, flowcore.api): off unless FLOW_API_KEY is
+    # set; the backends' bearer key, at least 32 characters. It listens on FLOW_API_BIND
+    # (an address, loopback by default: never the public nginx) at FLOW_API_PORT.
+    api_key: str = dataclasses.field(default="", repr=False)
+    api_bind: str = "127.0.0.1"
+    api_port: int = 5003
+    # Seconds a publish through the API may wait for the engine to number it; past it the
+    # answer is 503 and the engine drops the message rather than publish it late.
+    api_timeout: float = 5.0
+
+    # GET /metrics (Prometheus text) on every Flow process; 0 turns it off (the bench
+    # compares W1 with and without). /healthz and /readyz stay either way.
+    metrics: bool = True
+    # Loopback HTTP for metrics and health: the proxy on this port, WebSocket server N of
+    # the stack's pool (supervisord's process_num) on this port + 1 + N, each its own (the
+    # pool's shared FLOW_WS_PORT reaches a random one). 0: no such listener (the proxy then
+    # has no HTTP; each WebSocket server still answers on its own port).
+    metrics_port: int = 0
 
     send_backlog: int = 4 * 1024 * 1024
     rate_limit: float = 20.0
@@ -311,6 +340,15 @@ MAX_TOKEN_TTL = 100 * 365 * 24 * 3600
 MAX_LINGER = 24 * 3600.0
 
 
+def _flag(raw: str) -> bool:
+    value = raw.strip().lower()
+    if value in ("1", "true", "yes", "on"):
+        return True
+    if value in ("0", "false", "no", "off"):
+        return False
+    raise ValueError("must be 1 or 0 (also true/false, yes/no, on/off)")
+
+
 def _port(raw: str) -> int:
     try:
         value = int(raw.strip())
@@ -444,6 +482,43 @@ def _redis_prefix(raw: str) -> str:
     return prefix
 
 
+def _presence_channels(raw: str) -> tuple[str, ...]:
+    from .channels import parse_presence_channels  # channels needs no settings: no cycle
+
+    parse_presence_channels(raw)
+    return tuple(part.strip() for part in raw.split(",") if part.strip())
+
+
+MIN_API_KEY_CHARS = 32
+
+
+def _api_key(raw: str) -> str:
+    key = raw.strip()
+    if not key:
+        return ""  # the API is off
+    # Sent in an Authorization header: visible ASCII only, or no client could send it.
+    if any(not 33 <= ord(c) <= 126 for c in key):
+        raise ValueError("must be visible ASCII characters, without spaces (an HTTP bearer token)")
+    if len(key) < MIN_API_KEY_CHARS:
+        raise ValueError(f"must be at least {MIN_API_KEY_CHARS} characters (e.g. `openssl rand -hex 32`), "
+                         "or empty to turn the HTTP publish API off")
+    return key
+
+
+def _bind_address(raw: str) -> str:
+    """An address to listen on: an IP address (IPv6 without brackets) or ``localhost``."""
+    value = raw.strip()
+    if value.startswith("[") and value.endswith("]"):
+        value = value[1:-1]
+    if value.lower() == "localhost":
+        return "localhost"
+    try:
+        return str(ipaddress.ip_address(value))
+    except ValueError:
+        raise ValueError("must be an IP address to listen on (127.0.0.1, ::1, a private address, "
+                         "0.0.0.0 for every interface) or localhost") from None
+
+
 def _engine(raw: str) -> str:
     name = raw.strip().lower()
     if name not in ENGINES:
@@ -473,6 +548,10 @@ _PARSERS: dict[str, Callable[[str], Any]] = {
     "allowed_origins": _csv,
     "expire_grace": _float(0),
     "max_channels": _int(0),
+    "presence_channels": _presence_channels,
+    "presence_leave_delay": _float(0),
+    "presence_max_list": _int(0),
+    "presence_lease": _float(0.5),
     "engine": _engine,
     "publish_endpoint": _endpoint,
     "fanout_endpoint": _endpoint,
@@ -481,6 +560,12 @@ _PARSERS: dict[str, Callable[[str], Any]] = {
     "redis_url": _redis_url,
     "redis_prefix": _redis_prefix,
     "redis_probe": _float(0.05),
+    "api_key": _api_key,
+    "api_bind": _bind_address,
+    "api_port": _port,
+    "api_timeout": _float(0.05, 60),
+    "metrics": _flag,
+    "metrics_port": _int(0, 65535),
     "send_backlog": _int(1024),
     "rate_limit": _float(0.01),
     "rate_burst": _int(1),
@@ -507,7 +592,7 @@ _PARSERS: dict[str, Callable[[str], Any]] = {
 
 
 # Never echoed in an error message.
-_SECRET_FIELDS = frozenset({"secret", "jwt_private_key", "app_secret", "redis_url"})
+_SECRET_FIELDS = frozenset({"secret", "jwt_private_key", "app_secret", "redis_url", "api_key"})
 
 # RFC 7518 section 3.2: an HMAC key at least as long as the hash output (PyJWT warns below).
 MIN_SECRET_BYTES = {"HS256": 32, "HS384": 48, "HS512": 64}

@@ -40,6 +40,9 @@ from flowcore.nginx import find_nginx, stack_env
 from flowcore.settings import Settings, load_settings
 from redisserver import make_redis, redis_server  # noqa: F401  (fixtures for every test module)
 from support import ROOT, Proc, base_env, wait_until
+from xdist_groups import (  # noqa: F401  (hooks: which tests share an xdist worker)
+    pytest_collection_modifyitems, pytest_configure_node, pytest_unconfigure,
+    pytest_xdist_make_scheduler)
 
 SUPERVISOR_CONF = ROOT / "supervisord.conf"
 START_TIMEOUT = 45.0
@@ -138,9 +141,11 @@ class Stack:
 
     def all_running(self) -> bool:
         states = self.states()
-        # proxy and redis have one process or none (FLOW_PROXY_PROCESSES, FLOW_REDIS_PROCESSES).
+        # proxy, redis and api have one process or none (FLOW_PROXY_PROCESSES, FLOW_REDIS_PROCESSES,
+        # FLOW_API_PROCESSES).
         expected = (len(SINGLE_PROGRAMS) - 1 + int(self.env["FLOW_PROXY_PROCESSES"])
-                    + int(self.env["FLOW_REDIS_PROCESSES"]) + self.settings.ws_processes)
+                    + int(self.env["FLOW_REDIS_PROCESSES"]) + int(self.env.get("FLOW_API_PROCESSES", "0"))
+                    + self.settings.ws_processes)
         return len(states) == expected and all(s == "RUNNING" for s, _ in states.values())
 
     # --- readiness -------------------------------------------------------------------

@@ -9,6 +9,7 @@ from typing import Any, Mapping
 
 from flowcore import protocol
 from flowcore.engine import Position, StreamHistory
+from flowcore.presence import PresenceTable, Snapshot
 
 
 def decode_frames(wire: bytes) -> list[str]:
@@ -89,9 +90,27 @@ class FakeEngine:
         self.history_calls: list[tuple[dict[str, Position], int]] = []
         self.live = True
         self.closed = False
+        # Presence as one engine-side table over this one server (flowcore.presence).
+        self.presence_table = PresenceTable(leave_delay=0.0, version_base=100)
 
     async def start(self, sink: Any) -> None:
         self.sink = sink
+
+    def presence_changed(self) -> None:
+        self.report_presence()
+
+    def report_presence(self) -> None:
+        events = self.presence_table.report("fake", self.sink.ledger.take_changes(), 0.0)
+        for event in events:
+            if event.stream in self.subscribed:
+                self.sink.on_presence(event)
+
+    async def presence(self, stream: str, limit: int | None) -> Snapshot | None:
+        await asyncio.sleep(0)  # an answer comes later than the question
+        if not self.answering:
+            return None
+        self.report_presence()
+        return self.presence_table.snapshot(stream, limit)
 
     def epoch(self, stream: str) -> str:
         return self.epochs.setdefault(stream, "e-" + stream)

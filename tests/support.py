@@ -20,18 +20,33 @@ T = TypeVar("T")
 _handed_out: set[int] = set()
 
 
+def _port_share() -> tuple[int, int]:
+    """(index, count) of this pytest-xdist worker, (0, 1) outside xdist. Children such as
+    bench/run.py inherit the variables, so they stay in their worker's share."""
+    worker = os.environ.get("PYTEST_XDIST_WORKER", "")
+    count = os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1")
+    if worker.startswith("gw") and worker[2:].isdigit() and count.isdigit() and int(count) > 1:
+        return int(worker[2:]) % int(count), int(count)
+    return 0, 1
+
+
 def free_port() -> int:
     """An ephemeral loopback port that was free a moment ago, and that this process has
     not handed out before: the kernel may offer a just-closed port again, and two parts of
-    one stack on the same port fail in confusing ways (nginx talking to a ZeroMQ socket)."""
-    for _ in range(100):
+    one stack on the same port fail in confusing ways (nginx talking to a ZeroMQ socket).
+
+    Under pytest-xdist each worker takes only its share of the ports (port // 2 modulo the
+    worker count: Linux hands out even ports first), so two workers never hand out the same
+    port in the moment between this check and their servers binding it."""
+    index, count = _port_share()
+    for _ in range(100 * count):
         with socket.socket() as sock:
             sock.bind(("127.0.0.1", 0))
             port = sock.getsockname()[1]
-        if port not in _handed_out:
+        if (port // 2) % count == index and port not in _handed_out:
             _handed_out.add(port)
             return port
-    raise RuntimeError("no fresh ephemeral port in 100 tries")
+    raise RuntimeError(f"no fresh ephemeral port in {100 * count} tries")
 
 
 def wait_until(condition: Callable[[], T], timeout: float = 10.0, interval: float = 0.02,

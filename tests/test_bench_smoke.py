@@ -3,7 +3,8 @@
 Figures from a quick run mean nothing; what is checked is that every workload completes
 against the reference relay and Flow on both engines (the Redis engine without
 persistence and as shipped, and SCALE's two hosts on one Redis), the tables are printed,
-and Flow delivered every message it accepted. The load client is Node's `ws` when
+and Flow delivered every message it accepted (W5's channels: to every socket of the
+channel, in seq order, and to no other). The load client is Node's `ws` when
 bench/node_modules has it, else the plain-Python client; the Python client is also run
 on its own so neither rots.
 """
@@ -39,22 +40,24 @@ def assert_flow_delivered_everything(results: dict, workloads: tuple[str, ...]) 
                 continue
             assert r["sent"] > 0
             assert r["delivered"] == r["sent"] and r["dups"] == 0, (key, w, r)
+            assert r.get("seq_gaps", 0) == 0 and r.get("foreign", 0) == 0 and r["missing"] == 0, (key, w, r)
 
 
 def test_quick_bench_runs_every_workload(tmp_path: Path) -> None:
     stdout, results = run_bench(tmp_path)
     for label in ("W1 delivered/sent", "W1 msgs/s", "W1 history off", "W2 deliveries/s",
-                  "W3 KiB/connection", "W4 p99 ms", "flow.push us/call"):
+                  "W3 KiB/connection", "W4 p99 ms", "flow.push us/call", "W5 deliveries/s", "W5/W2"):
         assert label in stdout, stdout
     assert "LOST" not in stdout.split("reference")[0]
     assert results["meta"]["client"] == ("node" if NODE_CLIENT else "python")
-    assert set(results["flow"]) == {"W1", "W2", "W3", "W4", "PUSH"}
-    assert set(results["reference"]) == {"W1", "W2", "W3", "W4"}
+    assert set(results["flow"]) == {"W1", "W2", "W3", "W4", "W5", "PUSH"}
+    assert set(results["reference"]) == {"W1", "W2", "W3", "W4"}  # the reference has no channels
     assert set(results["flow_history_off"]) == {"W1"}
-    assert set(results["flow_redis"]) == {"W1", "W2", "W3", "W4"}
-    assert set(results["flow_redis_aof"]) == {"W1", "W2", "W4"}
+    assert set(results["flow_redis"]) == {"W1", "W2", "W3", "W4", "W5"}
+    assert set(results["flow_redis_aof"]) == {"W1", "W2", "W4", "W5"}
     assert set(results["scale"]) == {"one_host", "two_hosts"}
-    assert_flow_delivered_everything(results, ("W1", "W2", "W4", "one_host", "two_hosts"))
+    assert_flow_delivered_everything(results, ("W1", "W2", "W4", "W5", "one_host", "two_hosts"))
+    assert_w5_ran_on_channels(results, ("flow", "flow_redis", "flow_redis_aof"))
     # The Redis side really ran on Redis, each configuration as it says: Redis counted
     # a PUBLISH per message, and the shipped one had its append-only file on.
     for key, aof in (("flow_redis", 0), ("flow_redis_aof", 1)):
@@ -74,9 +77,23 @@ def test_quick_bench_runs_every_workload(tmp_path: Path) -> None:
     assert push["flow_push"] > 0 and push["raw_send"] > 0
 
 
+def assert_w5_ran_on_channels(results: dict, keys: tuple[str, ...]) -> None:
+    """W5 published on channels: each message owed to its channel's share of the sockets."""
+    sizes = results["meta"]["sizes"]
+    for key in keys:
+        w5 = results[key]["W5"]
+        assert w5["channels"] == sizes["w5_channels"], w5
+        assert w5["per_channel"] == sizes["clients"] // sizes["w5_channels"] > 1, w5
+        assert w5["pushed"] == sizes["w5_count"] and w5["sent"] == w5["pushed"] * w5["per_channel"], w5
+        if "redis" in w5:  # one PUBLISH per channel message, on its own channel
+            assert w5["redis"]["calls"]["publish"] >= w5["pushed"], w5["redis"]
+
+
 def test_quick_bench_with_the_python_client(tmp_path: Path) -> None:
-    stdout, results = run_bench(tmp_path, "--client", "python", "--only", "W1,W2", "--redis-persistence", "none")
-    assert "W1 delivered/sent" in stdout and "W2 deliveries/s" in stdout, stdout
+    stdout, results = run_bench(tmp_path, "--client", "python", "--only", "W1,W2,W5", "--redis-persistence", "none")
+    assert "W1 delivered/sent" in stdout and "W2 deliveries/s" in stdout and "W5/W2" in stdout, stdout
     assert results["meta"]["client"] == "python"
-    assert set(results["flow_redis"]) == {"W1", "W2"} and "flow_redis_aof" not in results
-    assert_flow_delivered_everything(results, ("W1", "W2"))
+    assert set(results["flow_redis"]) == {"W1", "W2", "W5"} and "flow_redis_aof" not in results
+    assert "W5" not in results["reference"]
+    assert_flow_delivered_everything(results, ("W1", "W2", "W5"))
+    assert_w5_ran_on_channels(results, ("flow", "flow_redis"))

@@ -36,7 +36,8 @@ DOC_PATH = re.compile(r"/docs/([A-Za-z0-9_-]{22})$")
 @pytest.fixture(scope="module")
 def demo_stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
     _require_nginx()
-    stack = Stack(tmp_path_factory.mktemp("demo_stack"), {})
+    # A short leave delay: a closed page's viewer goes from the list within the test.
+    stack = Stack(tmp_path_factory.mktemp("demo_stack"), {"FLOW_PRESENCE_LEAVE_DELAY": "1"})
     try:
         yield stack.start()
     finally:
@@ -189,6 +190,54 @@ def test_viewers_of_a_document_share_its_page_and_its_uploads(demo_stack, browse
         alice.close()
         bob.close()
         carol.close()
+
+
+def test_a_document_shows_who_is_viewing_it(demo_stack, browser, tmp_path):
+    """Presence (PROTOCOL section 9, FLOW_PRESENCE_CHANNELS=doc:* in the demo stack): every
+    viewer's page lists the others, a second tab is no second viewer, and a closed page's
+    viewer goes after the leave delay."""
+    dana, eve = Watched(browser, demo_stack, "dana"), Watched(browser, demo_stack, "eve")
+    try:
+        start = dana.page("/docs")
+        start.set_input_files("#create-file", str(tsv(tmp_path / "team.tsv", 5, "member")))
+        start.click("#create")
+        start.wait_for_url(DOC_PATH, timeout=WAIT_MS)
+        doc_path = DOC_PATH.search(start.url)
+        assert doc_path
+        expect(start.locator("#doc-viewers")).to_have_text("Viewing now: dana", timeout=WAIT_MS)
+        theirs = eve.page(doc_path.group(0))
+        for page in (start, theirs):
+            expect(page.locator("#doc-viewers")).to_have_text("Viewing now (2): dana, eve", timeout=WAIT_MS)
+        # A second tab of eve's is no second viewer (one JOIN per user, not per socket).
+        second_tab = eve.page(doc_path.group(0))
+        expect(second_tab.locator("#doc-viewers")).to_have_text("Viewing now (2): dana, eve", timeout=WAIT_MS)
+        expect(start.locator("#doc-viewers")).to_have_attribute("data-count", "2")
+        second_tab.close()
+        theirs.close()
+        expect(start.locator("#doc-viewers")).to_have_text("Viewing now: dana", timeout=WAIT_MS)
+        assert dana.problems == [] and eve.problems == []
+    finally:
+        dana.close()
+        eve.close()
+
+
+def test_the_index_shows_who_is_online_through_the_lobby_grant(demo_stack, browser):
+    """The connection token's `channels` claim grants the lobby (no subscription token), and
+    its presence lists who has the index open."""
+    gus, hal = Watched(browser, demo_stack, "gus"), Watched(browser, demo_stack, "hal")
+    try:
+        mine = gus.page("/")
+        expect(mine.locator("#online-now")).to_contain_text("gus", timeout=WAIT_MS)
+        theirs = hal.page("/")
+        for page in (mine, theirs):
+            expect(page.locator("#online-now")).to_contain_text("hal", timeout=WAIT_MS)
+            expect(page.locator("#online-now")).to_contain_text("gus")
+        theirs.close()
+        expect(mine.locator("#online-now")).not_to_contain_text("hal", timeout=WAIT_MS)
+        assert gus.problems == [] and hal.problems == []
+    finally:
+        gus.close()
+        hal.close()
 
 
 def test_pages_say_when_they_reconnect_resume_or_reload(demo_stack, browser, tmp_path):

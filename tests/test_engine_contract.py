@@ -23,6 +23,7 @@ import pytest
 import flow
 from flowcore import protocol
 from flowcore.engine import ServerEngine, StreamHistory, server_engine
+from flowcore.presence import Ledger, PresenceEvent
 from flowcore.settings import Settings, load_settings
 from support import PYTHON, Proc, base_env, wait_until
 
@@ -145,6 +146,16 @@ class RecordingSink:
         self.events: list[tuple[Any, ...]] = []
         self.in_batch = False
         self.faults: list[str] = []
+        # What a hub owns and engines report (flowcore.presence): empty here unless a test fills it.
+        self.ledger = Ledger()
+        self.presence_events: list[PresenceEvent] = []
+        self.presence_resets = 0
+
+    def on_presence(self, event: PresenceEvent) -> None:
+        self.presence_events.append(event)
+
+    def on_presence_reset(self) -> None:
+        self.presence_resets += 1
 
     def on_batch_start(self) -> None:
         if self.in_batch:

@@ -681,7 +681,7 @@ class TestPush:
             memoryview(b"1"),
             [b"1"],
         ],
-        ids=lambda o: repr(o)[:30],
+        ids=lambda o: (f"memoryview({bytes(o)!r})" if isinstance(o, memoryview) else repr(o))[:30],
     )
     def test_custom_serializer_output_must_be_one_utf8_json_value(self, output):
         with pytest.raises(ProtocolError, match="serializer"):

@@ -88,6 +88,19 @@
     live.textContent = "Live updates: " + words;
   }
 
+  // Who else has this document open (presence, PROTOCOL section 9): the names, or only
+  // how many when the list is too long to send (FLOW_PRESENCE_MAX_LIST).
+  var viewers = document.getElementById("doc-viewers");
+  function showViewers(state) {
+    var names = Object.keys(state.users).sort();
+    var listed = names.length >= state.count;
+    // Names only: JOIN/LEAVE are per user, so other pages' tab counts are not kept up to date.
+    var words = listed ? names.join(", ") : state.count + " people";
+    viewers.textContent = (state.count === 1 ? "Viewing now: " : "Viewing now (" + state.count + "): ") + words;
+    viewers.dataset.count = String(state.count);
+    viewers.hidden = false;
+  }
+
   var socket = createSocket("/websocket", null, { onresync: load });
   window.flowSocket = socket;
   var status = FlowStatus.watch(socket);
@@ -122,6 +135,7 @@
       setLive("failed", "stopped (" + frame.reason + ")");
       FlowPage.showError("live updates stopped: " + frame.reason + ". Reload the page to try again.");
     },
+    onPresence: showViewers,
     onMessage: function (message) {
       var data = message.data || {};
       if (message.id === "UPLOAD") {

@@ -31,6 +31,9 @@ positions, and a pub/sub link that stops carrying this server's own probes is re
 after which every stream's position is read again (the hub repairs from history what was
 missed). One Redis (or a primary with replicas) only: the scripts touch several streams'
 keys, which Redis Cluster does not allow.
+
+Presence and occupancy (``P:pres:...``, JOIN/LEAVE on the channels above) are a third
+script's, PRESENCE_SCRIPT: see the presence section at the end of this file.
 """
 
 from __future__ import annotations
@@ -46,7 +49,7 @@ import re
 import secrets
 import threading
 import time
-from typing import Any, Mapping
+from typing import Any, Callable, Iterable, Mapping, NamedTuple
 
 import orjson
 import redis
@@ -56,7 +59,8 @@ from redis.backoff import NoBackoff
 from redis.retry import Retry
 
 from .. import protocol
-from ..engine import EngineSink, Position, QueueFull, StreamHistory
+from ..engine import EngineSink, Position, QueueFull, Receipt, StreamHistory, Unavailable
+from ..presence import Key, Ledger, PresenceEvent, Snapshot, renew_interval
 from ..runtime import Throttled
 from ..settings import Settings, redact_url
 
@@ -68,11 +72,16 @@ PUBLISH_BATCH = 256
 PUBLISH_BATCH_BYTES = 512 * 1024
 # Seconds between reconnect attempts, growing to the cap while Redis stays away.
 RECONNECT_FIRST = 0.05
+# After a reconnect, how long presence waits for the channels to be subscribed again.
+RESUBSCRIBED_WAIT = 5.0
 RECONNECT_CAP = 2.0
 # Socket timeouts: a command (or connect) that takes longer means the link is gone.
 COMMAND_TIMEOUT = 5.0
 # How long a publisher's counter is remembered: a retry comes within seconds.
 PUBLISHER_TTL = 86400
+# How long a confirmed push's receipt is kept (P:rcpt:<publisher>:<counter>), for a call
+# resent after its reply was lost: the resend finds the receipt of what it had applied.
+RECEIPT_TTL = 120
 # A stream's hash outlives its history (and is refreshed while any server receives the
 # stream), so that a user idle longer than FLOW_HISTORY_TTL keeps the epoch its open
 # sockets hold; a stream nobody receives nor pushes to is forgotten after this.
@@ -127,26 +136,50 @@ local now_ms = tonumber(now[1]) * 1000 + math.floor(tonumber(now[2]) / 1000)
 
 # ARGV: prefix, persistence token, meta ttl (ms), epoch seed, history size, history ttl (ms),
 # publisher id, first counter, then (stream, head) pairs; a head is the browser frame up to
-# its data. Returns how many pushes were applied (the rest had been, by an earlier call).
+# its data, or for a confirmed push (flow.push(..., confirm=True)) \1 and that, or \2 alone
+# for a confirmed push that missed its deadline (a no-op that keeps the counters in step).
+# Returns {how many pushes were applied (the rest had been, by an earlier call), then per
+# confirmed push in order: seq, epoch, online} (seq 0: an earlier call applied it and its
+# receipt is gone). ``online``: the stream's sockets over every server (P:pres:online,
+# kept by PRESENCE_SCRIPT), when it was dispatched.
 PUBLISH_SCRIPT = "#!lua\n" + _PREAMBLE + _NORMALIZE + r"""
 local size, ttl = tonumber(ARGV[5]), tonumber(ARGV[6])
 local pkey = prefix .. ':pub:' .. ARGV[7]
+local rkey = prefix .. ':rcpt:' .. ARGV[7] .. ':'
 local first = tonumber(ARGV[8])
 local count = (#ARGV - 8) / 2
 local done = tonumber(redis.call('GET', pkey) or '0')
 local applied = 0
+local receipts = {0}
 -- Each stream's hash is read once per call and written once at its end (the call is
 -- atomic): a batch holds many pushes to the same few streams.
 local streams, order = {}, {}
 for i = 0, count - 1 do
   local stream, head = ARGV[9 + 2 * i], ARGV[10 + 2 * i]
+  local kind = string.byte(head, 1)
   if first + i <= done then
-    -- applied by an earlier call
-  elseif string.byte(head, 1) == 0 then
+    -- applied by an earlier call; a confirmed push's receipt was kept for this
+    if kind == 1 then
+      local kept = redis.call('GET', rkey .. (first + i))
+      if kept then
+        local seq, epoch, online = string.match(kept, '^(%d+) (%S+) (%d+)$')
+        receipts[#receipts + 1] = tonumber(seq)
+        receipts[#receipts + 1] = epoch
+        receipts[#receipts + 1] = tonumber(online)
+      else
+        receipts[#receipts + 1] = 0
+        receipts[#receipts + 1] = ''
+        receipts[#receipts + 1] = 0
+      end
+    end
+  elseif kind == 2 then
+    applied = applied + 1
+  elseif kind == 0 then
     -- a command (flow.disconnect): for the sockets open now, outside the numbering
     redis.call('PUBLISH', prefix .. ':msg:' .. stream, 'cmd ' .. string.sub(head, 2))
     applied = applied + 1
   else
+    if kind == 1 then head = string.sub(head, 2) end
     local s = streams[stream]
     if s == nil then
       local mkey, hkey = prefix .. ':meta:' .. stream, prefix .. ':hist:' .. stream
@@ -163,6 +196,13 @@ for i = 0, count - 1 do
     end
     redis.call('PUBLISH', s.channel, seq .. ' ' .. s.epoch .. ' ' .. frame)
     applied = applied + 1
+    if kind == 1 then
+      local online = tonumber(redis.call('HGET', prefix .. ':pres:online', stream) or '0')
+      redis.call('SET', rkey .. (first + i), seq .. ' ' .. s.epoch .. ' ' .. online, 'EX', """ + str(RECEIPT_TTL) + r""")
+      receipts[#receipts + 1] = seq
+      receipts[#receipts + 1] = s.epoch
+      receipts[#receipts + 1] = online
+    end
   end
 end
 for _, s in ipairs(order) do
@@ -174,7 +214,8 @@ end
 if first + count - 1 > done then
   redis.call('SET', pkey, first + count - 1, 'EX', """ + str(PUBLISHER_TTL) + r""")
 end
-return applied
+receipts[1] = applied
+return receipts
 """
 
 # ARGV: prefix, persistence token, meta ttl (ms), epoch seed, max bytes, history ttl (ms),
@@ -344,6 +385,39 @@ def frame_parts(frame: bytes) -> tuple[bytes, bytes]:
     return key, b'{"id":' + id_json + _frame_head(stream) + data_json
 
 
+class _Confirmed:
+    """A confirmed push in the publisher's queue (flow.push(..., confirm=True)): its frame,
+    the moment after which it must not be published (monotonic), and what became of it."""
+
+    __slots__ = ("frame", "deadline", "key", "head", "done", "receipt")
+
+    def __init__(self, frame: bytes, deadline: float) -> None:
+        self.frame = frame
+        self.deadline = deadline
+        self.key, self.head = frame_parts(frame)
+        self.done = False
+        self.receipt: tuple[int, str, int] | None = None  # (seq, epoch, online)
+
+    def parts(self) -> tuple[bytes, bytes]:
+        """Its (stream key, head) for the script: \1 + the push's head, or, once its
+        deadline passed, \2: a no-op in its place that keeps the counters. A call resent
+        after a lost reply may so carry a no-op where the lost call carried the push:
+        either that call applied it (the script skips the position) or nothing did, and
+        nothing will: its caller was told it is unavailable."""
+        if time.monotonic() > self.deadline:
+            return self.key, b"\2"
+        return self.key, b"\1" + self.head
+
+
+def _stream_of_key(key: bytes) -> str:
+    """The stream a stream_key names (inverse of :func:`stream_key`)."""
+    if key == b"*":
+        return protocol.BROADCAST
+    if key.startswith(b"ch:"):
+        return key[3:].decode("ascii")  # as users name it
+    return key[2:].decode("utf-8")
+
+
 class RedisPublisherEngine:
     """Pushes queue in this process (bounded) and a thread publishes them in batches, one
     script call each, reconnecting and resending (never duplicating) while Redis is away.
@@ -363,12 +437,15 @@ class RedisPublisherEngine:
         self.endpoint = redact_url(self.url)  # for messages: never the password
         self.queue_size = queue_size or settings.push_queue
         self.linger = settings.push_linger if linger is None else linger
+        self._presence_queries = _PresenceQueries(settings, self.url, self.endpoint)
         self._init_state()
 
     def _init_state(self) -> None:
         # Frames handed over and not yet confirmed, oldest first; the first one is number
         # self._confirmed + 1 of this publisher's counter.
-        self._queue: collections.deque[bytes] = collections.deque()
+        self._queue: collections.deque[bytes | _Confirmed] = collections.deque()
+        # Confirmed pushes whose caller waits (wait_receipt), by token.
+        self._awaiting: dict[str, _Confirmed] = {}
         self._sent = 0
         self._confirmed = 0
         self._cond = threading.Condition(threading.Lock())
@@ -387,7 +464,7 @@ class RedisPublisherEngine:
 
     # ---------------------------------------------------------------- the caller's side
 
-    def send(self, frame: bytes) -> None:
+    def send(self, frame: bytes | _Confirmed) -> None:
         if self._closed:
             raise RuntimeError("this Flow publisher is closed")
         if len(self._queue) >= self.queue_size:
@@ -455,13 +532,65 @@ class RedisPublisherEngine:
                 client.close()
             except Exception:  # closing a link that is gone
                 pass
+        self._presence_queries.close()
 
     def forget_after_fork(self) -> None:
         # The parent's connection and queue belong to the parent; its thread is not here.
         # Kept referenced, so that no finalizer closes the parent's socket from the child.
         if self._client is not None:
             _abandoned.append(self._client)
+        self._presence_queries.forget()
         self._init_state()
+
+    # ---------------------------------------------------------------- presence queries
+
+    def presence(self, stream: str, timeout: float, limit: int | None = None) -> Snapshot:
+        if self._closed:
+            raise RuntimeError("this Flow publisher is closed")
+        return self._presence_queries.ask(timeout, snapshot=stream, limit=limit).snapshot
+
+    def online(self, stream: str, timeout: float) -> int:
+        if self._closed:
+            raise RuntimeError("this Flow publisher is closed")
+        return self._presence_queries.ask(timeout, online=stream).online
+
+    # ---------------------------------------------------------------- confirmed pushes
+
+    def send_confirmed(self, frame: bytes, timeout: float) -> str:
+        """Queue ``frame`` behind everything sent before it, to be published only if Redis
+        is first asked within ``timeout`` seconds; a token for :meth:`wait_receipt`."""
+        entry = _Confirmed(frame, time.monotonic() + max(0.0, timeout))
+        token = secrets.token_hex(8)
+        with self._cond:
+            self._awaiting[token] = entry
+        try:
+            self.send(entry)
+        except BaseException:
+            with self._cond:
+                self._awaiting.pop(token, None)
+            raise
+        return token
+
+    def wait_receipt(self, token: str, timeout: float) -> Receipt:
+        deadline = time.monotonic() + timeout
+        with self._cond:
+            entry = self._awaiting.get(token)
+            try:
+                while entry is not None and not entry.done:
+                    left = deadline - time.monotonic()
+                    if left <= 0 or self._stop:
+                        break
+                    self._cond.wait(left)
+            finally:
+                self._awaiting.pop(token, None)
+        if entry is None or not entry.done:
+            raise Unavailable(f"Redis at {self.endpoint} did not confirm the message in {timeout:g}s")
+        if entry.receipt is None:
+            raise Unavailable(f"Redis at {self.endpoint} did not take the message in {timeout:g}s")
+        seq, epoch, online = entry.receipt
+        if seq < 1:
+            raise Unavailable("the message was published, but its receipt was lost with a reply from Redis")
+        return Receipt(_stream_of_key(entry.key), seq, epoch, online)
 
     # ---------------------------------------------------------------- the thread
 
@@ -474,7 +603,7 @@ class RedisPublisherEngine:
                 batch = list(itertools.islice(self._queue, PUBLISH_BATCH))
                 size, count = 0, 0
                 for frame in batch:
-                    size += len(frame)
+                    size += len(frame.frame) if isinstance(frame, _Confirmed) else len(frame)
                     count += 1
                     if size >= PUBLISH_BATCH_BYTES:
                         break
@@ -496,8 +625,9 @@ class RedisPublisherEngine:
             if self._stop:
                 return
 
-    def _publish(self, batch: list[bytes]) -> bool:
+    def _publish(self, batch: list[bytes | _Confirmed]) -> bool:
         """One script call for ``batch`` (the first frames of the queue); False on failure."""
+        confirmed: list[_Confirmed] = []
         try:
             if self._client is None:
                 self._connect()
@@ -512,22 +642,32 @@ class RedisPublisherEngine:
                 self._confirmed + 1,
             ]
             for frame in batch:
-                args.extend(frame_parts(frame))
+                if type(frame) is bytes:
+                    args.extend(frame_parts(frame))
+                else:
+                    assert isinstance(frame, _Confirmed)
+                    parts = frame.parts()
+                    args.extend(parts)
+                    if parts[1] != b"\2":
+                        confirmed.append(frame)
+                    else:
+                        frame.done = True  # too late: not published, its caller is told
             try:
-                self._script(keys=[], args=args)
+                reply = self._script(keys=[], args=args)
             except redis.ResponseError as exc:
                 if not is_stale(exc):
                     raise
                 # Redis restarted under this connection's feet: check again, and retry.
                 assert self._client is not None
                 args[1] = self._durable = persistence_token(self._client)
-                self._script(keys=[], args=args)
+                reply = self._script(keys=[], args=args)
         except (redis.ConnectionError, redis.TimeoutError, OSError) as exc:
             self._link_failed(exc)
             return False
         except redis.ResponseError as exc:
             # OOM (noeviction, full), READONLY (a replica), LOADING, BUSY, NOPERM: Redis
-            # refuses for now; the pushes stay queued and are offered again.
+            # refuses for now, before the script ran; the pushes stay queued and are offered
+            # again (a confirmed push past its deadline as a no-op).
             self._link_failed(exc, reconnect=False)
             return False
         except Exception:
@@ -537,7 +677,21 @@ class RedisPublisherEngine:
         if self._down_since is not None:
             log.info("publishing to Redis at %s again after %.1fs", self.endpoint, time.monotonic() - self._down_since)
             self._down_since = None
+        if confirmed:
+            self._take_receipts(confirmed, reply)
         return True
+
+    def _take_receipts(self, confirmed: list[_Confirmed], reply: Any) -> None:
+        """The receipts the script returned, in order, for the confirmed pushes of the call."""
+        with self._cond:
+            for i, entry in enumerate(confirmed):
+                try:
+                    seq, epoch = int(reply[1 + 3 * i]), reply[2 + 3 * i]
+                    epoch = epoch.decode("ascii") if isinstance(epoch, bytes) else str(epoch)
+                    entry.receipt = (seq, epoch, int(reply[3 + 3 * i]))
+                except (IndexError, TypeError, ValueError, UnicodeDecodeError) as exc:
+                    log.error("Redis answered a publish without the receipts asked for: %s", exc)
+                entry.done = True
 
     def _connect(self) -> None:
         client = sync_client(self.url)
@@ -599,10 +753,17 @@ class RedisServerEngine:
     stream's position is read and reported again, and the hub repairs what was missed.
     """
 
-    def __init__(self, settings: Settings) -> None:
+    def __init__(self, settings: Settings, *, lease_interval: float | None = None,
+                 lease_ttl: float | None = None) -> None:
         self.settings = settings
         self.url = settings.redis_address()
         self.endpoint = redact_url(self.url)
+        # The lease's timings are flowcore.presence's; tests give shorter ones.
+        self._presence = _PresenceReporter(settings, self.endpoint,
+                                           renew_interval(settings.presence_lease)
+                                           if lease_interval is None else lease_interval,
+                                           settings.presence_lease if lease_ttl is None else lease_ttl,
+                                           link_down=lambda: self._conn is None or self._outage_since is not None)
         prefix = settings.redis_prefix
         self._channel_prefix = f"{prefix}:msg:".encode()
         self._probe_channel = f"{prefix}:probe:{secrets.token_hex(8)}".encode()
@@ -639,7 +800,8 @@ class RedisServerEngine:
         self._redis = async_client(self.url)
         self._read_script = self._redis.register_script(READ_SCRIPT)
         self._command_due = asyncio.Event()
-        for coro in (self._pubsub_link(), self._probes(), self._touches()):
+        self._presence.start(self._redis, sink)
+        for coro in (self._pubsub_link(), self._probes(), self._touches(), self._presence.run()):
             self._tasks.append(loop.create_task(coro))
 
     async def close(self) -> None:
@@ -659,6 +821,7 @@ class RedisServerEngine:
                     await task
                 except (asyncio.CancelledError, Exception):
                     pass
+        await self._presence.goodbye()  # after its task is cancelled: nothing reports after it
         await self._drop_conn()
         if self._redis is not None:
             try:
@@ -674,6 +837,24 @@ class RedisServerEngine:
             and self._conn is not None
             and time.monotonic() - self._heard < 3 * self.settings.redis_probe + COMMAND_TIMEOUT / 5
         )
+
+    # ---------------------------------------------------------------- presence
+
+    def presence_changed(self) -> None:
+        self._presence.changed()
+
+    def presence_retire(self, linger: float) -> None:
+        self._presence.retire(linger)
+
+    async def presence(self, stream: str, limit: int | None) -> Snapshot | None:
+        if self._closed:
+            return None
+        return await self._presence.snapshot(stream, limit)
+
+    @property
+    def server_id(self) -> str:
+        """This server's presence id in Redis (a new one whenever Redis forgot the old)."""
+        return self._presence.server_id
 
     # ---------------------------------------------------------------- subscriptions
 
@@ -712,11 +893,18 @@ class RedisServerEngine:
     async def _pubsub_link(self) -> None:
         """Connect, subscribe to everything, read until the link fails, and again."""
         delay = RECONNECT_FIRST
+        connected_before = False
         while not self._closed:
             try:
                 await self._connect_pubsub()
                 delay = RECONNECT_FIRST
                 writer = asyncio.ensure_future(self._write_commands())
+                if connected_before:
+                    # JOIN/LEAVE published while the link was down are gone for good (they
+                    # are in no history): once the channels are subscribed again, listening
+                    # subscriptions get fresh snapshots.
+                    self._tasks.append(asyncio.ensure_future(self._refresh_presence_when_subscribed()))
+                connected_before = True
                 try:
                     await self._read_pubsub()
                 finally:
@@ -740,6 +928,13 @@ class RedisServerEngine:
             # Jittered: every server of every host reconnects after a Redis restart.
             await asyncio.sleep(delay * (0.5 + random.random()))
             delay = min(RECONNECT_CAP, delay * 2)
+
+    async def _refresh_presence_when_subscribed(self) -> None:
+        deadline = time.monotonic() + RESUBSCRIBED_WAIT
+        while self._replies_due and time.monotonic() < deadline and not self._closed:
+            await asyncio.sleep(0.05)  # polling our own state, bounded by the deadline
+        if not self._closed and self._sink is not None:
+            self._sink.on_presence_reset()
 
     async def _connect_pubsub(self) -> None:
         assert self._redis is not None
@@ -851,6 +1046,18 @@ class RedisServerEngine:
             self._positions_task = self._loop.create_task(self._read_positions())
 
     def _on_message(self, subscription: _Subscription, channel: bytes, payload: bytes, sink: EngineSink) -> None:
+        if payload.startswith(b"prs "):
+            try:
+                event = parse_presence_event(subscription.name, payload)
+            except ValueError as exc:  # ProtocolError and UnicodeDecodeError are ValueErrors
+                self._bad_message.warn(f"on {subscription.name!r}: {exc}")
+                return
+            if subscription.state != SUBSCRIBING:  # as commands: for a confirmed subscription
+                try:
+                    sink.on_presence(event)
+                except Exception:
+                    log.exception("the sink failed handling presence on %r", subscription.name)
+            return
         if payload.startswith(b"cmd "):
             try:
                 command = protocol.check_command(payload[4:])
@@ -1066,3 +1273,535 @@ def _parse_read(names: list[str], wanted: Mapping[str, Position], reply: list[An
         raise ValueError("more in the answer than was asked")
     return answers
 
+
+
+# ============================================================== presence
+#
+# Presence and occupancy (PROTOCOL sections 9 and 10) by the rules of
+# flowcore.presence.PresenceTable, kept in Redis by PRESENCE_SCRIPT (``P`` as above; a
+# ``skey`` is a stream's stream_key, e.g. ``ch:doc:42``; Redis's clock, in ms):
+#
+# - ``P:pres:srv:<server>``, a hash: ``<skey>\0<user>`` -> that server's count (user "" for
+#   the stream's sockets), the counts it reported (absolute, never deltas);
+# - ``P:pres:leases``, a sorted set: server -> when its lease runs out;
+#   ``P:pres:reports``, a hash: server -> ``<Redis run id> <number of its last report>``;
+# - ``P:pres:online``, a hash: skey -> sockets on the stream over every server;
+# - ``P:pres:members:<channel skey>``, a hash: user -> connections over every server (0
+#   while its LEAVE is pending); ``P:pres:versions``, a hash: channel skey -> the version of
+#   its last change; ``P:pres:leaving``, a sorted set: ``<skey>\0<user>`` -> when LEAVE is due;
+# - ``P:pres:version``: the one counter every channel's versions come from.
+#
+# JOIN and LEAVE are published on the channel's ``P:msg:`` channel as
+# ``prs <JOIN|LEAVE> <version> <user>``. Every call first sweeps (bounded): servers whose
+# lease ran out lose their counts, due LEAVEs are made; every server calls at least once
+# per lease interval, and sooner when the script says something falls due, so no process
+# of its own is needed and concurrent sweeps are safe (each call is atomic).
+#
+# A server Redis does not know (a flushed or restarted Redis, a lease that ran out while
+# the server was frozen) takes a new id and reports its whole ledger, in chunks; what Redis
+# may still hold under the old id is swept when that lease runs out. Reports are numbered
+# per server, and one that arrives after a later one (a timed-out call Redis ran late) is
+# not applied.
+
+# Counts per report call (a full report of a big server is several calls).
+PRESENCE_CHUNK = 1000
+# Counts the sweep may change per call, and a goodbye per call: bounded, as a call holds Redis.
+SWEEP_BUDGET = 1000
+GOODBYE_BUDGET = 5000
+# Changes gather this long before a report (one script call in flight at a time).
+REPORT_DELAY = 0.02
+# The sweep runs at most this often per server, however many LEAVEs fall due.
+SWEEP_MIN = 0.1
+# Seconds before reporting again after a failed call; how long close() tries its goodbye.
+PRESENCE_RETRY = 0.5
+GOODBYE_TIMEOUT = 1.0
+# Distinct timeouts a publisher keeps a query client for (a client's socket timeout is its own).
+QUERY_CLIENTS = 4
+
+# ARGV: prefix, server id, report number, lease ttl (ms), leave delay (ms), mode, snapshot
+# skey (or ""), list limit (-1: none), online skey (or ""), then (skey, user, count) triples.
+# mode: "full" (a server Redis need not know: its first call), "report" (applied only if
+# Redis knows the server), "bye" (drop the server's counts), "q" (a publisher's query).
+# Returns {known, version, count, users (flat user, count list; -1 past the limit), online,
+# ms until the next sweep is due (-1: nothing pending)}; "bye": {1 when every count is gone}.
+PRESENCE_SCRIPT = "#!lua\n" + r"""
+local prefix = ARGV[1]
+local P = prefix .. ':pres:'
+local sid, number = ARGV[2], tonumber(ARGV[3])
+local lease_ttl, delay = tonumber(ARGV[4]), tonumber(ARGV[5])
+local mode, snap, limit, online_of = ARGV[6], ARGV[7], tonumber(ARGV[8]), ARGV[9]
+local LEASES, REPORTS, ONLINE = P .. 'leases', P .. 'reports', P .. 'online'
+local LEAVING, VERSIONS, COUNTER = P .. 'leaving', P .. 'versions', P .. 'version'
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+
+-- Versions never fall below Redis's clock (ms): they keep rising across a flushed or
+-- restored Redis as they do across a restarted ZeroMQ proxy (version_base).
+local function current_version()
+  local v = tonumber(redis.call('GET', COUNTER) or '0')
+  if v < now then
+    redis.call('SET', COUNTER, now)
+    v = now
+  end
+  return v
+end
+
+local function next_version()
+  local v = redis.call('INCR', COUNTER)
+  if v < now then
+    redis.call('SET', COUNTER, now)
+    v = now
+  end
+  return v
+end
+
+local function publish(skey, kind, v, user)
+  redis.call('PUBLISH', prefix .. ':msg:' .. skey, 'prs ' .. kind .. ' ' .. string.format('%d', v) .. ' ' .. user)
+end
+
+-- A channel's version after a change: gone with its last member.
+local function changed(skey, mkey, v)
+  if redis.call('EXISTS', mkey) == 1 then
+    redis.call('HSET', VERSIONS, skey, v)
+  else
+    redis.call('HDEL', VERSIONS, skey)
+  end
+end
+
+-- PresenceTable._set and _member_changed: one server's count of (skey, user).
+local function set_count(own, skey, user, count)
+  local field = skey .. '\0' .. user
+  local before = tonumber(redis.call('HGET', own, field) or '0')
+  if count == before then return end
+  if count > 0 then
+    redis.call('HSET', own, field, count)
+  else
+    redis.call('HDEL', own, field)
+  end
+  if user == '' then
+    if redis.call('HINCRBY', ONLINE, skey, count - before) <= 0 then
+      redis.call('HDEL', ONLINE, skey)
+    end
+    return
+  end
+  if string.sub(skey, 1, 3) ~= 'ch:' then return end  -- only channels have members
+  local mkey = P .. 'members:' .. skey
+  local present = redis.call('HGET', mkey, user)
+  local total = (tonumber(present) or 0) + count - before
+  if total < 0 then total = 0 end
+  local v = next_version()
+  if total > 0 then
+    redis.call('HSET', mkey, user, total)
+    local was_leaving = redis.call('ZREM', LEAVING, field) == 1
+    if not was_leaving and not present then publish(skey, 'JOIN', v, user) end
+  elseif delay <= 0 then
+    redis.call('HDEL', mkey, user)
+    publish(skey, 'LEAVE', v, user)
+  else
+    redis.call('HSET', mkey, user, 0)
+    redis.call('ZADD', LEAVING, now + delay, field)
+  end
+  changed(skey, mkey, v)
+end
+
+-- PresenceTable.drop_server, at most ``budget`` counts; returns the budget left and
+-- whether the server is gone.
+local function drop_some(id, budget)
+  local own = P .. 'srv:' .. id
+  while budget > 0 do
+    local fields = redis.call('HRANDFIELD', own, math.min(budget, 500))
+    if #fields == 0 then break end
+    for _, field in ipairs(fields) do
+      local at = string.find(field, '\0', 1, true)
+      if at then
+        set_count(own, string.sub(field, 1, at - 1), string.sub(field, at + 1), 0)
+      else
+        redis.call('HDEL', own, field)
+      end
+      budget = budget - 1
+    end
+  end
+  if redis.call('EXISTS', own) == 1 then return budget, false end
+  redis.call('ZREM', LEASES, id)
+  redis.call('HDEL', REPORTS, id)
+  return budget, true
+end
+
+-- PresenceTable.tick: expired leases, then due LEAVEs.
+local budget = """ + str(SWEEP_BUDGET) + r"""
+for _, id in ipairs(redis.call('ZRANGEBYSCORE', LEASES, '-inf', now, 'LIMIT', 0, 16)) do
+  if budget <= 0 then break end
+  budget = drop_some(id, budget)
+end
+if budget > 0 then
+  for _, field in ipairs(redis.call('ZRANGEBYSCORE', LEAVING, '-inf', now, 'LIMIT', 0, budget)) do
+    redis.call('ZREM', LEAVING, field)
+    local at = string.find(field, '\0', 1, true)
+    if at then
+      local skey, user = string.sub(field, 1, at - 1), string.sub(field, at + 1)
+      local mkey = P .. 'members:' .. skey
+      if redis.call('HGET', mkey, user) == '0' then
+        redis.call('HDEL', mkey, user)
+        local v = next_version()
+        publish(skey, 'LEAVE', v, user)
+        changed(skey, mkey, v)
+      end
+    end
+  end
+end
+
+if mode == 'bye' then
+  local _, done = drop_some(sid, """ + str(GOODBYE_BUDGET) + r""")
+  return {done and 1 or 0}
+end
+
+local known = 1
+if mode ~= 'q' then
+  -- Known: a lease that has not run out, from this run of Redis (a restarted one may have
+  -- restored counts older than what the server reported since).
+  local rid = string.match(redis.call('INFO', 'server'), 'run_id:(%x+)')
+  local score = redis.call('ZSCORE', LEASES, sid)
+  local last_rid, last = string.match(redis.call('HGET', REPORTS, sid) or '', '^(%x+) (%d+)$')
+  last = tonumber(last) or 0
+  if score and tonumber(score) > now and last_rid == rid then known = 1 else known = 0 end
+  if known == 1 or mode == 'full' then
+    if number > last then
+      local own = P .. 'srv:' .. sid
+      for i = 10, #ARGV, 3 do
+        set_count(own, ARGV[i], ARGV[i + 1], tonumber(ARGV[i + 2]))
+      end
+      redis.call('HSET', REPORTS, sid, rid .. ' ' .. number)
+    end
+    redis.call('ZADD', LEASES, now + lease_ttl, sid)
+  end
+end
+
+local version, count, users, online = 0, 0, {}, 0
+if snap ~= '' then
+  local mkey = P .. 'members:' .. snap
+  count = redis.call('HLEN', mkey)
+  if limit < 0 or count <= limit then users = redis.call('HGETALL', mkey) else users = -1 end
+  version = tonumber(redis.call('HGET', VERSIONS, snap) or '0')
+  if version == 0 then version = current_version() end
+end
+if online_of ~= '' then
+  online = tonumber(redis.call('HGET', ONLINE, online_of) or '0')
+end
+
+local wait = -1
+for _, key in ipairs({LEAVING, LEASES}) do
+  local first = redis.call('ZRANGE', key, 0, 0, 'WITHSCORES')
+  if #first > 0 then
+    local due = math.max(0, tonumber(first[2]) - now)
+    if wait < 0 or due < wait then wait = due end
+  end
+end
+return {known, version, count, users, online, wait}
+"""
+
+
+def presence_args(prefix: str, server: str, number: int, lease_ttl: float, leave_delay: float, mode: str,
+                  snapshot: str | None = None, limit: int | None = None, online: str | None = None,
+                  counts: Iterable[tuple[Key, int]] = ()) -> list[Any]:
+    """PRESENCE_SCRIPT's ARGV."""
+    args: list[Any] = [
+        prefix, server, number, int(lease_ttl * 1000), int(leave_delay * 1000), mode,
+        b"" if snapshot is None else stream_key(snapshot),
+        -1 if limit is None else max(0, int(limit)),
+        b"" if online is None else stream_key(online),
+    ]
+    for (stream, user), count in counts:
+        args.extend((stream_key(stream), user.encode("utf-8"), max(0, int(count))))
+    return args
+
+
+class PresenceAnswer(NamedTuple):
+    known: bool
+    snapshot: Snapshot
+    online: int
+    wait: float | None  # seconds until a sweep is due; None: nothing pending
+
+
+def parse_presence(reply: Any) -> PresenceAnswer:
+    """PRESENCE_SCRIPT's answer; ValueError (or TypeError, UnicodeDecodeError) when it is not one."""
+    known, version, count, flat, online, wait = reply
+    users: dict[str, int] | None
+    if isinstance(flat, list):
+        if len(flat) % 2:
+            raise ValueError("an odd list of users")
+        users = {flat[i].decode("utf-8"): int(flat[i + 1]) for i in range(0, len(flat), 2)}
+    elif int(flat) == -1:
+        users = None
+    else:
+        raise ValueError(f"not a list of users: {flat!r}")
+    wait = int(wait)
+    return PresenceAnswer(int(known) == 1, Snapshot(int(version), int(count), users), int(online),
+                          None if wait < 0 else wait / 1000)
+
+
+def parse_presence_event(stream: str, payload: bytes) -> PresenceEvent:
+    """A ``prs <JOIN|LEAVE> <version> <user>`` message of ``stream``'s channel; ValueError
+    (ProtocolError, UnicodeDecodeError) for anything the script does not make."""
+    if not protocol.is_channel_stream(stream):
+        raise ValueError("presence on a stream that is not a channel")
+    parts = payload.split(b" ", 3)
+    if len(parts) != 4 or parts[1] not in (b"JOIN", b"LEAVE") or not parts[2].isdigit():
+        raise ValueError(f"not a presence event: {payload[:80]!r}")
+    version = int(parts[2])
+    if version < 1:
+        raise ValueError("not a version")
+    user = protocol.check_username(parts[3].decode("utf-8"))
+    return PresenceEvent(stream, parts[1].decode("ascii"), user, version)
+
+
+class _PresenceReporter:
+    """A server's presence: reports its sink's ledger (batched, one call in flight), renews
+    its lease, sweeps, answers snapshots, and says goodbye at close."""
+
+    def __init__(self, settings: Settings, endpoint: str, lease_interval: float, lease_ttl: float,
+                 link_down: Callable[[], bool] = lambda: False) -> None:
+        self.settings = settings
+        self._link_down = link_down
+        self.lease_interval = lease_interval
+        self.lease_ttl = lease_ttl
+        self.server_id = secrets.token_hex(8)
+        self.full_reports = 0  # times this server reported its whole ledger (tests read it)
+        self._number = 0
+        self._full = True  # Redis does not know this id: the next report is the whole ledger
+        self._full_started = False  # its first chunk is in
+        self._lost = False  # Redis forgot this server: listening pages need fresh snapshots
+        self._retire_linger: float | None = None  # draining: keep the counts this long at the goodbye
+        self._pending: dict[Key, int] = {}  # taken from the ledger, not yet in Redis
+        self._lock = asyncio.Lock()
+        self._wake = asyncio.Event()
+        self._client: redis.asyncio.Redis | None = None
+        self._script: Any = None
+        self._sink: EngineSink | None = None
+        self._empty = Ledger()
+        self._ok = False  # the last call answered
+        self._closed = False
+        self._failed = Throttled(log, f"presence at Redis at {endpoint} failed", WARNING_INTERVAL)
+
+    def start(self, client: redis.asyncio.Redis, sink: EngineSink) -> None:
+        self._client = client
+        self._script = client.register_script(PRESENCE_SCRIPT)
+        self._sink = sink
+        self._lock = asyncio.Lock()
+        self._wake = asyncio.Event()
+
+    def _ledger(self) -> Ledger:
+        ledger = getattr(self._sink, "ledger", None)
+        return ledger if isinstance(ledger, Ledger) else self._empty
+
+    def changed(self) -> None:
+        if not self._closed and self._retire_linger is None:
+            self._wake.set()
+
+    def retire(self, linger: float) -> None:
+        """Draining (see ServerEngine.presence_retire): renewals only, and a goodbye that
+        leaves the counts to a lease of ``linger`` seconds instead of dropping them."""
+        self._retire_linger = max(0.0, linger)
+
+    async def run(self) -> None:
+        """Report changes soon after they are made; renew and sweep meanwhile."""
+        next_call = 0.0  # monotonic; at once: a new server reports in full
+        while not self._closed:
+            wait = next_call - time.monotonic()
+            if wait > 0 and not self._wake.is_set():
+                try:
+                    await asyncio.wait_for(self._wake.wait(), wait)
+                except asyncio.TimeoutError:
+                    pass
+            if self._wake.is_set():
+                await asyncio.sleep(REPORT_DELAY)  # let a burst of changes gather
+                self._wake.clear()
+                if (time.monotonic() < next_call and not self._full and not self._pending
+                        and not self._ledger().changed):
+                    continue  # a snapshot took the changes
+            answer = await self.report()
+            if answer is None:
+                next_call = time.monotonic() + PRESENCE_RETRY
+            else:
+                due = self.lease_interval if answer.wait is None else min(self.lease_interval, answer.wait)
+                # Jittered: every server of the pool sees the same due time.
+                next_call = time.monotonic() + max(SWEEP_MIN, due) + random.random() * 0.02
+
+    async def report(self, snapshot: str | None = None, limit: int | None = None) -> PresenceAnswer | None:
+        """Send what the ledger changed (all of it when Redis does not know this server),
+        with the snapshot of ``snapshot`` in the last call. None when Redis did not answer."""
+        async with self._lock:
+            if self._closed:
+                return None
+            if self._retire_linger is not None:
+                # Draining: the lease is renewed, the counts Redis has stay as they are.
+                return None if self._full else await self._call("report", [], snapshot, limit)
+            ledger = self._ledger()
+            for _ in range(3):  # a Redis that forgets this server again and again: give up
+                if self._full and not self._full_started:
+                    self._pending = ledger.full()
+                    self.full_reports += 1
+                else:
+                    self._pending.update(ledger.take_changes())
+                items = list(self._pending.items())
+                chunks = [items[at : at + PRESENCE_CHUNK] for at in range(0, len(items), PRESENCE_CHUNK)] or [[]]
+                answer: PresenceAnswer | None = None
+                for index, chunk in enumerate(chunks):
+                    first_full = self._full and not self._full_started
+                    last = index == len(chunks) - 1
+                    answer = await self._call("full" if first_full else "report", chunk,
+                                              snapshot if last else None, limit)
+                    if answer is None:
+                        return None
+                    if not answer.known and not first_full:
+                        break  # Redis lost this server (flushed, restarted, lease ran out)
+                    self._full_started = self._full_started or first_full
+                    for key, _ in chunk:
+                        del self._pending[key]
+                else:
+                    self._full = self._full_started = False
+                    if self._lost and self._sink is not None:
+                        # A LEAVE pending in what Redis lost will never come: fresh snapshots.
+                        self._lost = False
+                        self._sink.on_presence_reset()
+                    return answer
+                self._lost = True
+                log.info("Redis at %s does not know this server's presence (restarted, flushed, or "
+                         "its lease ran out); reporting it in full", redact_url(self.settings.redis_address()))
+                self.server_id = secrets.token_hex(8)
+                self._full, self._full_started = True, False
+            return None
+
+    async def _call(self, mode: str, counts: Iterable[tuple[Key, int]], snapshot: str | None = None,
+                    limit: int | None = None) -> PresenceAnswer | None:
+        if self._script is None:
+            return None
+        self._number += 1
+        args = presence_args(self.settings.redis_prefix, self.server_id, self._number, self.lease_ttl,
+                             self.settings.presence_leave_delay, mode, snapshot, limit, None, counts)
+        try:
+            reply = await asyncio.wait_for(self._script(keys=[], args=args), COMMAND_TIMEOUT)
+            answer = parse_presence(reply)
+        except asyncio.CancelledError:
+            raise
+        except (redis.RedisError, OSError, asyncio.TimeoutError) as exc:
+            self._ok = False
+            if isinstance(exc, redis.ResponseError) or not self._link_down():
+                self._failed.warn(f"{type(exc).__name__}: {exc}")
+            else:  # the pub/sub link has said Redis is away, once per outage
+                log.debug("presence at Redis failed: %s: %s", type(exc).__name__, exc)
+            return None
+        except (ValueError, TypeError, UnicodeDecodeError, AttributeError) as exc:
+            self._ok = False
+            self._failed.warn(f"a malformed answer: {exc}")
+            return None
+        self._ok = True
+        return answer
+
+    async def snapshot(self, stream: str, limit: int | None) -> Snapshot | None:
+        try:
+            answer = await asyncio.wait_for(self.report(stream, limit), COMMAND_TIMEOUT)
+        except asyncio.TimeoutError:
+            return None
+        return None if answer is None else answer.snapshot
+
+    async def goodbye(self) -> None:
+        """Drop this server's counts (a graceful stop: its users LEAVE after the delay,
+        unless they come back on another server meanwhile). Once; nothing after it."""
+        if self._closed:
+            return
+        self._closed = True
+        if not self._ok or self._script is None or self._link_down():
+            return  # Redis is not answering: the lease runs out instead
+        if self._retire_linger:
+            # A drain told the clients to come back within this: the counts stay that long
+            # (a lease that nobody renews), then go as a killed server's do.
+            self.lease_ttl = self._retire_linger
+            self._closed = False
+            try:
+                await asyncio.wait_for(self._call("report", []), GOODBYE_TIMEOUT)
+            except asyncio.TimeoutError:
+                pass  # the lease it had runs out instead
+            finally:
+                self._closed = True
+            return
+        deadline = time.monotonic() + GOODBYE_TIMEOUT
+        try:
+            await asyncio.wait_for(self._lock.acquire(), GOODBYE_TIMEOUT)
+        except asyncio.TimeoutError:
+            return
+        try:
+            for _ in range(1000):  # a goodbye drops GOODBYE_BUDGET counts per call
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    break
+                self._number += 1
+                args = presence_args(self.settings.redis_prefix, self.server_id, self._number, self.lease_ttl,
+                                     self.settings.presence_leave_delay, "bye")
+                reply = await asyncio.wait_for(self._script(keys=[], args=args), left)
+                if int(reply[0]) == 1:
+                    break
+        except asyncio.CancelledError:
+            raise
+        except (redis.RedisError, OSError, asyncio.TimeoutError, ValueError, TypeError, IndexError) as exc:
+            # Not a warning: the lease runs out instead, and the stop goes on.
+            log.info("presence: no goodbye to Redis (its lease runs out instead): %s: %s",
+                     type(exc).__name__, exc)
+        finally:
+            self._lock.release()
+
+
+class _PresenceQueries:
+    """A publisher's presence and online queries: synchronous, in the caller's thread, on
+    clients of their own (the publishing thread's client retries and reconnects on its own
+    schedule). One client per timeout, as a redis-py client's socket timeout is its own."""
+
+    def __init__(self, settings: Settings, url: str, endpoint: str) -> None:
+        self.settings = settings
+        self.url = url
+        self.endpoint = endpoint
+        self._clients: dict[float, tuple[redis.Redis, Any]] = {}
+        self._lock = threading.Lock()
+
+    def ask(self, timeout: float, snapshot: str | None = None, limit: int | None = None,
+            online: str | None = None) -> PresenceAnswer:
+        if timeout <= 0:
+            raise Unavailable("the timeout must be more than 0 seconds")
+        client, script = self._client(timeout)
+        args = presence_args(self.settings.redis_prefix, "", 0, 0, self.settings.presence_leave_delay, "q",
+                             snapshot, limit, online)
+        try:
+            return parse_presence(script(keys=[], args=args, client=client))
+        except (redis.RedisError, OSError) as exc:
+            raise Unavailable(f"Redis at {self.endpoint} did not answer: {type(exc).__name__}: {exc}") from None
+        except (ValueError, TypeError, UnicodeDecodeError, AttributeError) as exc:
+            raise Unavailable(f"Redis at {self.endpoint} gave a malformed presence answer: {exc}") from None
+
+    def _client(self, timeout: float) -> tuple[redis.Redis, Any]:
+        with self._lock:
+            entry = self._clients.get(timeout)
+            if entry is None:
+                if len(self._clients) >= QUERY_CLIENTS:
+                    oldest = next(iter(self._clients))
+                    _close_quietly(self._clients.pop(oldest)[0])
+                client = sync_client(self.url, timeout)
+                entry = self._clients[timeout] = (client, client.register_script(PRESENCE_SCRIPT))
+            return entry
+
+    def close(self) -> None:
+        with self._lock:
+            clients, self._clients = self._clients, {}
+        for client, _ in clients.values():
+            _close_quietly(client)
+
+    def forget(self) -> None:
+        """In a forked child: the parent's clients are kept referenced, never closed here."""
+        _abandoned.extend(client for client, _ in self._clients.values())
+        self._clients = {}
+        self._lock = threading.Lock()
+
+
+def _close_quietly(client: redis.Redis) -> None:
+    try:
+        client.close()
+    except Exception:  # closing a link that is gone
+        pass

@@ -14,17 +14,20 @@ followed by one more read.
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import math
 import secrets
 import threading
 import time
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping
 
+import orjson
 import zmq
 
 from .. import compat, protocol
-from ..engine import EngineSink, Position, QueueFull, StreamHistory
+from ..engine import EngineSink, Position, QueueFull, Receipt, StreamHistory, Unavailable
+from ..presence import Snapshot, renew_interval
 from ..runtime import Throttled
 from ..settings import Settings, parse_endpoint
 
@@ -47,6 +50,16 @@ _SUBSCRIBE = int(zmq.SUBSCRIBE)
 _UNSUBSCRIBE = int(zmq.UNSUBSCRIBE)
 _KIND_MESSAGE = protocol.KIND_MESSAGE
 _KIND_COMMAND = protocol.KIND_COMMAND
+_KIND_PRESENCE = protocol.KIND_PRESENCE
+# A server reports its ledger's changes this long after the first of them, in requests of
+# at most REPORT_CHUNK counts (a full report of 100k sockets would pass the proxy's limit
+# on one control request).
+REPORT_DELAY = 0.02
+REPORT_CHUNK = 20_000
+# How long a presence query waits for the proxy.
+PRESENCE_TIMEOUT = 5.0
+# At close, how long the goodbye (the server's counts go) may take to leave.
+BYE_LINGER_MS = 500
 
 # ---- the publisher's fast path (ZeroMQ only) ----------------------------------------------
 # flow.Flow.push sends on ZmqPublisherEngine.socket itself, once it is open, with
@@ -83,6 +96,9 @@ def control_endpoint_for(endpoint: str, settings: Settings) -> str:
     if endpoint.startswith("tcp://") and control[0].startswith("tcp://") and publish[1] and control[1]:
         return f"{publish[0]}:{control[2]}"
     return settings.control_endpoint
+
+
+_context_lock = threading.Lock()
 
 
 class ZmqPublisherEngine:
@@ -124,6 +140,8 @@ class ZmqPublisherEngine:
         self._waiting: set[str] = set()
         self._flushed: set[str] = set()
         self._request_id = 0
+        # Other requests (presence, online, confirmed pushes): rid -> answer, None until it came.
+        self._answers: dict[int, dict[str, Any] | None] = {}
 
     def send(self, frame: bytes) -> None:
         try:
@@ -134,11 +152,18 @@ class ZmqPublisherEngine:
                 f"{self.queue_size} are queued; message not sent"
             ) from None
 
+    def _ensure_context(self) -> zmq.Context[Any]:
+        # The first push (under flow.Flow's lock) and the first query (a reader, without
+        # it) may come at once from two threads.
+        with _context_lock:
+            if self._context is None:
+                self._context = zmq.Context()
+            return self._context
+
     def _open(self) -> zmq.Socket[Any]:
         if self._closed:
             raise RuntimeError("this Flow publisher is closed")
-        self._context = zmq.Context()
-        sock = self._context.socket(zmq.PUSH)
+        sock = self._ensure_context().socket(zmq.PUSH)
         sock.setsockopt(zmq.SNDHWM, self.queue_size)
         sock.setsockopt(zmq.LINGER, int(self.linger * 1000))
         # A PUSH queues before its connection is up: nothing is lost to a slow joiner.
@@ -199,16 +224,104 @@ class ZmqPublisherEngine:
                 self._waiting.discard(token)
                 self._flushed.discard(token)
 
+    def ask(self, build: Callable[[int], bytes], timeout: float) -> dict[str, Any] | None:
+        """Send the control request ``build(rid)`` once and wait up to ``timeout`` seconds
+        for its answer (the decoded JSON header); None when none came. Safe from many
+        threads at once, without the caller's lock, like :meth:`wait_flushed`."""
+        deadline = time.monotonic() + timeout
+        cond = self._flush_cond
+        with cond:
+            if self._closed:
+                return None
+            self._request_id += 1
+            request_id = self._request_id
+            self._answers[request_id] = None
+            self._outbox.append(build(request_id))
+        try:
+            while True:
+                with cond:
+                    answer = self._answers.get(request_id)
+                    if answer is not None:
+                        return answer
+                    now = time.monotonic()
+                    if now >= deadline or self._closed:
+                        return None
+                    if self._reading:
+                        cond.wait(deadline - now)
+                        continue
+                    self._reading = True
+                try:
+                    if self._control is None:
+                        self._control = self._open_control()
+                    self._read_replies(self._control, deadline, request_id)
+                finally:
+                    with cond:
+                        self._reading = False
+                        cond.notify_all()
+        finally:
+            with cond:
+                self._answers.pop(request_id, None)
+
+    def presence(self, stream: str, timeout: float, limit: int | None = None) -> Snapshot:
+        answer = self.ask(lambda rid: protocol.build_presence_request(rid, None, {}, query=stream, limit=limit),
+                          timeout)
+        if answer is None:
+            raise Unavailable(f"the proxy at {self.control_endpoint} did not answer in {timeout:g}s")
+        try:
+            _, snapshot, _ = protocol.parse_presence_reply(answer)
+        except protocol.ProtocolError as exc:
+            raise Unavailable(f"the proxy's answer was malformed: {exc}") from None
+        if snapshot is None:
+            raise Unavailable("the proxy's answer held no presence")
+        return snapshot
+
+    def online(self, stream: str, timeout: float) -> int:
+        answer = self.ask(lambda rid: protocol.build_online_request(rid, stream), timeout)
+        if answer is None:
+            raise Unavailable(f"the proxy at {self.control_endpoint} did not answer in {timeout:g}s")
+        try:
+            return protocol.parse_presence_reply(answer)[2]
+        except protocol.ProtocolError as exc:
+            raise Unavailable(f"the proxy's answer was malformed: {exc}") from None
+
+    # ---------------------------------------------------------------- confirmed pushes
+
+    def send_confirmed(self, frame: bytes, timeout: float) -> str:
+        """Send ``frame`` (a push) on the PUSH socket as a confirmed push, behind every
+        frame sent before it, without blocking; the proxy numbers it only within
+        ``timeout`` seconds from now. A token for :meth:`wait_receipt`. Raises QueueFull."""
+        token = secrets.token_hex(protocol.FLUSH_TOKEN_CHARS // 2)
+        deadline_ms = int((time.time() + max(0.0, timeout)) * 1000)
+        self.send(protocol.confirmed_push(token, deadline_ms, frame))
+        return token
+
+    def wait_receipt(self, token: str, timeout: float) -> Receipt:
+        """The receipt of the confirmed push ``token``, waiting up to ``timeout`` seconds.
+        Raises Unavailable. Safe from many threads at once, without the caller's lock."""
+        answer = self.ask(lambda rid: protocol.build_receipt_request(rid, token), timeout)
+        if answer is None:
+            raise Unavailable(f"the proxy at {self.control_endpoint} did not confirm the message "
+                              f"in {timeout:g}s")
+        try:
+            answered, stream, seq, epoch, online = protocol.parse_receipt_reply(answer)
+        except protocol.ProtocolError as exc:
+            raise Unavailable(f"the proxy's receipt was malformed: {exc}") from None
+        if answered != token:
+            raise Unavailable("the proxy's receipt is for another message")
+        return Receipt(protocol.public_stream_name(stream), seq, epoch, online)
+
     def _open_control(self) -> zmq.Socket[Any]:
-        assert self._context is not None  # a marker was sent: the PUSH socket is open
-        control = self._context.socket(zmq.DEALER)
+        if self._closed:
+            raise RuntimeError("this Flow publisher is closed")
+        control = self._ensure_context().socket(zmq.DEALER)
         control.setsockopt(zmq.LINGER, 0)
         control.connect(self.control_endpoint)
         return control
 
-    def _read_replies(self, control: zmq.Socket[Any], until: float) -> None:
+    def _read_replies(self, control: zmq.Socket[Any], until: float, request_id: int | None = None) -> None:
         """As the reader: send what waiters asked, and take answers until ``until`` or
-        until one is for a waiter, in slices, so that new requests go out promptly."""
+        until one is for a waiter (or for ``request_id``), in slices, so that new requests
+        go out promptly."""
         cond = self._flush_cond
         while True:
             with cond:
@@ -224,6 +337,7 @@ class ZmqPublisherEngine:
             if left <= 0:
                 return
             answered = []
+            replies: dict[int, dict[str, Any]] = {}
             if control.poll(max(1, int(min(left, FLUSH_SLICE) * 1000))):
                 for _ in range(1000):
                     try:
@@ -233,16 +347,31 @@ class ZmqPublisherEngine:
                     try:
                         if len(frames) != 2 or frames[0] != b"":
                             raise protocol.ProtocolError(f"{len(frames)} frames")
+                        try:
+                            header = orjson.loads(frames[1])
+                        except orjson.JSONDecodeError:
+                            raise protocol.ProtocolError("not JSON") from None
+                        if isinstance(header, dict) and "flushed" not in header:
+                            if type(header.get("rid")) is not int:
+                                raise protocol.ProtocolError("no rid")
+                            replies[header["rid"]] = header
+                            continue
                         answered.append(protocol.parse_flush_reply(frames[1])[1])
                     except protocol.ProtocolError as exc:
-                        log.warning("ignored a bad flush answer from the proxy at %s: %s",
+                        log.warning("ignored a bad answer from the proxy at %s: %s",
                                     self.control_endpoint, exc)
-            if answered:
+            if answered or replies:
                 with cond:
                     done = [token for token in answered if token in self._waiting]
                     self._flushed.update(done)
-                    if done:
+                    mine = False
+                    for rid, header in replies.items():
+                        if rid in self._answers:  # else it came after its asker gave up
+                            self._answers[rid] = header
+                            mine = mine or rid == request_id
+                    if done or mine or replies:
                         cond.notify_all()
+                    if done or mine:
                         return
 
     def flush(self, timeout: float) -> bool:
@@ -348,6 +477,15 @@ class ZmqServerEngine:
         self._control_due = False
         self._task: asyncio.Task[None] | None = None
         self._closed = False
+        # Presence: this process's name in the proxy's table, and the report state.
+        self.server_id = secrets.token_hex(8)
+        self._presence_requests: dict[int, asyncio.Future[dict[str, Any] | None]] = {}
+        self._report_due = False
+        self._need_full = True  # the proxy does not know us yet
+        self._was_known = False  # a proxy knew us: not knowing us now means it lost the table
+        self._lost_us = False
+        self._report_lock = asyncio.Lock()
+        self._retire_linger: float | None = None  # draining: how long the proxy keeps our counts
         self._bad_delivery = Throttled(log, "dropped a malformed delivery from the proxy", WARNING_INTERVAL)
         self._bad_reply = Throttled(log, "ignored a bad control reply from the proxy", WARNING_INTERVAL)
 
@@ -394,15 +532,30 @@ class ZmqServerEngine:
             if not future.done():
                 future.set_result(None)
         self._requests.clear()
+        for presence_future in self._presence_requests.values():
+            if not presence_future.done():
+                presence_future.set_result(None)
+        self._presence_requests.clear()
+        if self._control is not None:
+            # Our counts go now rather than when the lease runs out (LEAVEs follow after
+            # the leave delay, so sockets moving to another server make none).
+            try:
+                self._next_request += 1
+                self._control.send_multipart(
+                    [b"", protocol.build_presence_request(self._next_request, self.server_id, {}, bye=True,
+                                                          linger=self._retire_linger or 0.0)], NOBLOCK)
+                self._control.setsockopt(zmq.LINGER, BYE_LINGER_MS)
+            except zmq.ZMQError:
+                pass  # the proxy is away: the lease runs out instead
         for sock in (self._sub, self._control):
             if sock is not None:
                 try:
-                    sock.close(linger=0)
+                    sock.close(linger=BYE_LINGER_MS if sock is self._control else 0)
                 except zmq.ZMQError:
                     pass  # closing anyway
         self._sub = self._control = None
         if self._context is not None:
-            # Every socket is closed with linger 0: term returns at once.
+            # Linger 0 but for the goodbye: term returns at once, or once it is out.
             self._context.term()
             self._context = None
 
@@ -501,6 +654,16 @@ class ZmqServerEngine:
                         self._bad_delivery.warn(exc)
                         continue
                     sink.on_command(subscription.name, command)
+                elif delivery.kind == _KIND_PRESENCE:
+                    if delivery.frame == protocol.PRESENCE_RESET and subscription.name == protocol.BROADCAST:
+                        sink.on_presence_reset()
+                        continue
+                    try:
+                        event = protocol.check_presence_event(subscription.name, delivery.frame)
+                    except protocol.ProtocolError as exc:
+                        self._bad_delivery.warn(exc)
+                        continue
+                    sink.on_presence(event)
                 elif delivery.kind == _KIND_MESSAGE:
                     epoch = delivery.epoch
                     if epoch == subscription.epoch:
@@ -552,6 +715,17 @@ class ZmqServerEngine:
         if len(frames) < 2 or frames[0] != b"":
             self._bad_reply.warn(f"{len(frames)} frames, not the empty delimiter and a header")
             return
+        if self._presence_requests and len(frames) == 2:
+            try:
+                header = orjson.loads(frames[1])
+            except orjson.JSONDecodeError:
+                header = None
+            if isinstance(header, dict) and header.get("rid") in self._presence_requests:
+                self._heard = time.monotonic()
+                future = self._presence_requests.pop(header["rid"])
+                if not future.done():
+                    future.set_result(header)
+                return
         try:
             request_id, streams = protocol.parse_history_reply(frames[1:])
         except protocol.ProtocolError as exc:
@@ -606,14 +780,119 @@ class ZmqServerEngine:
             self._requests.pop(request_id, None)
 
     async def _check_link(self) -> None:
-        """Ping the proxy, so that `live` notices it going away and coming back."""
+        """Ping the proxy, so that `live` notices it going away and coming back; renew the
+        presence lease (a report, empty or not) several times per FLOW_PRESENCE_LEASE."""
+        renew_at = 0.0
         while not self._closed:
             try:
                 self._next_request += 1
                 self._send_control(protocol.build_ping_request(self._next_request), quiet=True)
+                if time.monotonic() >= renew_at:
+                    renew_at = time.monotonic() + renew_interval(self.settings.presence_lease)
+                    self._spawn_report()
             except Exception:
                 log.exception("pinging the proxy failed")
-            await asyncio.sleep(PING_INTERVAL)
+            await asyncio.sleep(min(PING_INTERVAL, renew_interval(self.settings.presence_lease)))
+
+    # ---------------------------------------------------------------- presence
+
+    def presence_retire(self, linger: float) -> None:
+        self._retire_linger = min(max(0.0, linger), protocol.MAX_PRESENCE_LINGER)
+
+    def presence_changed(self) -> None:
+        if self._retire_linger is not None:
+            return  # draining: the proxy keeps what it has until the goodbye's linger ends
+        if not self._report_due and self._loop is not None and not self._closed:
+            self._report_due = True
+            self._loop.call_later(REPORT_DELAY, self._spawn_report)
+
+    def _spawn_report(self) -> None:
+        self._report_due = False
+        if not self._closed and self._loop is not None:
+            task = self._loop.create_task(self._report(None, None))
+            task.add_done_callback(_quiet_result)
+
+    async def _report(self, query: str | None, limit: int | None) -> Snapshot | None:
+        """Send the ledger's changes (all of it when the proxy does not know us), with a
+        query; a reply saying the proxy does not know us makes us send everything."""
+        sink = self._sink
+        if sink is None or self._closed or self._loop is None:
+            return None
+        # One report at a time: the chunks of a full report, and the counts of two reports,
+        # must reach the proxy in the order the ledger gave them.
+        async with self._report_lock:
+            return await self._report_locked(sink, query, limit)
+
+    async def _report_locked(self, sink: EngineSink, query: str | None, limit: int | None) -> Snapshot | None:
+        for _ in range(2):
+            full = self._need_full
+            if self._retire_linger is not None:
+                # Draining: only renew the lease, so that the counts the proxy has stay.
+                full, changes = False, {}
+            else:
+                changes = sink.ledger.full() if full else sink.ledger.take_changes()
+            items = list(changes.items())
+            header: dict[str, Any] | None = None
+            # The first chunk of a full report resets what the proxy has of us; the rest add.
+            for start in range(0, max(1, len(items)), REPORT_CHUNK):
+                last = start + REPORT_CHUNK >= len(items)
+                chunk = dict(items[start:start + REPORT_CHUNK])
+                header = await self._request(functools.partial(
+                    protocol.build_presence_request, server=self.server_id, changes=chunk,
+                    full=full and start == 0, query=query if last else None, limit=limit,
+                    again=full and self._lost_us))
+                if header is None or header.get("known") is not True:
+                    break
+            if header is None:
+                # Lost or late: the proxy may not have it, so the next report is whole; and
+                # it may be a new proxy (with an empty table) that answers the next one.
+                self._need_full = True
+                self._lost_us = self._lost_us or self._was_known
+                return None
+            try:
+                known, snapshot, _ = protocol.parse_presence_reply(header)
+            except protocol.ProtocolError as exc:
+                self._bad_reply.warn(exc)
+                self._need_full = True
+                return None
+            if known:
+                if full:
+                    self._need_full = False
+                    if self._lost_us:
+                        self._lost_us = False
+                        sink.on_presence_reset()
+                    self._was_known = True
+                return snapshot
+            self._need_full = True
+            self._lost_us = self._was_known
+            if self._retire_linger is not None:
+                return None  # the proxy lost us while we drain: nothing of ours to keep
+        return None
+
+    async def _request(self, build: Callable[[int], bytes]) -> dict[str, Any] | None:
+        """Send the presence request ``build(rid)`` and wait for the reply's header."""
+        assert self._loop is not None
+        self._next_request += 1
+        request_id = self._next_request
+        request = build(request_id)
+        future: asyncio.Future[dict[str, Any] | None] = self._loop.create_future()
+        self._presence_requests[request_id] = future
+        try:
+            if not self._send_control(request, quiet=True):
+                return None
+            return await asyncio.wait_for(future, PRESENCE_TIMEOUT)
+        except asyncio.TimeoutError:
+            return None
+        finally:
+            self._presence_requests.pop(request_id, None)
+
+    async def presence(self, stream: str, limit: int | None) -> Snapshot | None:
+        return await self._report(stream, limit)
+
+
+def _quiet_result(task: "asyncio.Task[Any]") -> None:
+    if not task.cancelled() and task.exception() is not None:
+        log.error("a presence report failed", exc_info=task.exception())
 
 
 def _reply_problem(wanted: Mapping[str, Position], streams: Mapping[str, StreamHistory]) -> str | None:
