@@ -513,3 +513,35 @@ def test_a_thousand_sockets_of_one_user_make_one_join_and_one_leave(pipe):
         await observer.close()
 
     asyncio.run(run())
+
+
+# ---------------------------------------------------------------- receipts under faults
+
+
+def test_unavailable_from_a_stalled_engine_means_not_published(tmp_path, engine):
+    """docs/http-api.md: "A 503 means the message was not published ... the engine is told
+    the moment after which it must not number the message". The Redis publisher checks
+    that moment only before it sends the script call: a call sent to a Redis that is
+    stalled (SIGSTOP here; a fork for BGSAVE, a slow script or a swapped-out Redis alike)
+    runs when Redis wakes, after its caller was told flow.Unavailable. (The ZeroMQ proxy
+    checks the deadline when it takes the push: it holds.)"""
+    import flow
+
+    pipe = Pipeline(tmp_path, servers=1, engine=engine)
+    try:
+        publisher = pipe.publisher()
+        first = publisher.push("rita", "FIRST", confirm=True)
+        assert pipe.proxy is not None
+        pipe.proxy.signal(signal.SIGSTOP)
+        try:
+            with pytest.raises(flow.Unavailable):
+                publisher.push("rita", "TOLD UNAVAILABLE", confirm=True, timeout=0.3)
+        finally:
+            pipe.proxy.signal(signal.SIGCONT)
+        after = publisher.push("rita", "AFTER", confirm=True, timeout=10)
+        assert after["epoch"] == first["epoch"]
+        assert after["seq"] == first["seq"] + 1, "the message its caller was told was not published was published"
+    finally:
+        pipe.stop()
+
+

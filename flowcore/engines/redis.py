@@ -136,8 +136,10 @@ local now_ms = tonumber(now[1]) * 1000 + math.floor(tonumber(now[2]) / 1000)
 
 # ARGV: prefix, persistence token, meta ttl (ms), epoch seed, history size, history ttl (ms),
 # publisher id, first counter, then (stream, head) pairs; a head is the browser frame up to
-# its data, or for a confirmed push (flow.push(..., confirm=True)) \1 and that, or \2 alone
-# for a confirmed push that missed its deadline (a no-op that keeps the counters in step).
+# its data, or for a confirmed push (flow.push(..., confirm=True)) \1, its deadline in
+# Redis's clock (ms), a space and that (past the deadline when the script runs: not
+# published, receipt seq -1), or \2 alone for a confirmed push that missed its deadline
+# before the call (a no-op that keeps the counters in step).
 # Returns {how many pushes were applied (the rest had been, by an earlier call), then per
 # confirmed push in order: seq, epoch, online} (seq 0: an earlier call applied it and its
 # receipt is gone). ``online``: the stream's sockets over every server (P:pres:online,
@@ -174,12 +176,19 @@ for i = 0, count - 1 do
     end
   elseif kind == 2 then
     applied = applied + 1
+  elseif kind == 1 and now_ms > tonumber(string.sub(head, 2, string.find(head, ' ', 2, true) - 1)) then
+    -- a confirmed push run after its deadline (Redis stalled): its caller was told it is
+    -- unavailable, so it is not published; kept in the counters like a no-op
+    applied = applied + 1
+    receipts[#receipts + 1] = -1
+    receipts[#receipts + 1] = ''
+    receipts[#receipts + 1] = 0
   elseif kind == 0 then
     -- a command (flow.disconnect): for the sockets open now, outside the numbering
     redis.call('PUBLISH', prefix .. ':msg:' .. stream, 'cmd ' .. string.sub(head, 2))
     applied = applied + 1
   else
-    if kind == 1 then head = string.sub(head, 2) end
+    if kind == 1 then head = string.sub(head, string.find(head, ' ', 2, true) + 1) end
     local s = streams[stream]
     if s == nil then
       local mkey, hkey = prefix .. ':meta:' .. stream, prefix .. ':hist:' .. stream
@@ -398,15 +407,19 @@ class _Confirmed:
         self.done = False
         self.receipt: tuple[int, str, int] | None = None  # (seq, epoch, online)
 
-    def parts(self) -> tuple[bytes, bytes]:
-        """Its (stream key, head) for the script: \1 + the push's head, or, once its
-        deadline passed, \2: a no-op in its place that keeps the counters. A call resent
-        after a lost reply may so carry a no-op where the lost call carried the push:
-        either that call applied it (the script skips the position) or nothing did, and
-        nothing will: its caller was told it is unavailable."""
-        if time.monotonic() > self.deadline:
+    def parts(self, clock_offset_ms: float) -> tuple[bytes, bytes]:
+        """Its (stream key, head) for the script: \1, its deadline in Redis's clock (ms)
+        and a space, then the push's head; or, once its deadline passed, \2: a no-op in its
+        place that keeps the counters. A call resent after a lost reply may so carry a
+        no-op where the lost call carried the push: either that call applied it (the
+        script skips the position) or nothing did, and nothing will: its caller was told
+        it is unavailable. The script drops a push whose deadline passed by the time it
+        runs (a Redis that stalled), answering seq -1."""
+        left = self.deadline - time.monotonic()
+        if left < 0:
             return self.key, b"\2"
-        return self.key, b"\1" + self.head
+        deadline_ms = int((time.time() + left) * 1000 + clock_offset_ms)
+        return self.key, b"\1" + str(deadline_ms).encode("ascii") + b" " + self.head
 
 
 def _stream_of_key(key: bytes) -> str:
@@ -458,6 +471,7 @@ class RedisPublisherEngine:
         self._client: redis.Redis | None = None
         self._script: Any = None
         self._durable = ""
+        self._clock_offset_ms = 0.0  # Redis's clock minus ours, measured at each connect
         self._down_since: float | None = None
         self._failures = Throttled(log, f"publishing to Redis at {self.endpoint} failed; retrying",
                                    WARNING_INTERVAL)
@@ -588,6 +602,9 @@ class RedisPublisherEngine:
         if entry.receipt is None:
             raise Unavailable(f"Redis at {self.endpoint} did not take the message in {timeout:g}s")
         seq, epoch, online = entry.receipt
+        if seq == -1:
+            raise Unavailable(f"Redis at {self.endpoint} ran the publish after the message's deadline: "
+                              "not published")
         if seq < 1:
             raise Unavailable("the message was published, but its receipt was lost with a reply from Redis")
         return Receipt(_stream_of_key(entry.key), seq, epoch, online)
@@ -646,7 +663,7 @@ class RedisPublisherEngine:
                     args.extend(frame_parts(frame))
                 else:
                     assert isinstance(frame, _Confirmed)
-                    parts = frame.parts()
+                    parts = frame.parts(self._clock_offset_ms)
                     args.extend(parts)
                     if parts[1] != b"\2":
                         confirmed.append(frame)
@@ -700,6 +717,11 @@ class RedisPublisherEngine:
             # Read at every (re)connect: a restarted Redis may have other persistence.
             self._durable = persistence_token(client)
             self._script = client.register_script(PUBLISH_SCRIPT)
+            # Redis's clock against ours (ms), so that a confirmed push carries its deadline
+            # in Redis's time: a call that a stalled Redis runs late drops it there.
+            before = time.time()
+            seconds, micros = client.time()
+            self._clock_offset_ms = seconds * 1000 + micros / 1000 - (before + time.time()) * 500
         except Exception:
             self._client = None
             client.close()
