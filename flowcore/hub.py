@@ -155,6 +155,7 @@ class Hub:
         # What this server holds, for presence, flow.is_online and receipts (flowcore.presence).
         self.ledger = Ledger()
         self._presence_refresh_after = 0.0  # monotonic: gap-driven refreshes, at most so often
+        self._presence_queries: dict[str, asyncio.Future[Snapshot | None]] = {}  # stream -> in flight
 
     async def start(self) -> None:
         await self.engine.start(self)
@@ -319,6 +320,24 @@ class Hub:
     async def presence(self, sub: ChannelSub) -> Snapshot | None:
         """The channel's presence over the pool (this server's sockets counted)."""
         return await self.engine.presence(sub.stream, self.settings.presence_max_list)
+
+    async def presence_query(self, sub: ChannelSub) -> Snapshot | None:
+        """:meth:`presence` for a PRESENCE query (the socket was counted when it
+        subscribed): queries of one channel share the engine's answer while one is on its
+        way, so a flood of them costs the engine one round trip, not one per query, and
+        does not hold up other sockets' subscriptions behind it."""
+        stream = sub.stream
+        pending = self._presence_queries.get(stream)
+        if pending is None:
+            pending = asyncio.ensure_future(self.engine.presence(stream, self.settings.presence_max_list))
+            self._presence_queries[stream] = pending
+
+            def forget(done: "asyncio.Future[Snapshot | None]", stream: str = stream) -> None:
+                if self._presence_queries.get(stream) is done:
+                    del self._presence_queries[stream]
+
+            pending.add_done_callback(forget)
+        return await asyncio.shield(pending)
 
     def presence_sent(self, sub: ChannelSub) -> None:
         """``sub`` has its snapshot: send it what arrived after the snapshot was taken."""

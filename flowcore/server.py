@@ -488,7 +488,7 @@ class Server:
         session.channel_resumed(sub)
 
     async def answer_presence(self, session: Session, request: PresenceAsk) -> None:
-        session.presence_answer(request.sub, await self.hub.presence(request.sub), request.ref)
+        session.presence_answer(request.sub, await self.hub.presence_query(request.sub), request.ref)
 
     async def _write_history(self, sock: "FlowSocket", session: Session, stream: str, after: int, until: int,
                              epoch: str, deliver: Callable[[int, bytes], None], wanted: Callable[[], bool]) -> bool:
