@@ -17,7 +17,7 @@ from websockets.asyncio.client import ClientConnection
 from pipeline import Pipeline
 from support import wait_until
 from test_channels_live import frames_until, nothing_more, revision2
-from test_presence import grant, viewer
+from test_presence import _count, grant, viewer
 
 LEAVE_DELAY = 0.5
 LEASE = 1.0
@@ -133,15 +133,6 @@ def test_a_proxy_restart_makes_no_join_for_users_who_never_left(tmp_path):
         asyncio.run(run())
     finally:
         pipe.stop()
-
-
-def _count(publisher: Any, channel: str) -> int | None:
-    try:
-        return publisher.presence(channel, timeout=1)["count"]
-    except Exception as exc:  # the engine is still coming back
-        if type(exc).__name__ != "Unavailable":
-            raise
-        return None
 
 
 def test_a_confirmed_push_across_a_killed_and_restarted_proxy_is_told_true(tmp_path):
