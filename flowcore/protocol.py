@@ -1337,4 +1337,4 @@ def parse_receipt_reply(obj: Mapping[str, Any]) -> tuple[str, str, int, str, int
 def public_stream_name(stream: str) -> str:
     """A stream as users name it (a receipt's ``stream``): a username, ``"*"``, or a
     channel's name without its CHANNEL_MARK."""
-    return stream[1:] if stream[:1] == CHANNEL_MARK else stream
+    return channel_of_stream(stream) if is_channel_stream(stream) else stream

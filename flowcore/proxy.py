@@ -500,87 +500,38 @@ FLUSH_WAIT = 60.0
 FLUSH_KEPT = 10_000
 
 
-class FlushMatcher:
-    """Pairs each publisher's flush marker (taken on PULL) with its request (on control),
-    whichever comes first (protocol.py, the flush section). No I/O. What waits is bounded in
-    time and number, so that halves that never pair (a publisher gone, a proxy restarted,
-    anyone sending junk) cost nothing for long."""
+class HalfPairs:
+    """Pairs the two halves of an exchange that share a token, whichever comes first: what
+    the PULL socket carried (a flush marker, a confirmed push once numbered) and the
+    publisher's request on the control socket. No I/O. What waits is bounded in time and
+    number, so that halves that never pair (a publisher gone, a proxy restarted, anyone
+    sending junk) cost nothing for long."""
 
-    def __init__(self, warnings: WarningLimiter, wait: float = FLUSH_WAIT, kept: int = FLUSH_KEPT) -> None:
+    def __init__(self, warnings: WarningLimiter, what: str, wait: float = FLUSH_WAIT, kept: int = FLUSH_KEPT) -> None:
         self.warnings = warnings
+        self.what = what  # for the warning: "flush", "receipt"
         self.wait = wait
         self.kept = kept
-        # token -> when it came; oldest first (dicts keep insertion order).
-        self._markers: dict[str, float] = {}
+        # token -> (when it came, what it carries); oldest first (dicts keep insertion order).
+        self._arrived: dict[str, tuple[float, Any]] = {}
         # token -> (when it came, routing id, rid)
         self._requests: dict[str, tuple[float, bytes, int]] = {}
 
-    def marker(self, token: str, now: float) -> tuple[bytes, int] | None:
-        """The marker came: the request to answer now (routing id, rid), if it came first."""
+    def _half_arrived(self, token: str, value: Any, now: float) -> tuple[bytes, int] | None:
+        """The PULL half came: the request to answer now (routing id, rid), if it came first."""
         waiting = self._requests.pop(token, None)
         if waiting is not None:
             return waiting[1], waiting[2]
-        self._markers.pop(token, None)
-        self._markers[token] = now
-        self._forget(self._markers, now)
+        self._arrived.pop(token, None)
+        self._arrived[token] = (now, value)
+        self._forget(self._arrived, now)
         return None
 
-    def request(self, token: str, identity: bytes, request_id: int, now: float) -> bool:
-        """The request came: True when its marker came first, so it is answered now."""
-        if self._markers.pop(token, None) is not None:
-            return True
-        self._requests.pop(token, None)
-        self._requests[token] = (now, identity, request_id)
-        self._forget(self._requests, now)
-        return False
-
-    def _forget(self, table: dict[str, Any], now: float) -> None:
-        cutoff = now - self.wait
-        crowded = 0
-        while table:
-            oldest = next(iter(table))
-            entry = table[oldest]
-            if (entry if isinstance(entry, float) else entry[0]) >= cutoff and len(table) <= self.kept:
-                break
-            if len(table) > self.kept:
-                crowded += 1
-            del table[oldest]
-        if crowded:
-            self.warnings.warn("flush", "forgot %d unanswered flush halves: more than %d wait", crowded, self.kept)
-
-    def __len__(self) -> int:
-        return len(self._markers) + len(self._requests)
-
-
-class ReceiptMatcher:
-    """Pairs each confirmed push (numbered from PULL) with its receipt request (on control),
-    whichever comes first (protocol.py, the confirmed pushes section), bounded in time and
-    number like :class:`FlushMatcher`. No I/O."""
-
-    def __init__(self, warnings: WarningLimiter, wait: float = FLUSH_WAIT, kept: int = FLUSH_KEPT) -> None:
-        self.warnings = warnings
-        self.wait = wait
-        self.kept = kept
-        # token -> (when it was numbered, (stream, seq, epoch, online))
-        self._receipts: dict[str, tuple[float, tuple[str, int, str, int]]] = {}
-        # token -> (when it came, routing id, rid)
-        self._requests: dict[str, tuple[float, bytes, int]] = {}
-
-    def numbered(self, token: str, receipt: tuple[str, int, str, int], now: float) -> tuple[bytes, int] | None:
-        """The push was numbered: the request to answer now (routing id, rid), if it came first."""
-        waiting = self._requests.pop(token, None)
-        if waiting is not None:
-            return waiting[1], waiting[2]
-        self._receipts.pop(token, None)
-        self._receipts[token] = (now, receipt)
-        self._forget(self._receipts, now)
-        return None
-
-    def asked(self, token: str, identity: bytes, request_id: int, now: float) -> tuple[str, int, str, int] | None:
-        """The request came: the receipt, when its push was numbered first (answer now)."""
-        done = self._receipts.pop(token, None)
-        if done is not None:
-            return done[1]
+    def _half_asked(self, token: str, identity: bytes, request_id: int, now: float) -> tuple[float, Any] | None:
+        """The request came: the PULL half (when, value), when it came first (answer now)."""
+        arrived = self._arrived.pop(token, None)
+        if arrived is not None:
+            return arrived
         self._requests.pop(token, None)
         self._requests[token] = (now, identity, request_id)
         self._forget(self._requests, now)
@@ -597,13 +548,47 @@ class ReceiptMatcher:
                 crowded += 1
             del table[oldest]
         if crowded:
-            self.warnings.warn("receipt", "forgot %d unanswered receipt halves: more than %d wait", crowded, self.kept)
+            self.warnings.warn(self.what, "forgot %d unanswered %s halves: more than %d wait", crowded,
+                               self.what, self.kept)
 
     def __len__(self) -> int:
-        return len(self._receipts) + len(self._requests)
+        return len(self._arrived) + len(self._requests)
 
 
-# ---------------------------------------------------------------- the loop
+class FlushMatcher(HalfPairs):
+    """A publisher's flush marker (taken on PULL) and its request (protocol.py, the flush section)."""
+
+    def __init__(self, warnings: WarningLimiter, wait: float = FLUSH_WAIT, kept: int = FLUSH_KEPT) -> None:
+        super().__init__(warnings, "flush", wait, kept)
+
+    @property
+    def _markers(self) -> dict[str, tuple[float, Any]]:
+        return self._arrived
+
+    def marker(self, token: str, now: float) -> tuple[bytes, int] | None:
+        """The marker came: the request to answer now (routing id, rid), if it came first."""
+        return self._half_arrived(token, None, now)
+
+    def request(self, token: str, identity: bytes, request_id: int, now: float) -> bool:
+        """The request came: True when its marker came first, so it is answered now."""
+        return self._half_asked(token, identity, request_id, now) is not None
+
+
+class ReceiptMatcher(HalfPairs):
+    """A confirmed push, numbered from PULL, and its receipt request (protocol.py, the
+    confirmed pushes section)."""
+
+    def __init__(self, warnings: WarningLimiter, wait: float = FLUSH_WAIT, kept: int = FLUSH_KEPT) -> None:
+        super().__init__(warnings, "receipt", wait, kept)
+
+    def numbered(self, token: str, receipt: tuple[str, int, str, int], now: float) -> tuple[bytes, int] | None:
+        """The push was numbered: the request to answer now (routing id, rid), if it came first."""
+        return self._half_arrived(token, receipt, now)
+
+    def asked(self, token: str, identity: bytes, request_id: int, now: float) -> tuple[str, int, str, int] | None:
+        """The request came: the receipt, when its push was numbered first (answer now)."""
+        arrived = self._half_asked(token, identity, request_id, now)
+        return None if arrived is None else arrived[1]
 
 
 class Proxy:

@@ -503,20 +503,23 @@ class Session:
 
     def presence_event(self, sub: ChannelSub, event: PresenceEvent, text: str) -> None:
         """A JOIN/LEAVE (``text``, its frame) for a subscription that has its snapshot."""
-        version = sub.presence_version
-        if version is None or event.version <= version or sub.stage == SUB_GONE or self.stage == CLOSED:
-            return
-        sub.presence_version = event.version
-        self._queue_text(text)
+        if self._presence_newer(sub, event.version):
+            self._queue_text(text)
 
     def presence_refresh(self, sub: ChannelSub, snapshot: Snapshot) -> None:
         """A snapshot the client did not ask for (the engine had lost presence): a PRESENCE
         without ref, which replaces what the client built, from a higher version."""
-        version = sub.presence_version
-        if version is None or snapshot.version <= version or sub.stage == SUB_GONE or self.stage == CLOSED:
-            return
-        sub.presence_version = snapshot.version
-        self._queue_text(protocol.presence_answer(sub.name, snapshot))
+        if self._presence_newer(sub, snapshot.version):
+            self._queue_text(protocol.presence_answer(sub.name, snapshot))
+
+    def _presence_newer(self, sub: ChannelSub, version: int) -> bool:
+        """Whether presence of ``version`` goes to ``sub`` (which has its snapshot and a lower
+        version); if so, ``sub`` is at ``version`` from now on."""
+        if (sub.presence_version is None or version <= sub.presence_version or sub.stage == SUB_GONE
+                or self.stage == CLOSED):
+            return False
+        sub.presence_version = version
+        return True
 
     def presence_answer(self, sub: ChannelSub, snapshot: Snapshot | None, ref: str | int | None) -> None:
         """The answer to a PRESENCE query (an ERROR when the engine did not give one)."""

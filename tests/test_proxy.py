@@ -880,3 +880,22 @@ def test_flush_halves_pair_in_either_order_and_unpaired_ones_go(caplog):
             matcher.marker(f"{i:032x}", 80.0)
     assert len(matcher._markers) == 3
     assert any("unanswered flush halves" in r.getMessage() for r in caplog.records)
+
+
+def test_receipt_halves_pair_in_either_order_with_the_receipt(caplog):
+    from flowcore.proxy import ReceiptMatcher, WarningLimiter
+
+    matcher = ReceiptMatcher(WarningLimiter(logging.getLogger("flow.proxy")), wait=60.0, kept=2)
+    receipt = ("alice", 3, "e", 1)
+    assert matcher.numbered("a" * 32, receipt, 0.0) is None
+    assert matcher.asked("a" * 32, b"id1", 7, 1.0) == receipt
+    assert matcher.asked("b" * 32, b"id2", 8, 2.0) is None
+    assert matcher.numbered("b" * 32, receipt, 3.0) == (b"id2", 8)
+    assert len(matcher) == 0
+    matcher.numbered("c" * 32, receipt, 10.0)
+    matcher.numbered("d" * 32, receipt, 71.0)  # what comes later sweeps the stale out
+    assert matcher.asked("c" * 32, b"id3", 9, 72.0) is None  # its push's receipt was forgotten
+    with caplog.at_level(logging.WARNING, logger="flow.proxy"):
+        for i in range(4):
+            matcher.numbered(f"{i:032x}", receipt, 80.0)
+    assert any("unanswered receipt halves" in r.getMessage() for r in caplog.records)

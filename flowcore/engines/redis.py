@@ -1359,22 +1359,20 @@ local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 
 -- Versions never fall below Redis's clock (ms): they keep rising across a flushed or
 -- restored Redis as they do across a restarted ZeroMQ proxy (version_base).
-local function current_version()
-  local v = tonumber(redis.call('GET', COUNTER) or '0')
+local function at_least_now(v)
   if v < now then
     redis.call('SET', COUNTER, now)
-    v = now
+    return now
   end
   return v
 end
 
+local function current_version()
+  return at_least_now(tonumber(redis.call('GET', COUNTER) or '0'))
+end
+
 local function next_version()
-  local v = redis.call('INCR', COUNTER)
-  if v < now then
-    redis.call('SET', COUNTER, now)
-    v = now
-  end
-  return v
+  return at_least_now(redis.call('INCR', COUNTER))
 end
 
 local function publish(skey, kind, v, user)

@@ -262,27 +262,26 @@ class ZmqPublisherEngine:
             with cond:
                 self._answers.pop(request_id, None)
 
-    def presence(self, stream: str, timeout: float, limit: int | None = None) -> Snapshot:
-        answer = self.ask(lambda rid: protocol.build_presence_request(rid, None, {}, query=stream, limit=limit),
-                          timeout)
+    def _presence_answer(self, build: Callable[[int], bytes], timeout: float) -> tuple[Snapshot | None, int]:
+        """:meth:`ask` a presence or online question: (snapshot, online). Raises Unavailable."""
+        answer = self.ask(build, timeout)
         if answer is None:
             raise Unavailable(f"the proxy at {self.control_endpoint} did not answer in {timeout:g}s")
         try:
-            _, snapshot, _ = protocol.parse_presence_reply(answer)
+            _, snapshot, online = protocol.parse_presence_reply(answer)
         except protocol.ProtocolError as exc:
             raise Unavailable(f"the proxy's answer was malformed: {exc}") from None
+        return snapshot, online
+
+    def presence(self, stream: str, timeout: float, limit: int | None = None) -> Snapshot:
+        snapshot, _ = self._presence_answer(
+            lambda rid: protocol.build_presence_request(rid, None, {}, query=stream, limit=limit), timeout)
         if snapshot is None:
             raise Unavailable("the proxy's answer held no presence")
         return snapshot
 
     def online(self, stream: str, timeout: float) -> int:
-        answer = self.ask(lambda rid: protocol.build_online_request(rid, stream), timeout)
-        if answer is None:
-            raise Unavailable(f"the proxy at {self.control_endpoint} did not answer in {timeout:g}s")
-        try:
-            return protocol.parse_presence_reply(answer)[2]
-        except protocol.ProtocolError as exc:
-            raise Unavailable(f"the proxy's answer was malformed: {exc}") from None
+        return self._presence_answer(lambda rid: protocol.build_online_request(rid, stream), timeout)[1]
 
     # ---------------------------------------------------------------- confirmed pushes
 
