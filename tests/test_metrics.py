@@ -296,6 +296,37 @@ def test_each_server_of_a_pool_and_the_proxy_answer_on_their_own_port(tmp_path: 
     assert "Traceback" not in "".join(s.log() for s in servers) + pipe.logs()
 
 
+def test_readyz_is_503_draining_while_a_server_drains(tmp_path: Path) -> None:
+    """PROTOCOL section 11: /readyz answers 503 while the server drains. SIGTERM, with one
+    socket whose client never answers the close: the drain waits FLOW_DRAIN_TIMEOUT for it,
+    and the server's own port says "draining" until the server is gone."""
+    import signal
+
+    from test_attack import RawSocket
+
+    base = consecutive_ports(2)
+    pipe = Pipeline(tmp_path, servers=0, FLOW_METRICS_PORT=str(base), FLOW_DRAIN_TIMEOUT="5")
+    shared = free_port()
+    server = Proc([PYTHON, "websocket_server.py", "--port", str(shared), "--index", "0"], pipe.env,
+                  tmp_path / "drain.log")
+    raw = None
+    try:
+        own = base + 1
+        wait_until(lambda: port_open(own) and get(own, "/readyz")[0] == 200, DEADLINE, 0.05, "server ready")
+        raw = RawSocket(shared)  # never reads nor answers the close: the drain waits for it
+        server.signal(signal.SIGTERM)
+        wait_until(lambda: get(own, "/readyz")[0] == 503, DEADLINE, 0.05, "503 while draining")
+        status, body, _ = get(own, "/readyz")
+        assert status == 503 and json.loads(body) == {"ready": False, "reason": "draining"}
+        assert get(own, "/healthz")[0] == 200  # alive, not ready
+        assert value(scrape(own), "flow_draining") == 1
+    finally:
+        if raw is not None:
+            raw.close()
+        server.stop()
+        pipe.stop()
+
+
 @pytest.mark.timeout(120)
 def test_proxy_metrics_count_numbered_dropped_and_history(tmp_path: Path) -> None:
     metrics_port = free_port()
