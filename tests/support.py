@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
+import random
 import secrets
 import signal
 import socket
@@ -47,6 +49,45 @@ def free_port() -> int:
             _handed_out.add(port)
             return port
     raise RuntimeError(f"no fresh ephemeral port in {100 * count} tries")
+
+
+def _ephemeral_floor() -> int:
+    try:
+        with open("/proc/sys/net/ipv4/ip_local_port_range") as f:
+            return int(f.read().split()[0])
+    except (OSError, ValueError, IndexError):
+        return 32768
+
+
+def port_block(count: int) -> int:
+    """The first of ``count`` consecutive loopback ports, free now and never handed out by
+    free_port, for settings that derive ports from one (FLOW_METRICS_PORT + 1 + index).
+
+    Taken below the kernel's ephemeral range: there, between this check and the server's
+    bind, a client connection anywhere on the machine may take one as its source port and
+    the server fails with EADDRINUSE. Each pytest-xdist worker draws from its own slice."""
+    index, workers = _port_share()
+    floor, ceiling = 10000, _ephemeral_floor()
+    if ceiling - floor < 100 * workers:
+        floor, ceiling = 1024, max(ceiling, 1024 + 100 * workers)
+    span = (ceiling - floor) // workers
+    start = floor + index * span
+    rng = random.Random()
+    for _ in range(200):
+        base = rng.randrange(start, start + span - count)
+        ports = range(base, base + count)
+        if any(port in _handed_out for port in ports):
+            continue
+        try:
+            with contextlib.ExitStack() as held:
+                for port in ports:
+                    sock = held.enter_context(socket.socket())
+                    sock.bind(("127.0.0.1", port))
+        except OSError:
+            continue
+        _handed_out.update(ports)
+        return base
+    raise RuntimeError(f"no {count} consecutive free ports below {ceiling} in 200 tries")
 
 
 def wait_until(condition: Callable[[], T], timeout: float = 10.0, interval: float = 0.02,

@@ -9,7 +9,6 @@ may carry a username or a channel name.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import html
 import http.cookiejar
 import json
@@ -30,7 +29,7 @@ from websockets.asyncio.client import ClientConnection, connect
 from flowcore import protocol
 import support
 from pipeline import Pipeline, authenticate, collect, recv_json
-from support import PYTHON, Proc, free_port, port_open, wait_until
+from support import PYTHON, Proc, free_port, port_block, port_open, wait_until
 
 Samples = dict[tuple[str, frozenset[tuple[str, str]]], float]
 
@@ -74,25 +73,6 @@ def assert_no_names(samples: Samples, names: Iterable[str]) -> None:
         for key, label in labels:
             assert key not in ("user", "username", "channel", "stream"), (name, key)
             assert label not in forbidden and not any(n in label for n in forbidden), (name, key, label)
-
-
-def consecutive_ports(count: int) -> int:
-    """The first of ``count`` consecutive loopback ports free now, never handed out by
-    free_port afterwards (FLOW_METRICS_PORT and the pool's ports after it)."""
-    for _ in range(100):
-        base = free_port()
-        if base + count > 65535:
-            continue
-        try:
-            with contextlib.ExitStack() as held:
-                for port in range(base + 1, base + count):
-                    sock = held.enter_context(socket.socket())
-                    sock.bind(("127.0.0.1", port))
-        except OSError:
-            continue
-        support._handed_out.update(range(base, base + count))
-        return base
-    raise RuntimeError(f"no {count} consecutive free ports in 100 tries")
 
 
 async def cut(ws: ClientConnection) -> None:
@@ -265,7 +245,7 @@ def test_metrics_off(tmp_path: Path) -> None:
 def test_each_server_of_a_pool_and_the_proxy_answer_on_their_own_port(tmp_path: Path) -> None:
     """Under supervisord the pool shares FLOW_WS_PORT (a scrape there reaches any server):
     with FLOW_METRICS_PORT=P, server N answers on P+1+N and the proxy on P."""
-    base = consecutive_ports(3)
+    base = port_block(3)
     pipe = Pipeline(tmp_path, servers=0, FLOW_METRICS_PORT=str(base))
     shared = free_port()
     servers = [Proc([PYTHON, "websocket_server.py", "--port", str(shared), "--index", str(i)], pipe.env,
@@ -304,7 +284,7 @@ def test_readyz_is_503_draining_while_a_server_drains(tmp_path: Path) -> None:
 
     from test_attack import RawSocket
 
-    base = consecutive_ports(2)
+    base = port_block(2)
     pipe = Pipeline(tmp_path, servers=0, FLOW_METRICS_PORT=str(base), FLOW_DRAIN_TIMEOUT="5")
     shared = free_port()
     server = Proc([PYTHON, "websocket_server.py", "--port", str(shared), "--index", "0"], pipe.env,
@@ -488,10 +468,10 @@ def test_the_stack_serves_each_process_on_its_own_metrics_port(make_stack: Any, 
     """supervisord passes each WebSocket server its index: FLOW_METRICS_PORT=P gives the
     proxy P (the ZeroMQ engine only: with Redis there is none, and the stack still starts)
     and server N P+1+N; the app answers on FLOW_APP_PORT; nginx routes none of /metrics."""
-    base = consecutive_ports(3)
+    base = port_block(3)
     stack = make_stack(FLOW_METRICS_PORT=str(base), FLOW_ENGINE=engine)
     pids = set(stack.pids("websocket"))
-    assert len(pids) == 2
+    assert len(pids) == 2, stack.diagnostics()
     seen = set()
     for index in range(2):
         wait_until(lambda: get(base + 1 + index, "/readyz")[0] == 200, DEADLINE, 0.05, f"websocket-{index} ready")
