@@ -527,6 +527,38 @@ def message_frame(stream: str, seq: int, epoch: str, frame: bytes) -> bytes:
     return b"".join((topic(stream), KIND_MESSAGE, str(seq).encode(), b" ", epoch.encode(), b" ", frame))
 
 
+@functools.lru_cache(maxsize=4096)
+def _fanout_parts(stream: str, epoch: str) -> tuple[bytes, bytes, bytes, bytes]:
+    """What every message of ``stream`` in ``epoch`` shares: the browser frame's address
+    field, its epoch and closing brace, the fan-out topic with the message kind, and the
+    epoch as the fan-out header writes it."""
+    if stream[:1] == CHANNEL_MARK:
+        address = b',"channel":' + _json_string(stream[1:])
+    else:
+        address = b',"username":' + _json_string(stream)
+    return address, b',"epoch":' + _json_string(epoch) + b"}", topic(stream) + KIND_MESSAGE, b" " + epoch.encode() + b" "
+
+
+def fanout_message(push: Push, seq: int, epoch: str) -> tuple[bytes, bytes]:
+    """``(wire, published)``: the browser's WebSocket frame (what history keeps) and what
+    the proxy publishes, in one pass: ``message_frame(stream, seq, epoch,
+    encode_text_frame(build_message_frame(push, seq, epoch)))`` and the frame inside it.
+
+    The proxy's hot path: the parts each stream repeats come from a cache, so a message
+    costs two joins and no JSON."""
+    address, tail, head, epoch_part = _fanout_parts(push.stream, epoch)
+    seq_bytes = str(seq).encode()
+    payload = b"".join((b'{"id":', push.id_json, address, b',"data":', push.data_json, b',"seq":', seq_bytes, tail))
+    length = len(payload)
+    if length < 126:
+        wire = bytes((0x81, length)) + payload
+    elif length < 65536:
+        wire = struct.pack("!BBH", 0x81, 126, length) + payload
+    else:
+        wire = struct.pack("!BBQ", 0x81, 127, length) + payload
+    return wire, b"".join((head, seq_bytes, epoch_part, wire))
+
+
 def sync_frame(stream: str, seq: int, epoch: str) -> bytes:
     """The proxy's answer to a subscription: the stream's epoch and current seq."""
     return b"".join((topic(stream), KIND_SYNC, str(seq).encode(), b" ", epoch.encode(), b" "))

@@ -893,6 +893,20 @@ class TestMessageFrames:
         assert obj["epoch"] == 'ep"och\\'
         assert obj["data"] is None
 
+    @pytest.mark.parametrize("size", [0, 100, 125, 126, 200, 65535 - 120, 70_000])
+    @pytest.mark.parametrize("stream", ["alice", "*", "zoë", 'we"ird\\name', "channel"])
+    def test_fanout_message_is_the_three_steps_in_one(self, stream: str, size: int) -> None:
+        """The proxy's one-pass builder gives the bytes of build_message_frame, then
+        encode_text_frame, then message_frame, at every WebSocket length form."""
+        data = {"p": "x" * size}
+        if stream == "channel":
+            push = decode_push(protocol.encode_channel_push("doc:42", "EDIT", data, MAX))
+        else:
+            push = Push(stream, b'"TASK DONE"', protocol.fast_dumps(data))
+        for seq, epoch in ((1, "e"), (12345, 'ep"och'), (1, "e")):  # the last one from the cache
+            wire = encode_text_frame(build_message_frame(push, seq, epoch))
+            assert protocol.fanout_message(push, seq, epoch) == (wire, message_frame(push.stream, seq, epoch, wire))
+
     def test_message_frame_decode(self):
         frame = b'{"id":"x"}'
         raw = message_frame("alice", 7, "e1", frame)

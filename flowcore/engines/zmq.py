@@ -46,6 +46,8 @@ WARNING_INTERVAL = 30.0
 
 # Plain ints: pyzmq's flag enums cost more than a small send or receive.
 NOBLOCK = int(zmq.NOBLOCK)
+EVENTS = int(zmq.EVENTS)
+POLLIN = int(zmq.POLLIN)
 _SUBSCRIBE = int(zmq.SUBSCRIBE)
 _UNSUBSCRIBE = int(zmq.UNSUBSCRIBE)
 _KIND_MESSAGE = protocol.KIND_MESSAGE
@@ -619,14 +621,20 @@ class ZmqServerEngine:
     def _fanout_batch(self, sink: EngineSink) -> bool:
         """Handle up to BATCH deliveries; True when there may be more."""
         assert self._sub is not None
-        recv = self._sub.recv
+        recv, events = self._sub.recv, self._sub.getsockopt
         decode = protocol.decode_delivery
         subscriptions = self._subscriptions
         on_message, on_position = sink.on_message, sink.on_position
         received = 0
         more = True
-        for _ in range(BATCH):
+        for turn in range(BATCH):
+            # Ask the socket before each recv but the first rather than recv until
+            # zmq.Again: most wake-ups carry one delivery, and the exception costs more
+            # than delivering it. Reading EVENTS also re-arms the FD's edge.
             try:
+                if turn and not events(EVENTS) & POLLIN:
+                    more = False
+                    break
                 raw = recv(NOBLOCK)
             except zmq.Again:
                 more = False
