@@ -714,7 +714,8 @@ class Proxy:
         """Number and publish up to BATCH pushes; how many were numbered."""
         now = time.time()
         pull = self.pull
-        recv, more = pull.recv, pull.getsockopt
+        recv = pull.recv
+        more: Callable[[int], int] = pull.getsockopt  # type: ignore[assignment]  # int options
         append, decode = self.log.append, protocol.decode_push
         xpub, limit = self.xpub, self.max_push
         numbered = 0

@@ -621,7 +621,8 @@ class ZmqServerEngine:
     def _fanout_batch(self, sink: EngineSink) -> bool:
         """Handle up to BATCH deliveries; True when there may be more."""
         assert self._sub is not None
-        recv, events = self._sub.recv, self._sub.getsockopt
+        recv = self._sub.recv
+        events: Callable[[int], int] = self._sub.getsockopt  # type: ignore[assignment]  # an int option
         decode = protocol.decode_delivery
         subscriptions = self._subscriptions
         on_message, on_position = sink.on_message, sink.on_position
