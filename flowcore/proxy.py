@@ -720,9 +720,10 @@ class Proxy:
         xpub, limit = self.xpub, self.max_push
         numbered = 0
         for turn in range(BATCH):
-            # The poller saw a push, so the first recv has one; after it, ask the socket
-            # rather than recv until zmq.Again: at a few thousand pushes a second most
-            # wake-ups carry one push, and the exception costs more than numbering it.
+            # The first recv mostly finds the push the poller saw (zmq.Again when not);
+            # after it, ask the socket rather than recv until zmq.Again: at a few thousand
+            # pushes a second most wake-ups carry one push, and the exception costs more
+            # than numbering it.
             if turn and not more(EVENTS) & POLLIN:
                 break
             try:
