@@ -720,11 +720,12 @@ class Proxy:
         xpub, limit = self.xpub, self.max_push
         numbered = 0
         for turn in range(BATCH):
-            # The first recv mostly finds the push the poller saw (zmq.Again when not);
-            # after it, ask the socket rather than recv until zmq.Again: at a few thousand
+            # The first recv mostly finds the push the poller saw (zmq.Again when not).
+            # Then ask the socket once before recv'ing until zmq.Again: at a few thousand
             # pushes a second most wake-ups carry one push, and the exception costs more
-            # than numbering it.
-            if turn and not more(EVENTS) & POLLIN:
+            # than numbering it; in a burst, one exception per batch costs less than a
+            # question per push.
+            if turn == 1 and not more(EVENTS) & POLLIN:
                 break
             try:
                 raw = recv(NOBLOCK)
