@@ -498,65 +498,35 @@ def _json_string(text: str) -> bytes:
     return dumps(text)
 
 
-def build_message_frame(push: Push, seq: int, epoch: str) -> bytes:
-    """The browser frame ``{"id","username","data","seq","epoch"}`` (``"channel"`` instead
-    of ``"username"`` for a channel's message), built once.
-
-    Spliced from already-encoded JSON so that no process parses ``data`` again.
-    """
-    stream = push.stream
-    return b"".join(
-        (
-            b'{"id":',
-            push.id_json,
-            b',"channel":' if stream[:1] == CHANNEL_MARK else b',"username":',
-            _json_string(stream[1:] if stream[:1] == CHANNEL_MARK else stream),
-            b',"data":',
-            push.data_json,
-            b',"seq":',
-            str(seq).encode(),
-            b',"epoch":',
-            _json_string(epoch),
-            b"}",
-        )
-    )
-
-
-def message_frame(stream: str, seq: int, epoch: str, frame: bytes) -> bytes:
-    """What the proxy publishes: ``topic M seq SP epoch SP websocket_frame``, one frame."""
-    return b"".join((topic(stream), KIND_MESSAGE, str(seq).encode(), b" ", epoch.encode(), b" ", frame))
-
-
 @functools.lru_cache(maxsize=4096)
-def _fanout_parts(stream: str, epoch: str) -> tuple[bytes, bytes, bytes, bytes]:
-    """What every message of ``stream`` in ``epoch`` shares: the browser frame's address
-    field, its epoch and closing brace, the fan-out topic with the message kind, and the
-    epoch as the fan-out header writes it."""
+def _stream_parts(stream: str, epoch: str) -> tuple[bytes, bytes, bytes, bytes]:
+    """What every message of ``stream`` in ``epoch`` repeats, encoded once: the browser
+    frame's address field, its epoch field with the closing brace, the fan-out topic with
+    the message kind, and the epoch between the fan-out header's spaces."""
     if stream[:1] == CHANNEL_MARK:
         address = b',"channel":' + _json_string(stream[1:])
     else:
         address = b',"username":' + _json_string(stream)
-    return address, b',"epoch":' + _json_string(epoch) + b"}", topic(stream) + KIND_MESSAGE, b" " + epoch.encode() + b" "
+    return (address, b',"epoch":' + _json_string(epoch) + b"}", topic(stream) + KIND_MESSAGE,
+            b" " + epoch.encode() + b" ")
 
 
-def fanout_message(push: Push, seq: int, epoch: str) -> tuple[bytes, bytes]:
-    """``(wire, published)``: the browser's WebSocket frame (what history keeps) and what
-    the proxy publishes, in one pass: ``message_frame(stream, seq, epoch,
-    encode_text_frame(build_message_frame(push, seq, epoch)))`` and the frame inside it.
+def build_message_frame(push: Push, seq: int, epoch: str) -> bytes:
+    """The browser frame ``{"id","username","data","seq","epoch"}`` (``"channel"`` instead
+    of ``"username"`` for a channel's message), built once.
 
-    The proxy's hot path: the parts each stream repeats come from a cache, so a message
-    costs two joins and no JSON."""
-    address, tail, head, epoch_part = _fanout_parts(push.stream, epoch)
-    seq_bytes = str(seq).encode()
-    payload = b"".join((b'{"id":', push.id_json, address, b',"data":', push.data_json, b',"seq":', seq_bytes, tail))
-    length = len(payload)
-    if length < 126:
-        wire = bytes((0x81, length)) + payload
-    elif length < 65536:
-        wire = struct.pack("!BBH", 0x81, 126, length) + payload
-    else:
-        wire = struct.pack("!BBQ", 0x81, 127, length) + payload
-    return wire, b"".join((head, seq_bytes, epoch_part, wire))
+    Spliced from already-encoded JSON so that no process parses ``data`` again; the proxy
+    calls this for every push, hence the per-stream parts from a cache.
+    """
+    address, tail, _, _ = _stream_parts(push.stream, epoch)
+    return b"".join((b'{"id":', push.id_json, address, b',"data":', push.data_json, b',"seq":',
+                     str(seq).encode(), tail))
+
+
+def message_frame(stream: str, seq: int, epoch: str, frame: bytes) -> bytes:
+    """What the proxy publishes: ``topic M seq SP epoch SP websocket_frame``, one frame."""
+    _, _, head, epoch_part = _stream_parts(stream, epoch)
+    return b"".join((head, str(seq).encode(), epoch_part, frame))
 
 
 def sync_frame(stream: str, seq: int, epoch: str) -> bytes:

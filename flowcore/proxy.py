@@ -94,7 +94,6 @@ EVENTS = int(zmq.EVENTS)
 POLLIN = int(zmq.POLLIN)
 _backend_send = compat.zmq_fast_send()  # a pyzmq internal: flowcore.compat checks it
 _at = operator.itemgetter(0)
-fanout_message = protocol.fanout_message
 
 
 def new_run_epoch() -> str:
@@ -168,13 +167,14 @@ class MessageLog:
         seq = stream.seq + 1
         stream.seq = seq
         stream.active_at = now
-        wire, published = fanout_message(push, seq, stream.epoch)
+        epoch = stream.epoch
+        wire = protocol.encode_text_frame(protocol.build_message_frame(push, seq, epoch))
         if self.history_size:
             history = stream.history
             history.append((now, wire))
             if len(history) > self._trim_at:
                 del history[: len(history) - self.history_size]
-        return published
+        return protocol.message_frame(name, seq, epoch, wire)
 
     def position(self, name: str) -> tuple[int, str] | None:
         stream = self.streams.get(name)

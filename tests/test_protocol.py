@@ -895,17 +895,35 @@ class TestMessageFrames:
 
     @pytest.mark.parametrize("size", [0, 100, 125, 126, 200, 65535 - 120, 70_000])
     @pytest.mark.parametrize("stream", ["alice", "*", "zoë", 'we"ird\\name', "channel"])
-    def test_fanout_message_is_the_three_steps_in_one(self, stream: str, size: int) -> None:
-        """The proxy's one-pass builder gives the bytes of build_message_frame, then
-        encode_text_frame, then message_frame, at every WebSocket length form."""
+    def test_a_fanned_out_message_reads_back_at_every_length_and_from_the_cache(
+            self, stream: str, size: int) -> None:
+        """The proxy's path, build_message_frame -> encode_text_frame -> message_frame, whose
+        per-stream parts come from a cache: what a server and a browser read back is what
+        was pushed, for users, the broadcast, channels and names JSON must escape, at each
+        WebSocket length form, and the same again when the parts are cached."""
         data = {"p": "x" * size}
         if stream == "channel":
             push = decode_push(protocol.encode_channel_push("doc:42", "EDIT", data, MAX))
+            address = ("channel", "doc:42")
         else:
             push = Push(stream, b'"TASK DONE"', protocol.fast_dumps(data))
+            address = ("username", stream)
+        built = []
         for seq, epoch in ((1, "e"), (12345, 'ep"och'), (1, "e")):  # the last one from the cache
-            wire = encode_text_frame(build_message_frame(push, seq, epoch))
-            assert protocol.fanout_message(push, seq, epoch) == (wire, message_frame(push.stream, seq, epoch, wire))
+            frame = build_message_frame(push, seq, epoch)
+            wire = encode_text_frame(frame)
+            raw = message_frame(push.stream, seq, epoch, wire)
+            delivery = decode_delivery(raw)
+            assert (delivery.topic, delivery.kind) == (topic(push.stream), protocol.KIND_MESSAGE)
+            assert (delivery.seq, delivery.epoch, delivery.frame) == (seq, epoch, wire)
+            assert wire.endswith(frame) and wire[0] == 0x81
+            assert len(wire) - len(frame) == (2 if len(frame) < 126 else 4 if len(frame) < 65536 else 10)
+            obj = json.loads(frame)
+            assert list(obj) == ["id", address[0], "data", "seq", "epoch"]
+            assert obj == {"id": push.id_json.decode().strip('"'), address[0]: address[1], "data": data,
+                           "seq": seq, "epoch": epoch}
+            built.append(raw)
+        assert built[0] == built[2]
 
     def test_message_frame_decode(self):
         frame = b'{"id":"x"}'
