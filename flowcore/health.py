@@ -23,6 +23,7 @@ import weakref
 from pathlib import Path
 from typing import Any, Callable
 
+from .cli import pid_alive
 from .settings import Settings
 
 log = logging.getLogger("flow.health")
@@ -322,15 +323,5 @@ class SharedCounters:
             pid = sibling.name.rpartition("-")[2]
             if sibling == current or not sibling.name.startswith("master-") or not pid.isdigit():
                 continue
-            if not _alive(int(pid)):
+            if not pid_alive(int(pid)):
                 shutil.rmtree(sibling, ignore_errors=True)
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
