@@ -88,6 +88,17 @@ def tsv(path: Path, rows: int, prefix: str) -> Path:
     return path
 
 
+def create_document(page, table: Path) -> re.Match[str]:
+    """Upload ``table`` from the /docs page ``page`` is on; DOC_PATH's match of the new
+    document's URL, where the page lands (group 0 its path, group 1 its id)."""
+    page.set_input_files("#create-file", str(table))
+    page.click("#create")
+    page.wait_for_url(DOC_PATH, timeout=WAIT_MS)
+    doc_path = DOC_PATH.search(page.url)
+    assert doc_path
+    return doc_path
+
+
 def test_every_open_counter_page_shows_each_new_view(demo_stack, browser):
     ann, ben = Watched(browser, demo_stack, "ann"), Watched(browser, demo_stack, "ben")
     try:
@@ -124,12 +135,7 @@ def test_viewers_of_a_document_share_its_page_and_its_uploads(demo_stack, browse
     try:
         start = alice.page("/")
         start.click("#nav-docs")
-        start.set_input_files("#create-file", str(tsv(tmp_path / "people.tsv", 45, "person")))
-        start.click("#create")
-        start.wait_for_url(DOC_PATH, timeout=WAIT_MS)
-        doc_path = DOC_PATH.search(start.url)
-        assert doc_path
-        doc_id = doc_path.group(1)
+        doc_id = create_document(start, tsv(tmp_path / "people.tsv", 45, "person")).group(1)
         mine = start
         theirs = bob.page(f"/docs/{doc_id}")  # bob was given the URL: logs in, lands there
         for page in (mine, theirs):
@@ -199,17 +205,13 @@ def test_a_document_shows_who_is_viewing_it(demo_stack, browser, tmp_path):
     dana, eve = Watched(browser, demo_stack, "dana"), Watched(browser, demo_stack, "eve")
     try:
         start = dana.page("/docs")
-        start.set_input_files("#create-file", str(tsv(tmp_path / "team.tsv", 5, "member")))
-        start.click("#create")
-        start.wait_for_url(DOC_PATH, timeout=WAIT_MS)
-        doc_path = DOC_PATH.search(start.url)
-        assert doc_path
+        doc_path = create_document(start, tsv(tmp_path / "team.tsv", 5, "member")).group(0)
         expect(start.locator("#doc-viewers")).to_have_text("Viewing now: dana", timeout=WAIT_MS)
-        theirs = eve.page(doc_path.group(0))
+        theirs = eve.page(doc_path)
         for page in (start, theirs):
             expect(page.locator("#doc-viewers")).to_have_text("Viewing now (2): dana, eve", timeout=WAIT_MS)
         # A second tab of eve's is no second viewer (one JOIN per user, not per socket).
-        second_tab = eve.page(doc_path.group(0))
+        second_tab = eve.page(doc_path)
         expect(second_tab.locator("#doc-viewers")).to_have_text("Viewing now (2): dana, eve", timeout=WAIT_MS)
         expect(start.locator("#doc-viewers")).to_have_attribute("data-count", "2")
         second_tab.close()
@@ -244,10 +246,7 @@ def test_pages_say_when_they_reconnect_resume_or_reload(demo_stack, browser, tmp
     dora, emil = Watched(browser, demo_stack, "dora"), Watched(browser, demo_stack, "emil")
     try:
         start = dora.page("/docs")
-        start.set_input_files("#create-file", str(tsv(tmp_path / "t.tsv", 70, "line")))
-        start.click("#create")
-        start.wait_for_url(DOC_PATH, timeout=WAIT_MS)
-        doc = emil.page(start.url.replace(demo_stack.base_url, ""))
+        doc = emil.page(create_document(start, tsv(tmp_path / "t.tsv", 70, "line")).group(0))
         cards = emil.page("/")  # the card check page shows the same words
         for page in (doc, cards):
             online(page)
