@@ -187,6 +187,42 @@ def test_subscribe_with_since_resumes_exactly_and_auth_restores_channels_in_one_
     asyncio.run(run())
 
 
+def test_publishes_racing_a_subscribe_with_since_make_no_gap_and_no_duplicate(pipe):
+    """Several pages of a channel's history owed, and publishes while it is read and written:
+    every message once, in seq order, history before anything published after it."""
+    pad = "x" * 64_000
+
+    async def run() -> None:
+        token = pipe.token("gus", extra={"channels": ["doc:*"]})
+        publisher = pipe.publisher()
+        ws, _ = await revision2(pipe.url(0), token)
+        await ws.send(json.dumps({"id": "SUBSCRIBE", "channel": "doc:r"}))
+        [start] = [f for f in await frames_until(ws, lambda f: f["id"] == "SUBSCRIBE OK")]
+        await ws.close()
+        for i in range(15):  # within the history of 50; about 1 MB
+            publisher.publish("doc:r", "M", {"i": i, "pad": pad})
+        assert publisher.flush(5) == 0
+        back, _ = await revision2(pipe.url(1), token)
+        try:
+            await back.send(json.dumps({"id": "SUBSCRIBE", "channel": "doc:r",
+                                        "since": {"seq": start["seq"], "epoch": start["epoch"]}}))
+            for i in range(15, 25):  # racing the history read and its writing
+                publisher.publish("doc:r", "M", {"i": i, "pad": pad})
+            got = await frames_until(back, lambda f: f.get("channel") == "doc:r" and f.get("data", {}).get("i") == 24,
+                                     timeout=30)
+            [ok] = [f for f in got if f["id"] == "SUBSCRIBE OK"]
+            assert ok["recovered"] is True and ok["missed"] >= 15, ok
+            messages = [f for f in got if f["id"] == "M"]
+            assert [f["data"]["i"] for f in messages] == list(range(25))
+            assert [f["seq"] for f in messages] == list(range(start["seq"] + 1, start["seq"] + 26))
+            assert {f["epoch"] for f in messages} == {start["epoch"]}
+            assert [f for f in await nothing_more(back) if f.get("channel") == "doc:r"] == []
+        finally:
+            await back.close()
+
+    asyncio.run(run())
+
+
 def test_a_message_flow_page_never_sees_a_revision_2_frame(pipe):
     async def run() -> None:
         ws = await connect(pipe.url(0))
