@@ -282,6 +282,39 @@ def test_timers_tick_due_sessions_once_and_skip_stale_entries(settings):
     assert len(timers) == 0
 
 
+def test_an_audit_asks_only_for_quiet_streams_and_still_finds_a_busy_streams_trailing_loss(settings):
+    async def main():
+        world = World(settings)
+        await world.start()
+        _, transport, _ = await world.connect("alice")
+        _, other, _ = await world.connect("bob")
+        world.engine.publish("alice", 1)
+        world.engine.publish("bob", 1)
+        await world.hub.audit()  # the first audit asks for every stream
+
+        def asked() -> set[str]:
+            names = {name for wanted, _ in world.engine.history_calls for name in wanted}
+            world.engine.history_calls.clear()
+            return names
+
+        assert asked() >= {"alice", "bob"}
+        world.engine.publish("alice", 2)  # alice is busy, bob quiet
+        await world.hub.audit()
+        assert "alice" not in asked()
+        world.engine.publish("alice", 3)
+        world.engine.publish("alice", 4, deliver=False)  # the last of her burst, lost
+        await world.hub.audit()  # she moved: not asked yet
+        assert "alice" not in asked()
+        await world.hub.audit()  # quiet now: asked, sees the head at 4
+        assert "alice" in asked() and world.hub.repairs == 0
+        await world.hub.audit()  # still at 3: lost, repair
+        await wait(lambda: world.hub.streams["alice"].seq == 4)
+        assert seqs(transport) == [1, 2, 3, 4]
+        assert seqs(other) == [1] and other.closed is None
+
+    run(main())
+
+
 def test_after_a_failed_repair_the_stream_goes_on_from_the_engines_head(settings):
     async def main():
         world = World(settings)
