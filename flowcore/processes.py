@@ -62,10 +62,19 @@ def proxy_main() -> None:
     """
     import zmq
 
-    from .proxy import Proxy
+    from .proxy import Proxy, keep_on_one_cpu
     from .runtime import start_process
 
     settings = start_process("message_proxy", "proxy")
+    try:
+        # Before any ZeroMQ socket: the I/O thread the first one starts inherits the CPU.
+        cpu = keep_on_one_cpu(settings.proxy_cpu)
+    except ValueError as exc:
+        # The form start_process gives every other bad setting.
+        print(f"message_proxy: bad configuration: {exc}", file=sys.stderr, flush=True)
+        raise SystemExit(2) from None
+    if cpu is not None:
+        log.info("on CPU %d with its I/O thread (FLOW_PROXY_CPU=%s)", cpu, settings.proxy_cpu)
     # Handled from the start: a signal while the state file is being loaded (and deleted)
     # must still end in a graceful stop that saves it again.
     proxies: list[Proxy] = []

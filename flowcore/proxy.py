@@ -101,6 +101,72 @@ def new_run_epoch() -> str:
     return f"{int(time.time()):x}-{secrets.token_hex(4)}"
 
 
+def choose_cpu(setting: str, allowed: set[int], current: int | None) -> int | None:
+    """The CPU to keep the proxy's threads on for FLOW_PROXY_CPU ``setting``, or None
+    to leave them where the kernel puts them. ``allowed`` is the process's CPU set,
+    ``current`` the CPU it runs on now. Raises ValueError for a CPU outside ``allowed``."""
+    if setting == "off":
+        return None
+    if setting == "auto":
+        # Where the kernel just put us: several proxies on one host spread as their
+        # starts did, instead of piling onto one fixed CPU.
+        cpu = current if current in allowed else min(allowed)
+    else:
+        cpu = int(setting)
+        if cpu not in allowed:
+            raise ValueError(f"FLOW_PROXY_CPU={cpu} is not one of the CPUs this process may use "
+                             f"({cpu_list(allowed)})")
+    return cpu if len(allowed) > 1 else None  # one CPU: nothing to choose
+
+
+def cpu_list(cpus: set[int]) -> str:
+    """``cpus`` as the kernel writes a CPU list: "0-3,8,10-11"."""
+    runs: list[list[int]] = []
+    for cpu in sorted(cpus):
+        if runs and cpu == runs[-1][1] + 1:
+            runs[-1][1] = cpu
+        else:
+            runs.append([cpu, cpu])
+    return ",".join(str(low) if low == high else f"{low}-{high}" for low, high in runs)
+
+
+def current_cpu() -> int | None:
+    """The CPU the calling thread runs on (field 39 of its /proc stat line). Called while
+    the process has one thread, so /proc/self stands in where /proc/thread-self is missing."""
+    for path in ("/proc/thread-self/stat", "/proc/self/stat"):
+        try:
+            with open(path, "rb") as f:
+                stat = f.read()
+            return int(stat[stat.rindex(b")") + 2 :].split()[36])
+        except (OSError, ValueError, IndexError):
+            continue
+    return None
+
+
+def keep_on_one_cpu(setting: str) -> int | None:
+    """Pin the calling thread, and so every thread it starts later (ZeroMQ's I/O thread
+    among them: call this before the first socket), to the CPU FLOW_PROXY_CPU chooses.
+    The CPU, or None when left to the kernel. Raises ValueError for a CPU number that
+    cannot be used; "auto" that cannot pin warns and leaves the threads to the kernel
+    (a tuning default must not keep the proxy down)."""
+    if not hasattr(os, "sched_setaffinity"):
+        if setting not in ("auto", "off"):
+            log.warning("FLOW_PROXY_CPU=%s ignored: this system cannot pin a process to a CPU", setting)
+        return None
+    cpu = choose_cpu(setting, set(os.sched_getaffinity(0)), current_cpu())
+    if cpu is not None:
+        try:
+            os.sched_setaffinity(0, {cpu})
+        except OSError as exc:
+            reason = exc.strerror or str(exc)
+            if setting != "auto":
+                raise ValueError(f"FLOW_PROXY_CPU={setting}: cannot keep the proxy on CPU {cpu}: {reason}") from None
+            log.warning("FLOW_PROXY_CPU=auto: cannot keep the proxy on CPU %d (%s); "
+                        "leaving its threads to the kernel", cpu, reason)
+            return None
+    return cpu
+
+
 def sweep_interval(history_ttl: float) -> float:
     """Sweep often enough that a forgettable stream goes within about 1.5 TTL."""
     return min(30.0, max(1.0, history_ttl / 2))

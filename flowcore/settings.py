@@ -118,6 +118,12 @@ class Settings:
     # Messages ZeroMQ queues per peer before dropping (a stalled WebSocket server repairs
     # from history): the proxy holds up to this many per stalled server, so keep it modest.
     zmq_hwm: int = 100_000
+    # The CPU the proxy runs on, with its ZeroMQ I/O thread: "auto" (the one it starts on),
+    # "off" (wherever the kernel puts each thread), or a CPU number. Every message passes
+    # from the I/O thread to the loop and back; on one CPU each hand-over is a cheap local
+    # wake-up instead of a cross-CPU one (an IPI, a VM exit on a virtual machine) and the
+    # loop's caches stay warm (docs/performance.md, 2026-12-03).
+    proxy_cpu: str = "auto"
 
     # The Redis engine (FLOW_ENGINE=redis): redis://, rediss:// (TLS) or unix:// URL, with
     # its password and database number. "" = the stack's own redis-server, which `flow run`
@@ -371,6 +377,15 @@ def _workers(raw: str) -> str:
     raise ValueError("must be 'auto' or a whole number of at least 1")
 
 
+def _proxy_cpu(raw: str) -> str:
+    value = raw.strip().lower()
+    if value in ("auto", "off"):
+        return value
+    if value.isascii() and value.isdigit():
+        return str(int(value))
+    raise ValueError("must be 'auto', 'off' or a CPU number (0, 1, ...)")
+
+
 def _csv(raw: str) -> tuple[str, ...]:
     return tuple(part.strip() for part in raw.split(",") if part.strip())
 
@@ -557,6 +572,7 @@ _PARSERS: dict[str, Callable[[str], Any]] = {
     "fanout_endpoint": _endpoint,
     "control_endpoint": _endpoint,
     "zmq_hwm": _int(0),
+    "proxy_cpu": _proxy_cpu,
     "redis_url": _redis_url,
     "redis_prefix": _redis_prefix,
     "redis_probe": _float(0.05),

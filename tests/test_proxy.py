@@ -899,3 +899,125 @@ def test_receipt_halves_pair_in_either_order_with_the_receipt(caplog):
         for i in range(4):
             matcher.numbered(f"{i:032x}", receipt, 80.0)
     assert any("unanswered receipt halves" in r.getMessage() for r in caplog.records)
+
+
+# ---------------------------------------------------------------- the proxy's CPU (FLOW_PROXY_CPU)
+
+
+def test_choose_cpu():
+    from flowcore.proxy import choose_cpu
+
+    assert choose_cpu("auto", {0, 1, 2, 3}, 2) == 2  # where it started
+    assert choose_cpu("auto", {1, 3}, 0) == 1  # not one it may use: the lowest it may
+    assert choose_cpu("auto", {0, 1}, None) == 0  # not known
+    assert choose_cpu("off", {0, 1}, 1) is None
+    assert choose_cpu("3", {0, 1, 2, 3}, 0) == 3
+    assert choose_cpu("auto", {5}, 5) is None  # one CPU: nothing to choose
+    assert choose_cpu("5", {5}, 5) is None
+    for setting, allowed in (("4", {0, 1}), ("4", {0})):
+        with pytest.raises(ValueError, match=r"FLOW_PROXY_CPU=4 is not one of the CPUs .*\(0(-1)?\)"):
+            choose_cpu(setting, allowed, 0)
+
+
+def test_cpu_list():
+    from flowcore.proxy import cpu_list
+
+    assert cpu_list({0}) == "0"
+    assert cpu_list({0, 1, 2, 3, 8, 10, 11}) == "0-3,8,10-11"
+    assert cpu_list({5, 7}) == "5,7"
+
+
+def test_auto_that_cannot_pin_warns_and_runs_unpinned_while_a_number_is_refused(monkeypatch, caplog):
+    import errno
+    import os
+
+    from flowcore import proxy as proxy_module
+
+    def refuse(pid, cpus):
+        raise OSError(errno.EPERM, "Operation not permitted")
+
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1})
+    monkeypatch.setattr(os, "sched_setaffinity", refuse)
+    with caplog.at_level(logging.WARNING, logger="flow.proxy"):
+        assert proxy_module.keep_on_one_cpu("auto") is None
+    [record] = caplog.records
+    assert "cannot keep the proxy on CPU" in record.getMessage() and record.exc_info is None
+    with pytest.raises(ValueError, match="FLOW_PROXY_CPU=1: cannot keep the proxy on CPU 1: Operation not permitted"):
+        proxy_module.keep_on_one_cpu("1")
+    assert proxy_module.keep_on_one_cpu("off") is None
+
+
+def test_current_cpu_is_one_this_process_may_use():
+    import os
+
+    from flowcore.proxy import current_cpu
+
+    assert current_cpu() in os.sched_getaffinity(0)
+
+
+def thread_cpus(pid: int) -> dict[str, set[int]]:
+    """{thread id: the CPUs it may run on}, for every thread of ``pid``."""
+    cpus: dict[str, set[int]] = {}
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        status = (task / "status").read_text()
+        [listed] = re.findall(r"^Cpus_allowed_list:\s*(\S+)$", status, re.M)
+        allowed: set[int] = set()
+        for part in listed.split(","):
+            low, _, high = part.partition("-")
+            allowed.update(range(int(low), int(high or low) + 1))
+        cpus[task.name] = allowed
+    return cpus
+
+
+def test_the_proxy_keeps_its_io_thread_on_its_cpu(make_proxy):
+    import os
+
+    from flowcore.proxy import choose_cpu
+
+    mine = set(os.sched_getaffinity(0))
+    proxy = make_proxy()  # FLOW_PROXY_CPU=auto
+    threads = thread_cpus(proxy.proc.pid)
+    assert len(threads) >= 2, threads  # the loop and ZeroMQ's I/O thread at least
+    sets = {frozenset(cpus) for cpus in threads.values()}
+    if choose_cpu("auto", mine, 0) is None:
+        assert sets == {frozenset(mine)} and " on CPU " not in proxy.log()
+    else:
+        [only] = sets
+        assert len(only) == 1, threads
+        assert f"on CPU {min(only)} with its I/O thread (FLOW_PROXY_CPU=auto)" in proxy.log()
+    # It still works: a push comes through to a subscriber.
+    sub = Subscriber(proxy.settings, ["alice"])
+    publisher = flow.Flow(settings=proxy.settings)
+    try:
+        publisher.push("alice", "M", 1)
+        [(stream, seq, _, _)] = sub.messages(1)
+        assert (stream, seq) == ("alice", 1)
+    finally:
+        publisher.close()
+        sub.close()
+
+    left = make_proxy(FLOW_PROXY_CPU="off")
+    assert {frozenset(cpus) for cpus in thread_cpus(left.proc.pid).values()} == {frozenset(mine)}
+    assert " on CPU " not in left.log()
+
+    chosen = max(mine)
+    told = make_proxy(FLOW_PROXY_CPU=str(chosen))
+    expected = {chosen} if len(mine) > 1 else mine
+    assert {frozenset(cpus) for cpus in thread_cpus(told.proc.pid).values()} == {frozenset(expected)}
+
+
+def test_a_cpu_the_proxy_may_not_use_is_refused_with_one_line(tmp_path):
+    import os
+
+    beyond = max(os.sched_getaffinity(0)) + 1
+    env = base_env(tmp_path, FLOW_PROXY_CPU=str(beyond))
+    proc = Proc([PYTHON, "message_proxy.py"], env, tmp_path / "proxy.log")
+    try:
+        proc.popen.wait(20)
+    finally:
+        code = proc.stop()
+    log = proc.log()
+    assert code == 2, log
+    [line] = [line for line in log.splitlines() if "FLOW_PROXY_CPU" in line]
+    assert line.startswith(f"message_proxy: bad configuration: FLOW_PROXY_CPU={beyond} is not one of the CPUs")
+    assert "Traceback" not in log and "proxy up" not in log

@@ -127,6 +127,12 @@ def test_environment_values(load):
     assert settings.history_size == 0
 
 
+def test_proxy_cpu_values(load):
+    assert load(ok_env()).proxy_cpu == "auto"
+    for raw, value in (("AUTO", "auto"), (" off ", "off"), ("3", "3"), ("007", "7")):
+        assert load(ok_env(FLOW_PROXY_CPU=raw)).proxy_cpu == value
+
+
 def test_non_flow_variables_ignored(load):
     settings = load(ok_env(HTTP_PORT="1", flow_http_port="2", FLOWHTTP_PORT="3"))
     assert settings.http_port == 5000
@@ -243,6 +249,10 @@ def test_env_file_from_environment_variable(tmp_path, nowhere):
         ("FLOW_CONTROL_ENDPOINT", ""),
         ("FLOW_CONTROL_ENDPOINT", "tcp://127.0.0.1:abc"),
         ("FLOW_LOG_LEVEL", "verbose"),
+        ("FLOW_PROXY_CPU", "-1"),
+        ("FLOW_PROXY_CPU", "first"),
+        ("FLOW_PROXY_CPU", "1.5"),
+        ("FLOW_PROXY_CPU", ""),
         ("FLOW_LOG_LEVEL", ""),
         ("FLOW_JWT_PUBLIC_KEY", "/no/such/key.pem"),
         # adv_a: each of these passed and then failed later, some with a traceback.
