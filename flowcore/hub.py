@@ -92,8 +92,10 @@ class StreamState:
 
 class SocketRing:
     """The authenticated sessions, in groups that take turns at the heartbeat. Each one
-    still gets one every interval; a new one joins the group that just had its turn,
-    since AUTH OK was just written to it."""
+    gets one every interval, whichever group it is in. A new one joins the smallest
+    group, of equals the one due last (the one that just had its turn, since AUTH OK was
+    just written to it): sockets that arrive together (a page load, a reconnect herd after
+    a restart) are spread over the interval instead of all beating in one turn."""
 
     def __init__(self, groups: int) -> None:
         # Dicts used as ordered sets: at thousands of entries a dict costs about 30 bytes
@@ -102,8 +104,17 @@ class SocketRing:
         self.turn = 0  # the group whose turn is next
 
     def add(self, sock: Session) -> None:
-        group = (self.turn - 1) % len(self.groups)
-        self.groups[group][sock] = None
+        groups = self.groups
+        count = len(groups)
+        group = (self.turn - 1) % count
+        smallest = len(groups[group])
+        if smallest:
+            for back in range(2, count + 1):  # due later first, so ties keep the latest
+                candidate = (self.turn - back) % count
+                size = len(groups[candidate])
+                if size < smallest:
+                    group, smallest = candidate, size
+        groups[group][sock] = None
         sock.ring_group = group
 
     def discard(self, sock: Session) -> None:

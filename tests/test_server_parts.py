@@ -36,13 +36,39 @@ def test_every_socket_once_per_interval_and_groups_stay_small():
         assert max(map(len, interval)) == 10  # a quarter at a time, not all at once
 
 
-def test_a_new_socket_waits_one_whole_interval():
+def test_a_new_socket_waits_one_whole_interval_when_the_groups_are_even():
     ring = SocketRing(8)
     turns(ring, 3)
     new = Sock("new")
     ring.add(new)
     later = turns(ring, 8)
     assert [i for i, group in enumerate(later) if new in group] == [7]
+    for i in range(7):  # one in each group now
+        ring.add(Sock(f"s{i}"))
+    assert sorted(map(len, ring.groups)) == [1] * 8
+    newer = Sock("newer")
+    ring.add(newer)
+    assert [i for i, group in enumerate(turns(ring, 8)) if newer in group] == [7]
+
+
+def test_sockets_that_arrive_together_are_spread_over_the_interval():
+    # 1,000 sockets authenticated within one heartbeat tick (a reconnect herd) used to
+    # all join the same group: that turn wrote 1,000 heartbeats at once, a stall of
+    # several ms for every message behind it.
+    ring = SocketRing(32)
+    turns(ring, 5)
+    herd = [Sock(f"h{i}") for i in range(1000)]
+    for sock in herd:
+        ring.add(sock)
+    interval = turns(ring, 32)
+    assert sorted(s.name for group in interval for s in group) == sorted(s.name for s in herd)
+    assert max(map(len, interval)) - min(map(len, interval)) <= 1
+    # Leaving keeps it so: who joins next fills the gaps.
+    for sock in herd[:100]:
+        ring.discard(sock)
+    for i in range(100):
+        ring.add(Sock(f"n{i}"))
+    assert max(map(len, ring.groups)) - min(map(len, ring.groups)) <= 1
 
 
 def test_discard_removes_and_is_idempotent():
