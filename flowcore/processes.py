@@ -63,7 +63,7 @@ def proxy_main() -> None:
     import zmq
 
     from .proxy import Proxy, keep_on_one_cpu
-    from .runtime import start_process
+    from .runtime import freeze_startup, start_process
 
     settings = start_process("message_proxy", "proxy")
     try:
@@ -106,6 +106,7 @@ def proxy_main() -> None:
                       "choose another port or set FLOW_METRICS_PORT=0", settings.metrics_port, exc.strerror or exc)
             proxy.close()
             raise SystemExit(1) from None
+    freeze_startup()
     try:
         try:
             proxy.run()

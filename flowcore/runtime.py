@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import gc
 import logging
 import sys
 import time
@@ -126,3 +127,14 @@ class Throttled:
             self.logger.warning("%s: %s%s", self.text, detail, more)
             self.count = 0
             self.next_at = now + self.interval
+
+
+def freeze_startup() -> None:
+    """Put everything built so far (modules, classes, settings, sockets, restored state)
+    out of the cyclic collector's reach, once a process is up: its full collections then
+    walk only what came later. A started proxy holds about 24,000 tracked objects, which
+    a full collection took 4 to 9 ms to walk on a 2-core VM, a pause every message behind
+    it waited through. Frozen objects are still freed when their last reference goes;
+    only a cycle among them would stay, and these live as long as the process anyway."""
+    gc.collect()
+    gc.freeze()

@@ -28,7 +28,7 @@ from .engine import server_engine
 from .hub import Hub, Timers
 from .proxy import WarningLimiter
 from .session import CLOSED, SUB_GONE, SUB_RESUMING, JoinRequest, PresenceAsk, Session, SubscribeRequest
-from .runtime import spawn
+from .runtime import freeze_startup, spawn
 from .settings import Settings
 from .tokens import TokenVerifier
 
@@ -575,6 +575,7 @@ class Server:
 async def serve(settings: Settings, port: int, index: int | None = None) -> None:
     server = Server(settings)
     await server.start(port, index)
+    freeze_startup()
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):

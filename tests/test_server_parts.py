@@ -171,3 +171,26 @@ def test_compat_check_warns_once_for_another_version(monkeypatch, caplog):
     with caplog.at_level("WARNING", logger="flow.compat"):
         compat.check()
     assert [r.getMessage() for r in caplog.records if "6.99" in r.getMessage()], caplog.records
+
+
+def test_freeze_startup_takes_what_exists_out_of_full_collections():
+    import gc
+    import weakref
+
+    from flowcore.runtime import freeze_startup
+
+    class Thing:
+        pass
+
+    built_at_start = [Thing() for _ in range(10)]
+    first = weakref.ref(built_at_start[0])
+    try:
+        freeze_startup()
+        assert gc.get_freeze_count() > 0
+        assert not any(obj is built_at_start for obj in gc.get_objects())
+        later = [Thing()]
+        assert any(obj is later for obj in gc.get_objects())
+        del built_at_start[:]
+        assert first() is None  # frozen things are still freed by reference counting
+    finally:
+        gc.unfreeze()
