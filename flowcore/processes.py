@@ -68,13 +68,14 @@ def proxy_main() -> None:
     settings = start_process("message_proxy", "proxy")
     try:
         # Before any ZeroMQ socket: the I/O thread the first one starts inherits the CPU.
-        cpu = keep_on_one_cpu(settings.proxy_cpu)
+        pinned = keep_on_one_cpu(settings.proxy_cpu)
     except ValueError as exc:
         # The form start_process gives every other bad setting.
         print(f"message_proxy: bad configuration: {exc}", file=sys.stderr, flush=True)
         raise SystemExit(2) from None
-    if cpu is not None:
-        log.info("on CPU %d with its I/O thread (FLOW_PROXY_CPU=%s)", cpu, settings.proxy_cpu)
+    if pinned is not None:
+        log.info("on CPU %d with its I/O thread (FLOW_PROXY_CPU=%s%s)", pinned[0], settings.proxy_cpu,
+                 "; spread over every CPU while busy" if pinned[1] is not None else "")
     # Handled from the start: a signal while the state file is being loaded (and deleted)
     # must still end in a graceful stop that saves it again.
     proxies: list[Proxy] = []
@@ -95,6 +96,8 @@ def proxy_main() -> None:
         log.error("cannot bind: %s", exc)
         raise SystemExit(1) from None
     proxies.append(proxy)
+    if pinned is not None:
+        proxy.cpu_keeper = pinned[1]
     if signals:
         proxy.request_stop()
     health = None

@@ -143,28 +143,92 @@ def current_cpu() -> int | None:
     return None
 
 
-def keep_on_one_cpu(setting: str) -> int | None:
+def keep_on_one_cpu(setting: str) -> tuple[int, CpuKeeper | None] | None:
     """Pin the calling thread, and so every thread it starts later (ZeroMQ's I/O thread
     among them: call this before the first socket), to the CPU FLOW_PROXY_CPU chooses.
-    The CPU, or None when left to the kernel. Raises ValueError for a CPU number that
-    cannot be used; "auto" that cannot pin warns and leaves the threads to the kernel
-    (a tuning default must not keep the proxy down)."""
+    None when left to the kernel; else the CPU and, for "auto", the CpuKeeper that lets
+    the threads spread while the loop is busy (a CPU number stays fixed). Raises
+    ValueError for a CPU number that cannot be used; "auto" that cannot pin warns and
+    leaves the threads to the kernel (a tuning default must not keep the proxy down)."""
     if not hasattr(os, "sched_setaffinity"):
         if setting not in ("auto", "off"):
             log.warning("FLOW_PROXY_CPU=%s ignored: this system cannot pin a process to a CPU", setting)
         return None
-    cpu = choose_cpu(setting, set(os.sched_getaffinity(0)), current_cpu())
-    if cpu is not None:
+    allowed = set(os.sched_getaffinity(0))
+    cpu = choose_cpu(setting, allowed, current_cpu())
+    if cpu is None:
+        return None
+    try:
+        os.sched_setaffinity(0, {cpu})
+    except OSError as exc:
+        reason = exc.strerror or str(exc)
+        if setting != "auto":
+            raise ValueError(f"FLOW_PROXY_CPU={setting}: cannot keep the proxy on CPU {cpu}: {reason}") from None
+        log.warning("FLOW_PROXY_CPU=auto: cannot keep the proxy on CPU %d (%s); "
+                    "leaving its threads to the kernel", cpu, reason)
+        return None
+    return cpu, (CpuKeeper(cpu, allowed, time.monotonic()) if setting == "auto" else None)
+
+
+def set_thread_cpus(cpus: set[int]) -> None:
+    """Let every thread of this process run on ``cpus`` only (a thread that ends meanwhile
+    is skipped)."""
+    for tid in os.listdir("/proc/self/task"):
         try:
-            os.sched_setaffinity(0, {cpu})
-        except OSError as exc:
-            reason = exc.strerror or str(exc)
-            if setting != "auto":
-                raise ValueError(f"FLOW_PROXY_CPU={setting}: cannot keep the proxy on CPU {cpu}: {reason}") from None
-            log.warning("FLOW_PROXY_CPU=auto: cannot keep the proxy on CPU %d (%s); "
-                        "leaving its threads to the kernel", cpu, reason)
+            os.sched_setaffinity(int(tid), cpus)
+        except (OSError, ValueError):
+            pass
+
+
+class CpuKeeper:
+    """Keeps the proxy's threads on one CPU while its loop is mostly idle, and lets them
+    spread while it is busy. Idle, a push's two hand-overs (ZeroMQ's I/O thread to the
+    loop and back) are cheap wake-ups on one CPU with warm caches; in a flood both
+    threads run flat out and one CPU would cap the proxy at less than the two give it.
+    Fed how long each loop turn worked; says when to move. No I/O."""
+
+    WINDOW = 0.05  # seconds over which the loop's busy share is judged
+    SPREAD_ABOVE = 0.5  # busy share of a window that lets the threads spread
+    GATHER_BELOW = 0.2  # busy share under which, for GATHER_AFTER seconds, they gather again
+    GATHER_AFTER = 1.0
+
+    def __init__(self, cpu: int, allowed: set[int], now: float) -> None:
+        self.cpu = cpu  # where they are kept while gathered
+        self.allowed = allowed
+        self.gathered = True
+        self.spreads = 0  # times the threads were let spread
+        self._window_start = now
+        self._busy = 0.0
+        self._quiet_since: float | None = None
+
+    def turned(self, busy: float, now: float) -> set[int] | None:
+        """One loop turn worked ``busy`` seconds; the CPUs to move every thread to now,
+        or None to stay."""
+        self._busy += busy
+        elapsed = now - self._window_start
+        if elapsed < self.WINDOW:
             return None
-    return cpu
+        share = self._busy / elapsed
+        self._window_start, self._busy = now, 0.0
+        if self.gathered:
+            if share > self.SPREAD_ABOVE:
+                self.gathered, self._quiet_since = False, None
+                self.spreads += 1
+                return self.allowed
+            return None
+        if share >= self.GATHER_BELOW:
+            self._quiet_since = None
+            return None
+        if self._quiet_since is None:
+            self._quiet_since = now
+            return None
+        if now - self._quiet_since < self.GATHER_AFTER:
+            return None
+        self.gathered = True
+        here = current_cpu()
+        if here in self.allowed:
+            self.cpu = here  # where the kernel has the loop now: its caches are there
+        return {self.cpu}
 
 
 def sweep_interval(history_ttl: float) -> float:
@@ -669,6 +733,7 @@ class Proxy:
         self.identity = state_identity(settings)
         self.log = MessageLog(settings.history_size, settings.history_ttl)
         self.warnings = WarningLimiter(log)
+        self.cpu_keeper: CpuKeeper | None = None  # FLOW_PROXY_CPU=auto: set by proxy_main
         self.stop_requested = False
         # When the loop last turned (monotonic): /readyz and flow_engine_up say whether it still does.
         self.turned_at = time.monotonic()
@@ -999,6 +1064,8 @@ class Proxy:
                 **self.log.stats(),
                 **self.presence.stats(),
                 "numbered": self.numbered,
+                # FLOW_PROXY_CPU=auto: times the threads spread because the loop was busy.
+                "cpu_spreads": self.cpu_keeper.spreads if self.cpu_keeper is not None else 0,
                 "flushed": self.flushed,
                 "dropped": dict(self.warnings.counts),
                 "run_epoch": self.log.run_epoch,
@@ -1105,8 +1172,15 @@ class Proxy:
         next_sweep = started + interval
         next_presence_tick = started + PRESENCE_TICK
         message_log, guarded = self.log, self._guarded
+        keeper = self.cpu_keeper
+        worked_from = time.monotonic()
         while not self.stop_requested:
-            self.turned_at = time.monotonic()
+            self.turned_at = now = time.monotonic()
+            if keeper is not None:
+                move = keeper.turned(now - worked_from, now)
+                if move is not None:
+                    set_thread_cpus(move)
+                    log.debug("threads %s: CPUs %s", "gathered" if keeper.gathered else "spread", cpu_list(move))
             if holding and (not self.awaited or time.monotonic() - started >= RESUBSCRIBE_GRACE):
                 holding = False
                 poller.register(self.pull, zmq.POLLIN)
@@ -1117,6 +1191,7 @@ class Proxy:
             # Only the sockets that have something: an empty recv costs an exception, and
             # at a few thousand pushes a second most wake-ups are for one push.
             events = dict(poller.poll(0 if sweeping else 20 if holding else 100))
+            worked_from = time.monotonic()
             if self.xpub in events:
                 guarded(self.take_subscriptions, "subscriptions")
             if self.control in events:

@@ -118,11 +118,13 @@ class Settings:
     # Messages ZeroMQ queues per peer before dropping (a stalled WebSocket server repairs
     # from history): the proxy holds up to this many per stalled server, so keep it modest.
     zmq_hwm: int = 100_000
-    # The CPU the proxy runs on, with its ZeroMQ I/O thread: "auto" (the one it starts on),
-    # "off" (wherever the kernel puts each thread), or a CPU number. Every message passes
-    # from the I/O thread to the loop and back; on one CPU each hand-over is a cheap local
-    # wake-up instead of a cross-CPU one (an IPI, a VM exit on a virtual machine) and the
-    # loop's caches stay warm (docs/performance.md, 2026-12-03).
+    # The CPU the proxy runs on, with its ZeroMQ I/O thread: "auto" (the one it starts on
+    # while its loop is mostly idle, every CPU while it is busy), "off" (wherever the kernel
+    # puts each thread), or a CPU number (always that one). Every message passes from the
+    # I/O thread to the loop and back; on one CPU each hand-over is a cheap local wake-up
+    # instead of a cross-CPU one (an IPI, a VM exit on a virtual machine) and the loop's
+    # caches stay warm; in a flood the two threads need two CPUs (docs/performance.md,
+    # 2026-12-03).
     proxy_cpu: str = "auto"
 
     # The Redis engine (FLOW_ENGINE=redis): redis://, rediss:// (TLS) or unix:// URL, with

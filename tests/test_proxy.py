@@ -945,6 +945,38 @@ def test_auto_that_cannot_pin_warns_and_runs_unpinned_while_a_number_is_refused(
     with pytest.raises(ValueError, match="FLOW_PROXY_CPU=1: cannot keep the proxy on CPU 1: Operation not permitted"):
         proxy_module.keep_on_one_cpu("1")
     assert proxy_module.keep_on_one_cpu("off") is None
+    # A number stays fixed; auto comes with a keeper that may spread the threads.
+    monkeypatch.setattr(os, "sched_setaffinity", lambda pid, cpus: None)
+    assert proxy_module.keep_on_one_cpu("1") == (1, None)
+    cpu, keeper = proxy_module.keep_on_one_cpu("auto")
+    assert cpu in (0, 1) and keeper is not None and keeper.allowed == {0, 1}
+
+
+def test_cpu_keeper_spreads_while_busy_and_gathers_once_quiet_for_a_while():
+    from flowcore.proxy import CpuKeeper
+
+    keeper = CpuKeeper(1, {0, 1, 2, 3}, now=0.0)
+    t = 0.0
+
+    def turns(busy_share: float, seconds: float) -> list[set[int]]:
+        nonlocal t
+        moves = []
+        for _ in range(int(seconds / 0.01)):
+            t += 0.01
+            move = keeper.turned(0.01 * busy_share, t)
+            if move is not None:
+                moves.append(move)
+        return moves
+
+    assert turns(0.1, 2.0) == []  # idle: stays on CPU 1
+    assert turns(0.4, 1.0) == []  # below the spread threshold
+    assert turns(0.9, 0.2) == [{0, 1, 2, 3}] and not keeper.gathered and keeper.spreads == 1
+    assert turns(0.9, 1.0) == []  # spread once, not again
+    assert turns(0.3, 2.0) == []  # busy enough to stay spread
+    assert turns(0.05, 0.5) == []  # quiet, but not for GATHER_AFTER yet
+    [gathered] = turns(0.05, 1.0)
+    assert len(gathered) == 1 and gathered <= {0, 1, 2, 3} and keeper.gathered
+    assert turns(0.9, 0.2) == [{0, 1, 2, 3}] and keeper.spreads == 2
 
 
 def test_current_cpu_is_one_this_process_may_use():
@@ -984,7 +1016,8 @@ def test_the_proxy_keeps_its_io_thread_on_its_cpu(make_proxy):
     else:
         [only] = sets
         assert len(only) == 1, threads
-        assert f"on CPU {min(only)} with its I/O thread (FLOW_PROXY_CPU=auto)" in proxy.log()
+        assert (f"on CPU {min(only)} with its I/O thread (FLOW_PROXY_CPU=auto; spread over every CPU "
+                f"while busy)") in proxy.log()
     # It still works: a push comes through to a subscriber.
     sub = Subscriber(proxy.settings, ["alice"])
     publisher = flow.Flow(settings=proxy.settings)
@@ -1004,6 +1037,43 @@ def test_the_proxy_keeps_its_io_thread_on_its_cpu(make_proxy):
     told = make_proxy(FLOW_PROXY_CPU=str(chosen))
     expected = {chosen} if len(mine) > 1 else mine
     assert {frozenset(cpus) for cpus in thread_cpus(told.proc.pid).values()} == {frozenset(expected)}
+
+
+def test_a_flood_lets_the_proxys_threads_spread_and_quiet_gathers_them_again(make_proxy):
+    import os
+
+    mine = set(os.sched_getaffinity(0))
+    proxy = make_proxy(FLOW_HISTORY_SIZE="10")
+    control = Control(proxy.settings)
+    publisher = flow.Flow(settings=proxy.settings)
+
+    def cpu_sets() -> set[frozenset[int]]:
+        return {frozenset(cpus) for cpus in thread_cpus(proxy.proc.pid).values()}
+
+    try:
+        if len(mine) < 2:  # one CPU: nothing to keep or spread
+            assert cpu_sets() == {frozenset(mine)} and control.stats()["cpu_spreads"] == 0
+            return
+        [start] = cpu_sets()
+        assert len(start) == 1
+        # Pushes as fast as push returns keep the loop busy; bounded in count and time.
+        deadline = time.monotonic() + 60
+        sent = 0
+        while control.stats()["cpu_spreads"] == 0:
+            assert sent < 400_000 and time.monotonic() < deadline, "the loop never counted as busy"
+            for i in range(20_000):
+                publisher.push(f"user{i % 50}", "M", i)
+            sent += 20_000
+        # Spread over every CPU while busy (it may have gathered again already).
+        assert control.stats()["cpu_spreads"] >= 1
+        publisher.flush(timeout=60)
+        wait_until(lambda: control.stats()["numbered"] == sent, 60, 0.1, "every push numbered")
+        # Quiet: back on one CPU, every thread together.
+        wait_until(lambda: len(cpu_sets()) == 1 and len(next(iter(cpu_sets()))) == 1, 20, 0.1,
+                   "the threads gathered on one CPU again")
+    finally:
+        publisher.close()
+        control.close()
 
 
 def test_a_cpu_the_proxy_may_not_use_is_refused_with_one_line(tmp_path):
