@@ -77,6 +77,15 @@ def seqs(transport: FakeTransport, stream: str | None = None) -> list[int]:
     return [m["seq"] for m in transport.take() if m != "<3" and (stream is None or m["username"] == stream)]
 
 
+async def alice_and_bob(settings) -> tuple[World, FakeTransport, FakeTransport]:
+    """A started world with one socket each for alice and bob."""
+    world = World(settings)
+    await world.start()
+    _, alice, _ = await world.connect("alice")
+    _, bob, _ = await world.connect("bob")
+    return world, alice, bob
+
+
 def run(coro):
     return asyncio.run(asyncio.wait_for(coro, 20))
 
@@ -162,10 +171,7 @@ def test_a_gap_on_arrival_is_repaired_from_history_in_order(settings):
 
 def test_a_gap_history_cannot_repair_closes_1012_with_a_reconnect_window(settings):
     async def main():
-        world = World(settings)
-        await world.start()
-        _, transport, _ = await world.connect("alice")
-        _, other, _ = await world.connect("bob")
+        world, transport, other = await alice_and_bob(settings)
         world.engine.publish("alice", 1)
         for i in range(60):  # more than the engine's history of 50
             world.engine.publish("alice", i, deliver=False)
@@ -202,10 +208,7 @@ def test_a_trailing_gap_is_found_by_the_position_or_the_audit(settings):
 
 def test_an_epoch_change_closes_the_streams_sockets_with_1012(settings):
     async def main():
-        world = World(settings)
-        await world.start()
-        _, alice, _ = await world.connect("alice")
-        _, bob, _ = await world.connect("bob")
+        world, alice, bob = await alice_and_bob(settings)
         world.engine.publish("alice", 1)
         world.engine.renumber("alice")
         world.engine.publish("alice", "new numbering")
@@ -284,10 +287,7 @@ def test_timers_tick_due_sessions_once_and_skip_stale_entries(settings):
 
 def test_an_audit_asks_only_for_quiet_streams_and_still_finds_a_busy_streams_trailing_loss(settings):
     async def main():
-        world = World(settings)
-        await world.start()
-        _, transport, _ = await world.connect("alice")
-        _, other, _ = await world.connect("bob")
+        world, transport, other = await alice_and_bob(settings)
         world.engine.publish("alice", 1)
         world.engine.publish("bob", 1)
         await world.hub.audit()  # the first audit asks for every stream
