@@ -952,17 +952,19 @@ def test_auto_that_cannot_pin_warns_and_runs_unpinned_while_a_number_is_refused(
     assert cpu in (0, 1) and keeper is not None and keeper.allowed == {0, 1}
 
 
-def test_cpu_keeper_spreads_while_busy_and_gathers_once_quiet_for_a_while():
+def test_cpu_keeper_spreads_while_busy_or_crowded_and_gathers_once_quiet_for_a_while():
     from flowcore.proxy import CpuKeeper
 
-    keeper = CpuKeeper(1, {0, 1, 2, 3}, now=0.0)
+    waited = 0.0  # seconds the threads waited for a CPU, in all
+    keeper = CpuKeeper(1, {0, 1, 2, 3}, now=0.0, waited=lambda: waited, where=lambda: 2)
     t = 0.0
 
-    def turns(busy_share: float, seconds: float) -> list[set[int]]:
-        nonlocal t
+    def turns(busy_share: float, seconds: float, waiting_share: float = 0.0) -> list[set[int]]:
+        nonlocal t, waited
         moves = []
         for _ in range(int(seconds / 0.01)):
             t += 0.01
+            waited += 0.01 * waiting_share
             move = keeper.turned(0.01 * busy_share, t)
             if move is not None:
                 moves.append(move)
@@ -974,9 +976,15 @@ def test_cpu_keeper_spreads_while_busy_and_gathers_once_quiet_for_a_while():
     assert turns(0.9, 1.0) == []  # spread once, not again
     assert turns(0.3, 2.0) == []  # busy enough to stay spread
     assert turns(0.05, 0.5) == []  # quiet, but not for GATHER_AFTER yet
-    [gathered] = turns(0.05, 1.0)
-    assert len(gathered) == 1 and gathered <= {0, 1, 2, 3} and keeper.gathered
+    assert turns(0.05, 1.0) == [{2}] and keeper.gathered  # where the loop is now
     assert turns(0.9, 0.2) == [{0, 1, 2, 3}] and keeper.spreads == 2
+    assert turns(0.05, 1.2) == [{2}]
+    # Idle, but its CPU crowded by others: the threads wait there, so they spread ...
+    assert turns(0.05, 0.5, waiting_share=0.4) == []  # some waiting is sharing a CPU
+    assert turns(0.05, 0.2, waiting_share=0.7) == [{0, 1, 2, 3}] and keeper.spreads == 3
+    # ... and do not gather while they still wait.
+    assert turns(0.05, 2.0, waiting_share=0.3) == []
+    assert turns(0.05, 1.2) == [{2}]
 
 
 def test_current_cpu_is_one_this_process_may_use():
@@ -985,6 +993,9 @@ def test_current_cpu_is_one_this_process_may_use():
     from flowcore.proxy import current_cpu
 
     assert current_cpu() in os.sched_getaffinity(0)
+    from flowcore.proxy import thread_wait_seconds
+
+    assert isinstance(thread_wait_seconds(), float) and thread_wait_seconds() >= 0.0
 
 
 def thread_cpus(pid: int) -> dict[str, set[int]]:
