@@ -30,7 +30,7 @@ const runs = new Map();
 function runState(r) {
   let s = runs.get(r);
   if (!s) {
-    s = { received: 0, dups: 0, gaps: 0, foreign: 0, first: 0, last: 0, lat: [], ids: [], seen: new Map() };
+    s = { received: 0, dups: 0, gaps: 0, foreign: 0, first: 0, last: 0, lat: [], at: [], ids: [], seen: new Map() };
     runs.set(r, s);
   }
   return s;
@@ -91,6 +91,7 @@ function openOne(token, channel, done) {
     if (!s.first) s.first = t;
     s.last = t;
     s.lat.push(t - d.t * 1000);
+    s.at.push(t);
     s.ids.push(d.i);
   });
   ws.on("error", () => {});
@@ -122,7 +123,10 @@ function report(cmd) {
     event: "report", run: cmd.run, received: s.received, dups: s.dups, gaps: s.gaps, foreign: s.foreign,
     first: s.first / 1000, last: s.last / 1000, authed, failed, closed: lostAfterReady, codes: closeCodes,
   };
-  if (cmd.latencies) reply.lat = s.lat.map((x) => Math.round(x * 1000) / 1000);
+  if (cmd.latencies) {
+    reply.lat = s.lat.map((x) => Math.round(x * 1000) / 1000);
+    reply.at = s.at.map((x) => Math.round(x * 1000) / 1000); // arrival (epoch ms), in lat's order
+  }
   if (cmd.ids) reply.ids = s.ids;
   out(reply);
 }

@@ -34,7 +34,7 @@ def run_state(run: str) -> dict:
     state = runs.get(run)
     if state is None:
         state = runs[run] = {"received": 0, "dups": 0, "gaps": 0, "foreign": 0, "first": 0.0, "last": 0.0,
-                             "lat": [], "ids": []}
+                             "lat": [], "at": [], "ids": []}
     return state
 
 
@@ -132,6 +132,7 @@ async def one_socket(url: str, token: str, channel: str | None, done: asyncio.Ev
                 s["first"] = now
             s["last"] = now
             s["lat"].append((now - data["t"]) * 1000.0)
+            s["at"].append(now * 1000.0)
             s["ids"].append(data["i"])
     except (OSError, asyncio.IncompleteReadError, ConnectionError, ValueError):
         pass
@@ -183,6 +184,7 @@ async def main() -> None:
                      "closed": closed_after_ready, "codes": close_codes}
             if cmd.get("latencies"):
                 reply["lat"] = [round(x, 3) for x in s["lat"]]
+                reply["at"] = [round(x, 3) for x in s["at"]]  # arrival (epoch ms), in lat's order
             if cmd.get("ids"):
                 reply["ids"] = s["ids"]
             out(reply)

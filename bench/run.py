@@ -537,6 +537,7 @@ class Clients:
         }
         if latencies:
             total["lat"] = sorted(x for p in parts for x in p["lat"])
+            total["stalls"] = stalls([pair for p in parts for pair in zip(p.get("at", ()), p["lat"])])
         if ids:
             total["ids"] = [x for p in parts for x in p["ids"]]
         return total
@@ -699,6 +700,7 @@ class Bench:
         clients.forget(run)
         system.check_alive()
         lat = final.pop("lat")
+        stalled = final.pop("stalls", None)
         # Which pushes did not reach every socket owed them (not for broadcasts): where in
         # the run the losses were.
         wanted = [i for off, p in zip(offsets, parts) for i in range(off, off + p["sent"])]
@@ -715,6 +717,7 @@ class Bench:
             "push_seconds": pushed["t_end"] - pushed["t_start"], "queue_full": pushed["queue_full"],
             "span_seconds": span, "rate": final["received"] / span if span > 0 else 0.0,
             **latency_figures(lat),
+            **({"stalls": stalled} if stalled is not None else {}),
             "missing": len(missing), "missing_first": missing[:20],
             "missing_deciles": [sum(1 for m in missing if m * 10 // max(1, pushed["sent"]) == d) for d in range(10)],
             "cpu_servers": cpu1["servers"] - cpu0["servers"], "cpu_engine": cpu1["engine"] - cpu0["engine"],
@@ -1035,6 +1038,29 @@ def load_now(when: str) -> dict[str, Any]:
     return {"at": when, "time": time.strftime("%H:%M:%S"), "load1": one, "load5": five, "load15": fifteen}
 
 
+SLOW_MS = 1.0  # a message this late counts as slow ...
+STALL_GAP_MS = 5.0  # ... and slow ones arriving closer than this together are one stall
+
+
+def stalls(pairs: list[tuple[float, float]]) -> dict[str, Any]:
+    """Where a run's tail came from, from (arrival ms, latency ms) pairs: slow messages
+    come in runs, each a moment when some stage waited (for a core, a collection, a
+    step of the loop). One long stall in one round can decide a pooled p99."""
+    runs: list[list[float]] = []  # [last arrival, worst latency, count]
+    for at, lat in sorted(pairs):
+        if lat <= SLOW_MS:
+            continue
+        if runs and at - runs[-1][0] < STALL_GAP_MS:
+            run = runs[-1]
+            run[0], run[1], run[2] = at, max(run[1], lat), run[2] + 1
+        else:
+            runs.append([at, lat, 1])
+    worst = sorted(runs, key=lambda r: -r[1])
+    return {"slow": sum(int(r[2]) for r in runs), "stalls": len(runs),
+            "longest_ms": round(worst[0][1], 2) if worst else 0.0,
+            "worst": [[round(r[1], 2), int(r[2])] for r in worst[:5]]}
+
+
 def latency_figures(lat: list[float]) -> dict[str, float | None]:
     """The percentiles every latency row reads, from sorted milliseconds."""
     return {"p50_ms": percentile(lat, 0.50), "p90_ms": percentile(lat, 0.90),
@@ -1054,7 +1080,8 @@ def pool_rounds(parts: list[dict[str, Any]]) -> dict[str, Any]:
         delivered_ratio=out["delivered"] / max(1, out["sent"]),
         rate=out["delivered"] / out["span_seconds"] if out["span_seconds"] > 0 else 0.0,
         **latency_figures(lat),
-        rounds=[{k: p[k] for k in ("delivered", "sent", "rate", "p50_ms", "p99_ms")} for p in parts],
+        rounds=[{**{k: p[k] for k in ("delivered", "sent", "rate", "p50_ms", "p99_ms")},
+                 **({"stalls": p["stalls"]} if "stalls" in p else {})} for p in parts],
     )
     if parts and all("redis" in p for p in parts):
         redis_parts = [p["redis"] for p in parts]
@@ -1202,6 +1229,11 @@ def render(results: dict[str, Any], args: argparse.Namespace) -> str:
             by_round = [f["p99_ms"] / r["p99_ms"] for r, f in zip(r4["rounds"], f4["rounds"])
                         if f["p99_ms"] and r["p99_ms"]]
             row("W4 p99 ratio, round by round", "", "", " ".join(f"{x:.2f}" for x in by_round))
+            if all("stalls" in x for x in r4["rounds"] + f4["rounds"]):
+                def longest(rounds: list[dict[str, Any]]) -> str:
+                    return " ".join(f"{x['stalls']['longest_ms']:.1f}" for x in rounds)
+
+                row("W4 longest stall ms, by round", longest(r4["rounds"]), longest(f4["rounds"]))
     if "PUSH" in fl:
         p = fl["PUSH"]
         row("flow.push us/call (raw send | flow)", fmt(p["raw_send"] * 1e6, ".2f"),

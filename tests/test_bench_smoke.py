@@ -75,6 +75,31 @@ def test_quick_bench_runs_every_workload(tmp_path: Path) -> None:
     assert results["flow_redis"]["W3"]["through"] == "nginx"
     push = results["flow"]["PUSH"]
     assert push["flow_push"] > 0 and push["raw_send"] > 0
+    # Each W4 round says where its tail came from (from arrival times the client keeps).
+    assert "W4 longest stall ms, by round" in stdout, stdout
+    for key in ("reference", "flow"):
+        for r in results[key]["W4"]["rounds"]:
+            assert set(r["stalls"]) == {"slow", "stalls", "longest_ms", "worst"}, r
+
+
+def test_stalls_are_runs_of_slow_messages():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("bench_run", RUN)
+    assert spec is not None and spec.loader is not None
+    bench = importlib.util.module_from_spec(spec)
+    sys.modules["bench_run"] = bench  # its dataclasses look their module up
+    try:
+        spec.loader.exec_module(bench)
+    finally:
+        del sys.modules["bench_run"]
+    # (arrival ms, latency ms), out of order as the clients report them.
+    pairs = [(100.0, 0.2), (203.0, 1.5), (200.0, 4.0), (201.0, 3.0), (500.0, 0.3),
+             (900.0, 2.0), (906.0, 1.2), (1000.0, 1.0)]
+    assert bench.stalls(pairs) == {
+        "slow": 5, "stalls": 3, "longest_ms": 4.0, "worst": [[4.0, 3], [2.0, 1], [1.2, 1]],
+    }
+    assert bench.stalls([]) == {"slow": 0, "stalls": 0, "longest_ms": 0.0, "worst": []}
 
 
 def assert_w5_ran_on_channels(results: dict, keys: tuple[str, ...]) -> None:
