@@ -73,9 +73,10 @@ def proxy_main() -> None:
         # The form start_process gives every other bad setting.
         print(f"message_proxy: bad configuration: {exc}", file=sys.stderr, flush=True)
         raise SystemExit(2) from None
-    if pinned is not None:
-        log.info("on CPU %d with its I/O thread (FLOW_PROXY_CPU=%s%s)", pinned[0], settings.proxy_cpu,
-                 "; spread over every CPU while busy" if pinned[1] is not None else "")
+    cpu, keeper = pinned if pinned is not None else (None, None)
+    if cpu is not None:
+        log.info("on CPU %d with its I/O thread (FLOW_PROXY_CPU=%s%s)", cpu, settings.proxy_cpu,
+                 "; spread over every CPU while busy" if keeper is not None else "")
     # Handled from the start: a signal while the state file is being loaded (and deleted)
     # must still end in a graceful stop that saves it again.
     proxies: list[Proxy] = []
@@ -96,8 +97,7 @@ def proxy_main() -> None:
         log.error("cannot bind: %s", exc)
         raise SystemExit(1) from None
     proxies.append(proxy)
-    if pinned is not None:
-        proxy.cpu_keeper = pinned[1]
+    proxy.cpu_keeper = keeper
     if signals:
         proxy.request_stop()
     health = None

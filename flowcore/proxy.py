@@ -147,7 +147,7 @@ def keep_on_one_cpu(setting: str) -> tuple[int, CpuKeeper | None] | None:
     """Pin the calling thread, and so every thread it starts later (ZeroMQ's I/O thread
     among them: call this before the first socket), to the CPU FLOW_PROXY_CPU chooses.
     None when left to the kernel; else the CPU and, for "auto", the CpuKeeper that lets
-    the threads spread while the loop is busy (a CPU number stays fixed). Raises
+    the threads spread while the loop is busy or starved (a CPU number stays fixed). Raises
     ValueError for a CPU number that cannot be used; "auto" that cannot pin warns and
     leaves the threads to the kernel (a tuning default must not keep the proxy down)."""
     if not hasattr(os, "sched_setaffinity"):
@@ -1090,7 +1090,7 @@ class Proxy:
                 **self.log.stats(),
                 **self.presence.stats(),
                 "numbered": self.numbered,
-                # FLOW_PROXY_CPU=auto: times the threads spread because the loop was busy.
+                # FLOW_PROXY_CPU=auto: times the threads spread (the loop busy, or starved).
                 "cpu_spreads": self.cpu_keeper.spreads if self.cpu_keeper is not None else 0,
                 "flushed": self.flushed,
                 "dropped": dict(self.warnings.counts),
