@@ -41,7 +41,10 @@ REPAIR_HOLD_BYTES = 8 * 1024 * 1024
 # at the end of a burst has no successor to reveal the gap, the audit does (once the
 # stream is quiet: a moving stream's next message reveals it, see Hub.audit).
 AUDIT_INTERVAL = 2.0
-AUDIT_CHUNK = 5000
+# Streams one audit request names, at most: the engine answers a request in one step of
+# its loop (the ZeroMQ proxy takes about 2 us a stream, and every push waits behind it),
+# so a server holding thousands of quiet streams asks in several short requests.
+AUDIT_CHUNK = 200
 # Each stream is audited once an interval, in this many slices spread over it: one request
 # naming every stream would stall the proxy and the server for a moment every interval.
 AUDIT_SLICES = 10
