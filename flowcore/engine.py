@@ -29,7 +29,7 @@ business.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Mapping, Protocol
 
 from .presence import Ledger, PresenceEvent, Snapshot
@@ -72,11 +72,13 @@ class StreamHistory:
     ``wire`` a complete WebSocket text frame (ready to write); there may be fewer than the
     stream holds (the request's byte limit), never a gap. ``messages`` is None when what
     was asked cannot all be given: another epoch, evicted or expired, a seq beyond the head.
+    ``mark`` is the engine's change mark when it answered (see :attr:`ServerEngine.mark`).
     """
 
     epoch: str
     seq: int
     messages: list[tuple[int, bytes]] | None
+    mark: str | None = field(default=None, compare=False)  # of the answer, not of the stream
 
 
 class EngineSink(Protocol):
@@ -130,6 +132,14 @@ class ServerEngine(Protocol):
         at most about ``max_bytes`` of frames per stream (at least one message when any is
         owed and ``max_bytes`` > 0; none when ``max_bytes`` is 0, to ask positions only).
         None when the engine did not answer in time."""
+
+    @property
+    def mark(self) -> str | None:
+        """The engine's change mark as last heard (a second or so old at most while its
+        link is up), or None when the engine keeps none. The mark changes whenever the
+        engine numbers a message or starts a stream's epoch, anywhere: while it equals the
+        ``mark`` of a :class:`StreamHistory`, that stream's position is still the one that
+        answer gave, and an audit of a quiet stream can be decided without asking."""
 
     def presence_changed(self) -> None:
         """The sink's ledger has changes: report them soon (the engine batches them, renews

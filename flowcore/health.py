@@ -202,7 +202,7 @@ class EngineProbe:
                 return f"the proxy at {self.settings.control_endpoint} did not answer a ping in {PROBE_TIMEOUT}s"
             frames = dealer.recv_multipart()
             try:
-                request_id, _ = protocol.parse_history_reply(frames[1:])
+                request_id, _, _ = protocol.parse_history_reply(frames[1:])
             except protocol.ProtocolError:
                 continue  # not an answer of ours
             if request_id == wanted:

@@ -63,7 +63,7 @@ class StreamState:
     """One stream this server receives, and the sessions that receive it."""
 
     __slots__ = ("name", "sessions", "subscribers", "epoch", "seq", "synced", "waiters", "held", "held_bytes",
-                 "audit_head", "audit_seq", "presence_recent")
+                 "audit_head", "audit_seq", "audit_mark", "presence_recent")
 
     def __init__(self, name: str) -> None:
         self.name = name
@@ -81,6 +81,7 @@ class StreamState:
         self.held_bytes = 0
         self.audit_head: int | None = None  # the engine's head at the last audit
         self.audit_seq: int | None = None  # ours at the last audit
+        self.audit_mark: str | None = None  # the engine's change mark with audit_head
         # A presence channel's last JOIN/LEAVE (event, frame): a subscription whose snapshot
         # was taken before one of them arrived is sent it after its SUBSCRIBE OK.
         self.presence_recent: collections.deque[tuple[PresenceEvent, str]] | None = None
@@ -655,6 +656,7 @@ class Hub:
         lost messages that no later one revealed: repair."""
         candidates = self.streams.values() if streams is None else streams
         states = []
+        mark = self.engine.mark
         for s in candidates:
             if not s.synced or s.held is not None or self.streams.get(s.name) is not s:
                 continue
@@ -664,6 +666,14 @@ class Hub:
                 # in the next message, or in the audits once the stream is quiet: asking
                 # now would cost the engine and us a question per busy stream per interval.
                 s.audit_seq, s.audit_head = s.seq, None
+                continue
+            if mark is not None and s.audit_mark == mark and s.audit_head is not None:
+                # Nothing was numbered anywhere since the engine gave audit_head: asking
+                # would get the same head back. An idle deployment audits for nothing.
+                # (The mark may be a second old: what was numbered since shows in the
+                # next mark, so its loss is found an audit later than by asking.)
+                if s.seq < s.audit_head:
+                    self._lost_since_audit(s, s.audit_head)
                 continue
             states.append(s)
         for start in range(0, len(states), AUDIT_CHUNK):
@@ -679,11 +689,14 @@ class Hub:
                     self.epoch_changed(state, stream.epoch, stream.seq)
                     continue
                 previous, state.audit_head = state.audit_head, stream.seq
-                state.audit_seq = state.seq
+                state.audit_seq, state.audit_mark = state.seq, stream.mark
                 if previous is not None and state.seq < previous:
-                    log.warning("stream %r: at seq %d, the engine was at %d an audit ago; repairing",
-                                state.name, state.seq, previous)
-                    self._start_repair(state)
+                    self._lost_since_audit(state, previous)
+
+    def _lost_since_audit(self, state: StreamState, head: int) -> None:
+        log.warning("stream %r: at seq %d, the engine was at %d an audit ago; repairing",
+                    state.name, state.seq, head)
+        self._start_repair(state)
 
 
 COMPACT_MIN = 1024

@@ -877,11 +877,17 @@ def parse_history_request(raw: bytes) -> HistoryRequest:
         raise ProtocolError(f"bad history request: {exc!r}") from None
 
 
+# A change mark (see ServerEngine.mark) is a short token of the proxy's own making.
+MAX_MARK = 64
+
+
 def build_history_reply(
-    request_id: int, streams: Mapping[str, tuple[str, int, list[tuple[int, bytes]] | None]]
+    request_id: int, streams: Mapping[str, tuple[str, int, list[tuple[int, bytes]] | None]],
+    mark: str | None = None,
 ) -> list[bytes]:
-    """Per stream: (epoch, head seq, [(seq, wire), ...] or None). The frames to send after
-    the routing id and the empty delimiter."""
+    """Per stream: (epoch, head seq, [(seq, wire), ...] or None); ``mark``, the proxy's
+    change mark when it answered. The frames to send after the routing id and the empty
+    delimiter. A ping's or a stats request's answer is the same with no streams."""
     header = {}
     frames: list[bytes] = []
     for name, (epoch, head, messages) in streams.items():
@@ -892,11 +898,15 @@ def build_history_reply(
         }
         if messages:
             frames.extend(wire for _, wire in messages)
-    return [dumps({"rid": request_id, "streams": header}), *frames]
+    reply: dict[str, Any] = {"rid": request_id, "streams": header}
+    if mark is not None:
+        reply["mark"] = mark
+    return [dumps(reply), *frames]
 
 
-def parse_history_reply(frames: list[bytes]) -> tuple[int, dict[str, StreamHistory]]:
-    """Inverse of :func:`build_history_reply` (the frames after the empty delimiter)."""
+def parse_history_reply(frames: list[bytes]) -> tuple[int, dict[str, StreamHistory], str | None]:
+    """Inverse of :func:`build_history_reply` (the frames after the empty delimiter):
+    the request id, the streams, the change mark (None from a proxy that gives none)."""
     try:
         obj = json.loads(frames[0])
         if not isinstance(obj, dict):
@@ -904,6 +914,9 @@ def parse_history_reply(frames: list[bytes]) -> tuple[int, dict[str, StreamHisto
         request_id = obj["rid"]
         if type(request_id) is not int:
             raise ProtocolError("rid is not an integer")
+        mark = obj.get("mark")
+        if mark is not None and (not isinstance(mark, str) or len(mark) > MAX_MARK):
+            raise ProtocolError("mark is not a short string")
         streams = {}
         at = 1
         for name, entry in obj["streams"].items():
@@ -918,10 +931,10 @@ def parse_history_reply(frames: list[bytes]) -> tuple[int, dict[str, StreamHisto
                         raise ProtocolError("message seq is not an integer")
                     messages.append((seq, frames[at]))
                     at += 1
-            streams[name] = StreamHistory(epoch, head, messages)
+            streams[name] = StreamHistory(epoch, head, messages, mark)
         if at != len(frames):
             raise ProtocolError(f"{len(frames) - at} frames more than the header lists")
-        return request_id, streams
+        return request_id, streams, mark
     except ProtocolError as exc:
         raise ProtocolError(f"bad history reply: {exc}") from None
     except (ValueError, KeyError, TypeError, AttributeError, IndexError, RecursionError, OverflowError) as exc:

@@ -304,6 +304,8 @@ class MessageLog:
         self.run_epoch = run_epoch or new_run_epoch()
         self.streams: dict[str, Stream] = {}
         self._created = 0
+        # Messages numbered and streams started: what can move a position (see mark).
+        self.changes = 0
         self._sweep_queue: list[str] = []
 
     # ---------------------------------------------------------------- numbering
@@ -313,8 +315,15 @@ class MessageLog:
         stream = self.streams.get(name)
         if stream is None:
             self._created += 1
+            self.changes += 1
             stream = self.streams[name] = Stream(f"{self.run_epoch}-{self._created:x}", 0, now)
         return stream
+
+    @property
+    def mark(self) -> str:
+        """The change mark servers compare to skip asking about quiet streams: another
+        value whenever a message was numbered or a stream started, in this run or another."""
+        return f"{self.run_epoch}.{self.changes:x}"
 
     def append(self, push: protocol.Push, now: float) -> bytes:
         """Number ``push``, keep it in history, and return the fan-out frame to publish."""
@@ -323,6 +332,7 @@ class MessageLog:
         seq = stream.seq + 1
         stream.seq = seq
         stream.active_at = now
+        self.changes += 1
         epoch = stream.epoch
         wire = protocol.encode_text_frame(protocol.build_message_frame(push, seq, epoch))
         if self.history_size:
@@ -1084,7 +1094,7 @@ class Proxy:
     def answer(self, request: protocol.HistoryRequest) -> list[bytes]:
         """The frames of the reply (after the routing id and the delimiter)."""
         if request.op == "ping":
-            return [protocol.dumps({"rid": request.request_id, "streams": {}})]
+            return protocol.build_history_reply(request.request_id, {}, self.log.mark)
         if request.op == "stats":
             stats: dict[str, Any] = {
                 **self.log.stats(),
@@ -1102,6 +1112,7 @@ class Proxy:
         return protocol.build_history_reply(
             request.request_id,
             {name: since(name, seq, epoch, now, max_bytes) for name, (seq, epoch) in request.streams.items()},
+            self.log.mark,  # after since(), which may have started a stream
         )
 
     def take_flush_marker(self, raw: bytes) -> None:

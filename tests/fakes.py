@@ -90,11 +90,26 @@ class FakeEngine:
         self.history_calls: list[tuple[dict[str, Position], int]] = []
         self.live = True
         self.closed = False
+        # A change mark (ServerEngine.mark), when ``marking``: counted in ``changes``, and
+        # heard as the proxy's is, with every history answer and at each ``ping()``.
+        self.marking = False
+        self.changes = 0
+        self.heard: str | None = None
         # Presence as one engine-side table over this one server (flowcore.presence).
         self.presence_table = PresenceTable(leave_delay=0.0, version_base=100)
 
     async def start(self, sink: Any) -> None:
         self.sink = sink
+
+    @property
+    def mark(self) -> str | None:
+        return self.heard if self.marking else None
+
+    def current_mark(self) -> str | None:
+        return f"m{self.changes}" if self.marking else None
+
+    def ping(self) -> None:
+        self.heard = self.current_mark()
 
     def presence_changed(self) -> None:
         self.report_presence()
@@ -132,6 +147,7 @@ class FakeEngine:
     def publish(self, stream: str, data: Any, deliver: bool = True) -> int:
         seq = self.heads.get(stream, 0) + 1
         self.heads[stream] = seq
+        self.changes += 1
         body = json.dumps({"id": "M", "username": stream, "data": data, "seq": seq,
                            "epoch": self.epoch(stream)}).encode()
         wire = protocol.encode_text_frame(body)
@@ -149,6 +165,7 @@ class FakeEngine:
         self.epochs[stream] = self.epoch(stream) + "'"
         self.heads[stream] = 0
         self.log[stream] = []
+        self.changes += 1
 
     async def history(self, wanted: Mapping[str, Position], max_bytes: int) -> dict[str, StreamHistory] | None:
         self.history_calls.append((dict(wanted), max_bytes))
@@ -156,6 +173,7 @@ class FakeEngine:
         if not self.answering:
             return None
         out = {}
+        self.heard = mark = self.current_mark()
         for stream, (seq, epoch) in wanted.items():
             head, current = self.heads.get(stream, 0), self.epoch(stream)
             history = self.log.get(stream, [])
@@ -175,7 +193,7 @@ class FakeEngine:
                         break
                     messages.append(message)
                     size += len(message[1])
-            out[stream] = StreamHistory(current, head, messages)
+            out[stream] = StreamHistory(current, head, messages, mark)
         return out
 
     async def close(self) -> None:

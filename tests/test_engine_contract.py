@@ -496,6 +496,34 @@ def test_subscribing_again_starts_from_a_new_position(infra, publisher):
     run(test)
 
 
+def test_the_change_mark_moves_with_every_numbering_and_only_then(infra, publisher):
+    """What lets a hub decide the audit of a quiet stream without asking (ServerEngine.mark):
+    an answer's mark is the engine's; it holds while nothing is numbered, whoever asks what,
+    and moves when any stream, heard or not, gets a message. An engine may keep none."""
+    async def test() -> None:
+        async with started(infra.settings, "alice", "bob") as (engine, sink):
+            await pushed(publisher, sink, "alice", 2)
+            wanted = {s: sink.position(s) or (0, "") for s in ("alice", "bob")}
+            answer = await engine.history(wanted, 0)
+            assert answer is not None
+            first = answer["alice"].mark
+            if first is None:
+                assert engine.mark is None and answer["bob"].mark is None
+                return
+            assert answer["bob"].mark == first == engine.mark
+            again = await engine.history({"bob": wanted["bob"]}, 1 << 20)
+            assert again is not None and again["bob"].mark == first
+            publisher.push("carol", "M", 1)  # a stream this server does not receive
+            await until(lambda: engine.mark != first, message="the mark to move on another stream's message")
+            moved = engine.mark
+            answer = await engine.history(wanted, 0)
+            assert answer is not None and answer["alice"].mark == moved == engine.mark
+            await pushed(publisher, sink, "bob", 1)
+            await until(lambda: engine.mark != moved, message="the mark to move on a heard stream's message")
+
+    run(test)
+
+
 def test_restart_of_the_infrastructure_changes_every_epoch(infra, publisher):
     async def test() -> None:
         streams = ("alice", protocol.BROADCAST)
@@ -503,6 +531,9 @@ def test_restart_of_the_infrastructure_changes_every_epoch(infra, publisher):
             await until(lambda: engine.live, message="live")
             await pushed(publisher, sink, "alice", 2)
             before = {s: sink.position(s)[1] for s in streams}
+            heard = await engine.history({"alice": (2, before["alice"])}, 0)
+            assert heard is not None
+            mark_before = heard["alice"].mark
             infra.kill()
             await until(lambda: not engine.live, message="live to turn False")
             mark = len(sink.events)
@@ -521,6 +552,8 @@ def test_restart_of_the_infrastructure_changes_every_epoch(infra, publisher):
             assert (seq, epoch) == (1, after["alice"][1])
             answer = await engine.history({"alice": (1, before["alice"])}, 1 << 20)
             assert answer == {"alice": StreamHistory(after["alice"][1], 1, None)}
+            if mark_before is not None:  # a mark of the old run never matches one of the new
+                assert answer["alice"].mark not in (None, mark_before)
 
     run(test)
 

@@ -59,17 +59,23 @@ def test_frames_flow_did_not_make_are_refused(frame, seq, epoch):
 
 def test_read_answers_parse_and_refuse_what_does_not_add_up():
     frame = b'{"id":"A","username":"u","data":1,"seq":%d,"epoch":"e1"}'
-    reply = [b"e1", 3, 2, frame % 2, frame % 3, b"e9", 5, -1]
+    mark = b"0f3a:9c-1:17"  # run id, the mark hash's id, the count
+    reply = [b"e1", 3, 2, frame % 2, frame % 3, b"e9", 5, -1, mark]
     answer = redis_engine._parse_read(["u", "v"], {"u": (1, "e1"), "v": (0, "x")}, reply)
     assert answer == {
         "u": StreamHistory("e1", 3, [(2, protocol.encode_text_frame(frame % 2)),
                                       (3, protocol.encode_text_frame(frame % 3))]),
         "v": StreamHistory("e9", 5, None),
     }
-    for bad in ([b"e1", 3, 2, frame % 2], [b"e1", 2, 2, frame % 2, frame % 3],
-                [b"e1", 3, 2, frame % 2, frame % 4], [b"e1", 3, 0, b"extra"]):
+    assert answer["u"].mark == answer["v"].mark == "0f3a:9c-1:17"
+    for bad in ([b"e1", 3, 2, frame % 2, mark], [b"e1", 2, 2, frame % 2, frame % 3, mark],
+                [b"e1", 3, 2, frame % 2, frame % 4, mark], [b"e1", 3, 0, b"extra", mark]):
         with pytest.raises(ValueError):
             redis_engine._parse_read(["u"], {"u": (1, "e1")}, bad)
+    assert redis_engine._parse_read(["u"], {"u": (3, "e1")}, [b"e1", 3, 0, mark])["u"].mark == mark.decode()
+    for bad in ([b"e1", 3, 0], [], [b"e1", 3, 0, b"not a mark"], [b"e1", 3, 0, 5], [b"e1", 3, 0, b"a:b:" + b"9" * 21]):
+        with pytest.raises(ValueError, match="mark|more in the answer"):
+            redis_engine._parse_read(["u"], {"u": (3, "e1")}, bad)
 
 
 class Sink(RecordingSink):

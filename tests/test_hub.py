@@ -340,6 +340,78 @@ def test_an_audit_of_many_quiet_streams_asks_in_bounded_requests_and_finds_a_los
     run(main())
 
 
+def test_with_an_unchanged_mark_a_quiet_deployment_audits_without_asking(settings):
+    """An engine that keeps a change mark (ServerEngine.mark): while it still reads as it
+    did with the last answer, nothing was numbered since, and the audit decides alone."""
+    async def main():
+        world, transport, other = await alice_and_bob(settings)
+        world.engine.marking = True
+        world.engine.publish("alice", 1)
+        world.engine.publish("bob", 1)
+        await world.hub.audit()  # the first audit asks for every stream, and hears the mark
+        assert world.engine.history_calls
+        world.engine.history_calls.clear()
+        for _ in range(3):
+            world.engine.ping()
+            await world.hub.audit()
+        assert world.engine.history_calls == []  # idle: no question at all
+        assert world.hub.repairs == 0
+
+        world.engine.publish("carol", 1)  # any stream's message moves the mark
+        world.engine.ping()
+        await world.hub.audit()
+        assert {name for wanted, _ in world.engine.history_calls for name in wanted} >= {"alice", "bob"}
+        assert world.hub.repairs == 0
+        assert seqs(transport) == [1] and seqs(other) == [1]
+
+    run(main())
+
+
+def test_a_loss_is_found_from_the_mark_though_the_mark_is_heard_late(settings):
+    """The mark a server holds can be older than the engine's (heard at the last ping): a
+    message numbered and lost after it is found an audit later than by asking, not never."""
+    async def main():
+        world = World(settings)
+        await world.start()
+        _, transport, _ = await world.connect("alice")
+        world.engine.marking = True
+        world.engine.publish("alice", 1)
+        await world.hub.audit()  # asked: head 1, mark m
+        world.engine.publish("alice", 2, deliver=False)  # lost; the server has not heard the new mark
+        audits = 0
+        while not world.hub.repairs and audits < 6:
+            await world.hub.audit()
+            audits += 1
+            if audits == 2:
+                world.engine.ping()  # the new mark arrives
+        await wait(lambda: world.hub.streams["alice"].seq == 2)
+        assert seqs(transport) == [1, 2]
+        assert audits <= 4  # two audits deaf to it, then one to see the head, one to find it behind
+
+    run(main())
+
+
+def test_a_loss_before_the_answer_is_found_without_asking_again(settings):
+    """The head an answer gave is the one to reach: with the mark unchanged since, a stream
+    still short of it lost its last message, and is repaired without another question."""
+    async def main():
+        world = World(settings)
+        await world.start()
+        _, transport, _ = await world.connect("alice")
+        world.engine.marking = True
+        world.engine.publish("alice", 1)
+        world.engine.publish("alice", 2, deliver=False)  # lost before the first audit
+        await world.hub.audit()  # asked: head 2, which may yet arrive
+        assert world.hub.repairs == 0
+        world.engine.history_calls.clear()
+        await world.hub.audit()  # the mark is the answer's: decided alone, still short
+        assert [wanted for wanted, max_bytes in world.engine.history_calls if max_bytes == 0] == []
+        await wait(lambda: world.hub.streams["alice"].seq == 2)
+        assert seqs(transport) == [1, 2] and world.hub.repairs == 1
+
+    run(main())
+
+
 def test_after_a_failed_repair_the_stream_goes_on_from_the_engines_head(settings):
     async def main():
         world = World(settings)

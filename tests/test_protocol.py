@@ -1079,8 +1079,8 @@ class TestHistory:
         )
         assert isinstance(frames, list) and all(isinstance(f, bytes) for f in frames)
         assert frames[1:] == [f1, f2]  # the message frames travel as they are
-        rid, streams = parse_history_reply(frames)
-        assert rid == 9
+        rid, streams, mark = parse_history_reply(frames)
+        assert rid == 9 and mark is None
         assert list(streams) == ["alice", "*", "bob"]
         assert streams["alice"] == StreamHistory("e1", 43, [(42, f1), (43, f2)])
         assert streams["*"] == StreamHistory("e1", 5, [])
@@ -1100,7 +1100,7 @@ class TestHistory:
     )
     def test_reply_message_frames_need_not_be_utf8(self, wire):
         frames = build_history_reply(1, {"a": ("e", 8, [(7, wire), (8, wire + b"!")])})
-        _, streams = parse_history_reply(frames)
+        _, streams, _ = parse_history_reply(frames)
         assert streams["a"].messages == [(7, wire), (8, wire + b"!")]
         assert all(type(w) is bytes for _, w in streams["a"].messages)
 
@@ -1119,7 +1119,23 @@ class TestHistory:
     def test_ping_reply(self):
         frames = build_history_reply(5, {})
         assert len(frames) == 1
-        assert parse_history_reply(frames) == (5, {})
+        assert parse_history_reply(frames) == (5, {}, None)
+
+    def test_a_reply_carries_the_change_mark_to_every_stream(self):
+        frames = build_history_reply(5, {"a": ("e", 2, []), "b": ("e", 0, None)}, "r1.2f")
+        assert json.loads(frames[0])["mark"] == "r1.2f"
+        rid, streams, mark = parse_history_reply(frames)
+        assert (rid, mark) == (5, "r1.2f")
+        assert [s.mark for s in streams.values()] == ["r1.2f", "r1.2f"]
+        assert parse_history_reply(build_history_reply(6, {}, "r1.30"))[2] == "r1.30"
+
+    @pytest.mark.parametrize("mark", [b"5", b"null", b"[]", b'{"a":1}', b'"' + b"x" * 65 + b'"'])
+    def test_a_mark_that_is_not_a_short_string_is_refused(self, mark):
+        if mark == b"null":  # what a proxy keeping no mark would send: as if absent
+            assert parse_history_reply([b'{"rid":1,"streams":{},"mark":null}'])[2] is None
+            return
+        with pytest.raises(ProtocolError, match="mark"):
+            parse_history_reply([b'{"rid":1,"streams":{},"mark":' + mark + b"}"])
 
     @pytest.mark.parametrize(
         "frames",
@@ -1191,9 +1207,10 @@ class TestHistory:
             if rng.random() < 0.3:
                 frames = frames[: rng.randrange(len(frames) + 1)] + [b"extra"] * rng.randrange(2)
             try:
-                rid, streams = parse_history_reply(frames)
+                rid, streams, mark = parse_history_reply(frames)
             except ProtocolError:
                 continue
+            assert mark is None or isinstance(mark, str)
             assert type(rid) is int
             assert all(isinstance(v, StreamHistory) for v in streams.values())
 

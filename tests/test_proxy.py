@@ -433,10 +433,19 @@ def test_ping_stats_and_paged_history_over_the_wire(proxy):
     sub = Subscriber(proxy.settings, ["pat"])
     publisher = flow.Flow(settings=proxy.settings)
     try:
-        assert json.loads(control.ask({"op": "ping"})[0]) == {"rid": control.rid, "streams": {}}
+        def mark() -> str:
+            reply = json.loads(control.ask({"op": "ping"})[0])
+            assert reply["rid"] == control.rid and reply["streams"] == {}
+            return reply["mark"]
+
+        quiet = mark()
+        assert mark() == quiet  # nothing numbered between two pings
         for i in range(4):
             publisher.push("pat", "M", {"i": i, "pad": "é" * 50})
         live = sub.messages(4)
+        moved = mark()
+        assert moved != quiet
+        assert mark() == moved
         epoch = sub.syncs["pat"][1]
         assert [(s, e) for _, s, e, _ in live] == [(1, epoch), (2, epoch), (3, epoch), (4, epoch)]
         wires = [w for _, _, _, w in live]
@@ -444,8 +453,11 @@ def test_ping_stats_and_paged_history_over_the_wire(proxy):
         assert answer == {"epoch": epoch, "seq": 4, "messages": [(2, wires[1]), (3, wires[2])]}
         assert control.history({"pat": (0, epoch)}, 0)["pat"]["messages"] == []
         assert control.history({"pat": (0, "other")}, 10**6)["pat"] == {"epoch": epoch, "seq": 4, "messages": None}
+        assert mark() == moved  # answering moves nothing...
+        assert control.history({"new": (0, "x")}, 0)["new"]["seq"] == 0
+        assert mark() != moved  # ...but a stream it started (its epoch) counts as a change
         stats = control.stats()
-        assert stats["streams"] == 1 and stats["subscribed"] == 1 and stats["history_messages"] == 4
+        assert stats["streams"] == 2 and stats["subscribed"] == 1 and stats["history_messages"] == 4  # pat, new
     finally:
         publisher.close()
         sub.close()

@@ -108,6 +108,7 @@ local function normalize(mkey, hkey, fresh)
   local seq, epoch = tonumber(m[1]), m[2]
   if seq == nil or not epoch or (m[3] ~= rid and not durable) then
     seq, epoch = 0, fresh
+    changes = changes + 1
     redis.call('DEL', hkey)
     redis.call('HSET', mkey, 'seq', 0, 'epoch', epoch, 'rid', rid)
   elseif m[3] ~= rid then
@@ -132,6 +133,24 @@ local meta_ttl = tonumber(ARGV[3])
 local seed = ARGV[4]
 local now = redis.call('TIME')
 local now_ms = tonumber(now[1]) * 1000 + math.floor(tonumber(now[2]) / 1000)
+-- The change mark (ServerEngine.mark): P:mark counts messages numbered and epochs started;
+-- with the run id (a restart) and the hash's own id (a flush), a value never seen twice.
+local changes = 0
+local function bump_mark()
+  if changes > 0 and redis.call('HINCRBY', prefix .. ':mark', 'n', changes) == changes then
+    redis.call('HSET', prefix .. ':mark', 'id', seed)
+  end
+  changes = 0
+end
+"""
+
+# The change mark as the scripts leave it: KEYS none; ARGV prefix. Run on its own (the
+# server's probe) and at the end of the read script.
+_MARK = r"""
+local function current_mark(run_id, key_prefix)
+  local m = redis.call('HMGET', key_prefix .. ':mark', 'id', 'n')
+  return run_id .. ':' .. (m[1] or '-') .. ':' .. (m[2] or '0')
+end
 """
 
 # ARGV: prefix, persistence token, meta ttl (ms), epoch seed, history size, history ttl (ms),
@@ -205,6 +224,7 @@ for i = 0, count - 1 do
     end
     redis.call('PUBLISH', s.channel, seq .. ' ' .. s.epoch .. ' ' .. frame)
     applied = applied + 1
+    changes = changes + 1
     if kind == 1 then
       local online = tonumber(redis.call('HGET', prefix .. ':pres:online', stream) or '0')
       redis.call('SET', rkey .. (first + i), seq .. ' ' .. s.epoch .. ' ' .. online, 'EX', """ + str(RECEIPT_TTL) + r""")
@@ -223,6 +243,7 @@ end
 if first + count - 1 > done then
   redis.call('SET', pkey, first + count - 1, 'EX', """ + str(PUBLISHER_TTL) + r""")
 end
+bump_mark()
 receipts[1] = applied
 return receipts
 """
@@ -231,8 +252,8 @@ return receipts
 # then (stream, seq, epoch) triples. Per stream, flat: epoch, head seq, n, then n frames;
 # n is -1 when what is owed cannot all be given (another epoch, beyond the head, evicted,
 # expired). Streams never written get a hash (seq 0, a new epoch), so that the position a
-# server reports is the numbering the first message will carry.
-READ_SCRIPT = "#!lua\n" + _PREAMBLE + _NORMALIZE + r"""
+# server reports is the numbering the first message will carry. Last, the change mark.
+READ_SCRIPT = "#!lua\n" + _PREAMBLE + _NORMALIZE + _MARK + r"""
 local max_bytes, ttl = tonumber(ARGV[5]), tonumber(ARGV[6])
 local out = {}
 for i = 7, #ARGV, 3 do
@@ -275,7 +296,17 @@ for i = 7, #ARGV, 3 do
     end
   end
 end
+bump_mark()
+out[#out + 1] = current_mark(rid, prefix)
 return out
+"""
+
+# The server's probe: publish to its own channel (that the link carries it back says the
+# link hears), and answer the change mark. ARGV: prefix, probe channel, probe payload.
+PROBE_SCRIPT = "#!lua\n" + _MARK + r"""
+local rid = string.match(redis.call('INFO', 'server'), 'run_id:(%x+)')
+redis.call('PUBLISH', ARGV[2], ARGV[3])
+return current_mark(rid, ARGV[1])
 """
 
 
@@ -793,6 +824,8 @@ class RedisServerEngine:
         self._sink: EngineSink | None = None
         self._redis: redis.asyncio.Redis | None = None
         self._read_script: Any = None
+        self._probe_script: Any = None
+        self._mark: str | None = None  # the change mark in the last answer from Redis
         self._durable = ""  # persistence_token, read again after any failure
         self._subscriptions: dict[bytes, _Subscription] = {}
         # Subscribe/unsubscribe replies still due per channel: a subscription is confirmed
@@ -821,6 +854,7 @@ class RedisServerEngine:
         self._sink = sink
         self._redis = async_client(self.url)
         self._read_script = self._redis.register_script(READ_SCRIPT)
+        self._probe_script = self._redis.register_script(PROBE_SCRIPT)
         self._command_due = asyncio.Event()
         self._presence.start(self._redis, sink)
         for coro in (self._pubsub_link(), self._probes(), self._touches(), self._presence.run()):
@@ -851,6 +885,10 @@ class RedisServerEngine:
             except Exception:
                 pass
             self._redis = None
+
+    @property
+    def mark(self) -> str | None:
+        return self._mark
 
     @property
     def live(self) -> bool:
@@ -1198,9 +1236,16 @@ class RedisServerEngine:
     async def _probe(self, count: int) -> None:
         assert self._redis is not None
         try:
-            await asyncio.wait_for(self._redis.publish(self._probe_channel, str(count)), COMMAND_TIMEOUT)
+            mark = await asyncio.wait_for(
+                self._probe_script(keys=[], args=[self.settings.redis_prefix, self._probe_channel, str(count)]),
+                COMMAND_TIMEOUT)
         except (redis.RedisError, OSError, asyncio.TimeoutError) as exc:
             self._read_failed.warn(f"a probe: {type(exc).__name__}: {exc}")
+            return
+        try:
+            self._mark = _mark_text(mark)
+        except ValueError as exc:
+            self._bad_message.warn(f"a probe's answer: {exc}")
 
     async def _touches(self) -> None:
         """Keep the hashes of the streams this server receives from expiring."""
@@ -1246,7 +1291,11 @@ class RedisServerEngine:
             self._read_failed.warn(f"{type(exc).__name__}: {exc}")
             return None
         try:
-            return _parse_read(names, wanted, reply)
+            answers = _parse_read(names, wanted, reply)
+            # Answers may come back out of order over the pool's connections: an older mark
+            # heard last is a mark heard late, which delays what an audit finds (Hub.audit).
+            self._mark = answers[names[0]].mark
+            return answers
         except (ValueError, IndexError, TypeError, UnicodeDecodeError, AttributeError) as exc:
             self._bad_message.warn(f"a history answer: {exc}")
             return None
@@ -1275,13 +1324,17 @@ def _parse_read(names: list[str], wanted: Mapping[str, Position], reply: list[An
     answers: dict[str, StreamHistory] = {}
     at = 0
     encode = protocol.encode_text_frame
+    if not reply:
+        raise ValueError("no change mark")
+    mark = _mark_text(reply[-1])
+    reply = reply[:-1]
     for name in names:
         epoch = reply[at].decode("ascii")
         head = int(reply[at + 1])
         count = int(reply[at + 2])
         at += 3
         if count < 0:
-            answers[name] = StreamHistory(epoch, head, None)
+            answers[name] = StreamHistory(epoch, head, None, mark)
             continue
         since = wanted[name][0]
         frames = reply[at : at + count]
@@ -1290,10 +1343,21 @@ def _parse_read(names: list[str], wanted: Mapping[str, Position], reply: list[An
             raise ValueError(f"stream {name!r}: a short or overlong answer")
         for i, frame in enumerate(frames):
             check_frame(frame, since + 1 + i, epoch)
-        answers[name] = StreamHistory(epoch, head, [(since + 1 + i, encode(f)) for i, f in enumerate(frames)])
+        answers[name] = StreamHistory(epoch, head, [(since + 1 + i, encode(f)) for i, f in enumerate(frames)], mark)
     if at != len(reply):
         raise ValueError("more in the answer than was asked")
     return answers
+
+
+_MARK_SHAPE = re.compile(r"[0-9a-f]{1,64}:[0-9a-f-]{1,64}:[0-9]{1,20}")
+
+
+def _mark_text(value: Any) -> str:
+    """A change mark as the scripts make it (run id, the hash's id, the count)."""
+    text = value.decode("ascii") if isinstance(value, bytes) else value
+    if not isinstance(text, str) or not _MARK_SHAPE.fullmatch(text):
+        raise ValueError("not a change mark")
+    return text
 
 
 

@@ -474,6 +474,7 @@ class ZmqServerEngine:
         self._requests: dict[int, tuple[asyncio.Future[dict[str, StreamHistory] | None], dict[str, Position]]] = {}
         self._next_request = 0
         self._heard = -math.inf  # monotonic time the proxy last sent anything
+        self._mark: str | None = None  # the proxy's change mark in its last control reply
         self._fanout_due = False
         self._control_due = False
         self._task: asyncio.Task[None] | None = None
@@ -559,6 +560,10 @@ class ZmqServerEngine:
             # Linger 0 but for the goodbye: term returns at once, or once it is out.
             self._context.term()
             self._context = None
+
+    @property
+    def mark(self) -> str | None:
+        return self._mark
 
     @property
     def live(self) -> bool:
@@ -736,11 +741,13 @@ class ZmqServerEngine:
                     future.set_result(header)
                 return
         try:
-            request_id, streams = protocol.parse_history_reply(frames[1:])
+            request_id, streams, mark = protocol.parse_history_reply(frames[1:])
         except protocol.ProtocolError as exc:
             self._bad_reply.warn(exc)
             return
         self._heard = time.monotonic()
+        # Replies come in the order the proxy made them: the last one's mark is its latest.
+        self._mark = mark
         pending = self._requests.pop(request_id, None)
         if pending is None:
             if not 0 < request_id <= self._next_request:
