@@ -129,6 +129,9 @@ class PresenceTable:
         self.lease: dict[str, float] = {}  # server -> when its counts expire
         self.totals: dict[Key, int] = {}
         self.channels: dict[str, _Channel] = {}
+        # The channels with a LEAVE pending: the tick (ten a second) looks at these only,
+        # not at every channel (10,000 of them took 3.6 ms a tick, every push waiting).
+        self._leaving: set[str] = set()
         # After a restart of the table's process, the servers report again what they held:
         # JOIN/LEAVE made meanwhile are not sent (the users never left), and when it ends
         # every server sends its listening pages a fresh snapshot (:meth:`end_rebuild`).
@@ -205,16 +208,21 @@ class PresenceTable:
         events: list[PresenceEvent] = []
         for server in [s for s, until in self.lease.items() if until <= now]:
             events += self.drop_server(server, now)
-        for stream in list(self.channels):
-            channel = self.channels[stream]
+        for stream in list(self._leaving):
+            channel = self.channels.get(stream)
+            if channel is None:
+                self._leaving.discard(stream)
+                continue
             for user in [u for u, due in channel.leaving.items() if due <= now]:
                 del channel.leaving[user]
                 if channel.users.get(user, 0) == 0:
                     channel.users.pop(user, None)
                     channel.version = self._next(channel)
                     events.append(PresenceEvent(stream, "LEAVE", user, channel.version))
-            if not channel.users and not channel.leaving:
-                del self.channels[stream]
+            if not channel.leaving:
+                self._leaving.discard(stream)
+                if not channel.users:
+                    del self.channels[stream]
         return [] if self.rebuilding(now) else events
 
     def _set(self, server: str, own: dict[Key, int], key: Key, count: int, now: float,
@@ -252,8 +260,11 @@ class PresenceTable:
         elif self.leave_delay <= 0:
             del channel.users[user]
             events.append(PresenceEvent(stream, "LEAVE", user, channel.version))
+            if not channel.users and not channel.leaving:
+                del self.channels[stream]
         else:
             channel.leaving[user] = now + self.leave_delay
+            self._leaving.add(stream)
 
     def _next(self, channel: _Channel) -> int:
         self.version += 1

@@ -54,6 +54,33 @@ def test_no_leave_delay_leaves_at_once():
     assert kinds(table.report("s1", {(DOC, "bob"): 0}, now=1)) == [("LEAVE", "bob")]
 
 
+def test_a_channel_goes_with_its_last_user_at_once_without_a_leave_delay():
+    table = PresenceTable(leave_delay=0, version_base=0)
+    table.report("s1", {(DOC, "bob"): 1, (DOC, "eve"): 1}, now=0, full=True)
+    table.report("s1", {(DOC, "bob"): 0}, now=1)
+    assert list(table.channels) == [DOC]
+    table.report("s1", {(DOC, "eve"): 0}, now=2)
+    assert table.channels == {}  # no tick needed
+    assert table.snapshot(DOC).count == 0
+
+
+def test_the_tick_finds_each_due_leave_among_many_quiet_channels():
+    """The tick looks only at channels with a LEAVE pending; many channels whose users
+    stay, a rejoin within the delay and a leave that comes due all come out right."""
+    table = PresenceTable(leave_delay=10, version_base=0, lease_ttl=1000)
+    quiet = {(f"\0page:{i}", f"u{i}"): 1 for i in range(2000)}
+    table.report("s1", {**quiet, (DOC, "bob"): 1, (DOC, "eve"): 1}, now=0, full=True)
+    table.report("s1", {(DOC, "bob"): 0, ("\0page:7", "u7"): 0}, now=1)
+    table.report("s1", {("\0page:7", "u7"): 1}, now=2)  # back within the delay
+    assert table.tick(now=5) == []
+    assert kinds(table.tick(now=11)) == [("LEAVE", "bob")]
+    assert table.tick(now=12) == []
+    table.report("s1", {(DOC, "eve"): 0}, now=20)
+    assert kinds(table.tick(now=30)) == [("LEAVE", "eve")]
+    assert DOC not in table.channels and len(table.channels) == 2000
+    assert table.snapshot("\0page:7").users == {"u7": 1}
+
+
 def test_versions_rise_with_every_change_and_across_channels():
     table = PresenceTable(leave_delay=0, version_base=500)
     seen = []
