@@ -166,6 +166,11 @@ class PresenceTable:
             self._set(server, own, key, max(0, int(count)), now, events)
         return [] if self.rebuilding(now) else events
 
+    @property
+    def pending(self) -> bool:
+        """A LEAVE or the end of a rebuild is to come: :meth:`tick` is wanted soon."""
+        return bool(self._leaving) or self.rebuild_until is not None
+
     def rebuilding(self, now: float) -> bool:
         return self.rebuild_until is not None and now < self.rebuild_until
 

@@ -84,8 +84,12 @@ STATE_FILE = "proxy-state"
 # /readyz answers 503 when the loop has not turned for this long (a stuck loop, e.g. a
 # huge control request being answered).
 LOOP_STALE = 3.0
-# Due LEAVEs and expired server leases are looked for this often.
+# Due LEAVEs are looked for this often while any is pending; expired server leases at
+# least every IDLE_POLL (and four times a lease).
 PRESENCE_TICK = 0.1
+# The longest the loop sleeps when nothing is due: an idle proxy wakes for the servers'
+# pings and this, not ten times a second. Well within LOOP_STALE.
+IDLE_POLL = 1.0
 
 # A plain int: pyzmq's flag enums cost more than the send itself on this path.
 NOBLOCK = int(zmq.NOBLOCK)
@@ -771,6 +775,10 @@ class Proxy:
         self.warnings = WarningLimiter(log)
         self.cpu_keeper: CpuKeeper | None = None  # FLOW_PROXY_CPU=auto: set by proxy_main
         self.stop_requested = False
+        # request_stop writes here, so that a loop asleep in its poll wakes at once.
+        self._wake_read, self._wake_write = os.pipe()
+        os.set_blocking(self._wake_read, False)
+        os.set_blocking(self._wake_write, False)
         # When the loop last turned (monotonic): /readyz and flow_engine_up say whether it still does.
         self.turned_at = time.monotonic()
         self.numbered = 0
@@ -1144,8 +1152,12 @@ class Proxy:
     # ---------------------------------------------------------------- loop
 
     def request_stop(self) -> None:
-        """From a signal handler: the loop ends within one poll timeout."""
+        """From a signal handler or another thread: the loop wakes and ends."""
         self.stop_requested = True
+        try:
+            os.write(self._wake_write, b"s")
+        except OSError:
+            pass  # full (a wake-up is pending anyway) or closed (the proxy is gone)
 
     # ---------------------------------------------------------------- health and metrics
 
@@ -1193,6 +1205,7 @@ class Proxy:
             poller.register(self.pull, zmq.POLLIN)
         poller.register(self.xpub, zmq.POLLIN)
         poller.register(self.control, zmq.POLLIN)
+        poller.register(self._wake_read, zmq.POLLIN)
         log.info(
             "proxy up: publish %s, fan-out %s, control %s, run epoch %s, %d streams continued, "
             "history %d msgs / %gs",
@@ -1207,8 +1220,9 @@ class Proxy:
         interval = sweep_interval(self.settings.history_ttl)
         started = time.monotonic()
         next_sweep = started + interval
-        next_presence_tick = started + PRESENCE_TICK
-        message_log, guarded = self.log, self._guarded
+        presence_idle_tick = min(IDLE_POLL, self.settings.presence_lease / 4)
+        last_presence_tick = started
+        message_log, guarded, presence = self.log, self._guarded, self.presence
         keeper = self.cpu_keeper
         worked_from = time.monotonic()
         while not self.stop_requested:
@@ -1225,10 +1239,19 @@ class Proxy:
                          awaiting - sum(self.awaited.values()), awaiting, time.monotonic() - started)
                 self.awaited.clear()
             sweeping = message_log.sweeping
+            next_presence_tick = last_presence_tick + (PRESENCE_TICK if presence.pending else presence_idle_tick)
+            if sweeping:
+                timeout = 0
+            elif holding:
+                timeout = 20
+            else:
+                timeout = max(1, min(int(IDLE_POLL * 1000), math.ceil((min(next_sweep, next_presence_tick) - now) * 1000)))
             # Only the sockets that have something: an empty recv costs an exception, and
             # at a few thousand pushes a second most wake-ups are for one push.
-            events = dict(poller.poll(0 if sweeping else 20 if holding else 100))
+            events = dict(poller.poll(timeout))
             worked_from = time.monotonic()
+            if self._wake_read in events:
+                self._take_wake()
             if self.xpub in events:
                 guarded(self.take_subscriptions, "subscriptions")
             if self.control in events:
@@ -1242,8 +1265,14 @@ class Proxy:
                 next_sweep = time.monotonic() + interval
             if time.monotonic() >= next_presence_tick:
                 guarded(self.presence_tick, "presence")
-                next_presence_tick = time.monotonic() + PRESENCE_TICK
+                last_presence_tick = time.monotonic()
             self.warnings.flush()
+
+    def _take_wake(self) -> None:
+        try:
+            os.read(self._wake_read, 64)
+        except OSError:
+            pass
 
     def _wait_for_quiet(self, limit: float) -> bool:
         """Go on serving until no push came for QUIET_BEFORE_UNBIND seconds (True), or
@@ -1323,6 +1352,7 @@ class Proxy:
                           self.state_path, exc)
                 code = 1
         self.context.term()
+        self._close_wake()
         log.info("stopped: %d messages taken during the stop, %d streams (%d messages of history) "
                  "saved to %s in %.2fs",
                  taken, streams, messages, self.state_path, time.monotonic() - started)
@@ -1334,3 +1364,11 @@ class Proxy:
             if not sock.closed:
                 sock.close(linger=0)
         self.context.term()
+        self._close_wake()
+
+    def _close_wake(self) -> None:
+        # Once only: a second os.close could hit a descriptor the number was reused for.
+        fds, (self._wake_read, self._wake_write) = (self._wake_read, self._wake_write), (-1, -1)
+        for fd in fds:
+            if fd >= 0:
+                os.close(fd)
