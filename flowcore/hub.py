@@ -48,6 +48,10 @@ AUDIT_CHUNK = 200
 # Each stream is audited once an interval, in this many slices spread over it: one request
 # naming every stream would stall the proxy and the server for a moment every interval.
 AUDIT_SLICES = 10
+# Every this many audits a quiet stream is asked about whatever the engine's change mark
+# says: a mark that fails to move (a Redis publisher of a version that keeps none, a hand-
+# edited key) then delays a finding by at most this many intervals (30 s), never forever.
+AUDIT_ASK_EVERY = 15
 # Clients told to reconnect spread themselves over a window this many reconnects a second
 # of the whole pool would fill (at least MIN_RECONNECT_WINDOW seconds).
 RECONNECTS_PER_SECOND = 500.0
@@ -641,22 +645,28 @@ class Hub:
             state.held_bytes = sum(len(wire) for _, _, wire in kept)
 
     async def _audits(self) -> None:
+        cycle = 0
         while True:
             states = list(self.streams.values())
+            trust_mark = cycle % AUDIT_ASK_EVERY != 0
+            cycle += 1
             for part in range(AUDIT_SLICES):
                 await asyncio.sleep(AUDIT_INTERVAL / AUDIT_SLICES)
                 try:
-                    await self.audit(states[part::AUDIT_SLICES])
+                    await self.audit(states[part::AUDIT_SLICES], trust_mark)
                 except Exception:
                     log.exception("stream audit failed")
 
-    async def audit(self, streams: list[StreamState] | None = None) -> None:
+    async def audit(self, streams: list[StreamState] | None = None, trust_mark: bool = True) -> None:
         """Compare the positions of ``streams`` (default: all) that were quiet since the last
         audit with the engine's. A stream still short of the head the previous audit saw
-        lost messages that no later one revealed: repair."""
+        lost messages that no later one revealed: repair. ``trust_mark``: decide without
+        asking where the engine's change mark says nothing was numbered."""
         candidates = self.streams.values() if streams is None else streams
         states = []
-        mark = self.engine.mark
+        # Only from a live engine: one that went away answers nothing, so a repair started
+        # from the mark it left would fail, close the stream's sockets, and start again.
+        mark = self.engine.mark if trust_mark and self.engine.live else None
         for s in candidates:
             if not s.synced or s.held is not None or self.streams.get(s.name) is not s:
                 continue

@@ -13,6 +13,7 @@ import os
 from typing import Any
 
 import pytest
+import redis
 
 import flow
 from flowcore import protocol
@@ -230,6 +231,43 @@ def test_live_follows_the_probes(tmp_path, redis_server):
         assert not engine.live
 
     run(test)
+
+
+def test_a_full_redis_still_answers_the_probe_and_its_mark(tmp_path, make_redis, caplog):
+    """Under noeviction a full Redis refuses writes (and script calls that may write): the
+    probe, which says whether the link hears, must still run, or every server turns not
+    live (/readyz 503) and replaces its link every few seconds."""
+    server = make_redis(maxmemory="3mb")
+    settings = settings_for(tmp_path, server, FLOW_REDIS_PROBE="0.1")
+    client = server.client()
+
+    async def test() -> None:
+        sink = RecordingSink()
+        engine = server_engine(settings)
+        await engine.start(sink)
+        try:
+            engine.subscribe("alice")
+            await until(lambda: sink.position("alice") and engine.live and engine.mark, message="live with a mark")
+            with pytest.raises(redis.exceptions.OutOfMemoryError):
+                for n in range(10):
+                    client.set(f"filler{n}".encode(), b"x" * 1_000_000)
+            engine._mark = None
+            caplog.clear()
+            await engine._probe(10**6)  # as the probe loop does: publish, read the mark
+            assert engine.mark is not None
+            assert not [r for r in caplog.records if "probe" in r.getMessage()]
+            await until(lambda: engine.live, message="live")
+        finally:
+            await engine.close()
+
+    run(test)
+
+
+def test_a_missing_mark_hash_is_no_mark():
+    # Deleted, P:mark reads "-" as its id each time: two such readings say nothing of what
+    # was numbered between them, so the hub asks.
+    assert redis_engine._mark_text(b"0f3a:-:0") is None
+    assert redis_engine._mark_text(b"0f3a:9c-:4") == "0f3a:9c-:4"
 
 
 @pytest.mark.parametrize("persistence, fsync, durable", [("aof", "always", True), ("aof", "everysec", False),

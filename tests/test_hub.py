@@ -412,6 +412,57 @@ def test_a_loss_before_the_answer_is_found_without_asking_again(settings):
     run(main())
 
 
+def test_the_mark_of_an_engine_gone_away_starts_no_repair_loop(settings):
+    """A stream found short from the mark while the engine is away: the repair could only
+    fail and close the stream's sockets, again every audit. As when asking, nothing is
+    done until the engine answers again; then the loss is repaired."""
+    async def main():
+        world = World(settings)
+        await world.start()
+        _, transport, _ = await world.connect("alice")
+        world.engine.marking = True
+        world.engine.publish("alice", 1)
+        world.engine.publish("alice", 2, deliver=False)  # lost
+        await world.hub.audit()  # asked: head 2
+        world.engine.live = world.engine.answering = False
+        for _ in range(3):
+            await world.hub.audit()
+        assert world.hub.repairs == 0 and transport.closed is None
+        world.engine.live = world.engine.answering = True
+        await world.hub.audit()
+        await wait(lambda: world.hub.streams["alice"].seq == 2)
+        assert seqs(transport) == [1, 2] and transport.closed is None
+
+    run(main())
+
+
+def test_an_audit_that_does_not_trust_the_mark_asks(settings):
+    """Every AUDIT_ASK_EVERY audits the hub asks whatever the mark says: a mark that never
+    moves (a publisher that keeps none) delays a finding, never hides it."""
+    async def main():
+        world = World(settings)
+        await world.start()
+        _, transport, _ = await world.connect("alice")
+        world.engine.marking = True
+        world.engine.publish("alice", 1)
+        await world.hub.audit()  # asked: head 1
+        world.engine.publish("alice", 2, deliver=False)  # lost...
+        world.engine.changes -= 1  # ...by a publisher that left the mark as it was
+        world.engine.ping()
+        for _ in range(3):
+            await world.hub.audit()
+        assert world.hub.repairs == 0  # the mark hides it
+        world.engine.history_calls.clear()
+        await world.hub.audit(trust_mark=False)  # asks: head 2
+        assert world.engine.history_calls
+        await world.hub.audit()
+        await wait(lambda: world.hub.streams["alice"].seq == 2)
+        assert seqs(transport) == [1, 2]
+        assert hub_module.AUDIT_ASK_EVERY * hub_module.AUDIT_INTERVAL <= 30
+
+    run(main())
+
+
 def test_after_a_failed_repair_the_stream_goes_on_from_the_engines_head(settings):
     async def main():
         world = World(settings)

@@ -303,7 +303,9 @@ return out
 
 # The server's probe: publish to its own channel (that the link carries it back says the
 # link hears), and answer the change mark. ARGV: prefix, probe channel, probe payload.
-PROBE_SCRIPT = "#!lua\n" + _MARK + r"""
+# no-writes: Redis runs it when it refuses writes (full under noeviction, a failed save),
+# as it ran the plain PUBLISH this replaces; the probe must not fail the link then.
+PROBE_SCRIPT = "#!lua flags=allow-oom,allow-stale\n" + _MARK + r"""
 local rid = string.match(redis.call('INFO', 'server'), 'run_id:(%x+)')
 redis.call('PUBLISH', ARGV[2], ARGV[3])
 return current_mark(rid, ARGV[1])
@@ -1352,12 +1354,14 @@ def _parse_read(names: list[str], wanted: Mapping[str, Position], reply: list[An
 _MARK_SHAPE = re.compile(r"[0-9a-f]{1,64}:[0-9a-f-]{1,64}:[0-9]{1,20}")
 
 
-def _mark_text(value: Any) -> str:
-    """A change mark as the scripts make it (run id, the hash's id, the count)."""
+def _mark_text(value: Any) -> str | None:
+    """A change mark as the scripts make it (run id, the hash's id, the count); None
+    while P:mark does not exist (its id "-"): a missing hash reads the same each time it
+    is deleted, so it says nothing of what was numbered meanwhile."""
     text = value.decode("ascii") if isinstance(value, bytes) else value
     if not isinstance(text, str) or not _MARK_SHAPE.fullmatch(text):
         raise ValueError("not a change mark")
-    return text
+    return None if text.split(":")[1] == "-" else text
 
 
 
