@@ -21,7 +21,7 @@ from flowcore.engine import StreamHistory, server_engine
 from flowcore.engines import redis as redis_engine
 from flowcore.settings import load_settings
 from support import base_env
-from test_engine_contract import RecordingSink, browser_json, run, until
+from test_engine_contract import RecordingSink, browser_json, run, started, until
 
 
 def settings_for(tmp_path, server, **overrides: object):
@@ -242,12 +242,8 @@ def test_a_full_redis_still_answers_the_probe_and_its_mark(tmp_path, make_redis,
     client = server.client()
 
     async def test() -> None:
-        sink = RecordingSink()
-        engine = server_engine(settings)
-        await engine.start(sink)
-        try:
-            engine.subscribe("alice")
-            await until(lambda: sink.position("alice") and engine.live and engine.mark, message="live with a mark")
+        async with started(settings, "alice") as (engine, _):
+            await until(lambda: engine.live and engine.mark, message="live with a mark")
             with pytest.raises(redis.exceptions.OutOfMemoryError):
                 for n in range(10):
                     client.set(f"filler{n}".encode(), b"x" * 1_000_000)
@@ -257,8 +253,6 @@ def test_a_full_redis_still_answers_the_probe_and_its_mark(tmp_path, make_redis,
             assert engine.mark is not None
             assert not [r for r in caplog.records if "probe" in r.getMessage()]
             await until(lambda: engine.live, message="live")
-        finally:
-            await engine.close()
 
     run(test)
 

@@ -340,6 +340,17 @@ def test_an_audit_of_many_quiet_streams_asks_in_bounded_requests_and_finds_a_los
     run(main())
 
 
+async def alice_with_a_mark(settings) -> tuple[World, FakeTransport]:
+    """A started world whose engine keeps a change mark, with one socket for alice, who
+    has had one message."""
+    world = World(settings)
+    await world.start()
+    _, transport, _ = await world.connect("alice")
+    world.engine.marking = True
+    world.engine.publish("alice", 1)
+    return world, transport
+
+
 def test_with_an_unchanged_mark_a_quiet_deployment_audits_without_asking(settings):
     """An engine that keeps a change mark (ServerEngine.mark): while it still reads as it
     did with the last answer, nothing was numbered since, and the audit decides alone."""
@@ -371,11 +382,7 @@ def test_a_loss_is_found_from_the_mark_though_the_mark_is_heard_late(settings):
     """The mark a server holds can be older than the engine's (heard at the last ping): a
     message numbered and lost after it is found an audit later than by asking, not never."""
     async def main():
-        world = World(settings)
-        await world.start()
-        _, transport, _ = await world.connect("alice")
-        world.engine.marking = True
-        world.engine.publish("alice", 1)
+        world, transport = await alice_with_a_mark(settings)
         await world.hub.audit()  # asked: head 1, mark m
         world.engine.publish("alice", 2, deliver=False)  # lost; the server has not heard the new mark
         audits = 0
@@ -395,11 +402,7 @@ def test_a_loss_before_the_answer_is_found_without_asking_again(settings):
     """The head an answer gave is the one to reach: with the mark unchanged since, a stream
     still short of it lost its last message, and is repaired without another question."""
     async def main():
-        world = World(settings)
-        await world.start()
-        _, transport, _ = await world.connect("alice")
-        world.engine.marking = True
-        world.engine.publish("alice", 1)
+        world, transport = await alice_with_a_mark(settings)
         world.engine.publish("alice", 2, deliver=False)  # lost before the first audit
         await world.hub.audit()  # asked: head 2, which may yet arrive
         assert world.hub.repairs == 0
@@ -417,11 +420,7 @@ def test_the_mark_of_an_engine_gone_away_starts_no_repair_loop(settings):
     fail and close the stream's sockets, again every audit. As when asking, nothing is
     done until the engine answers again; then the loss is repaired."""
     async def main():
-        world = World(settings)
-        await world.start()
-        _, transport, _ = await world.connect("alice")
-        world.engine.marking = True
-        world.engine.publish("alice", 1)
+        world, transport = await alice_with_a_mark(settings)
         world.engine.publish("alice", 2, deliver=False)  # lost
         await world.hub.audit()  # asked: head 2
         world.engine.live = world.engine.answering = False
@@ -440,11 +439,7 @@ def test_an_audit_that_does_not_trust_the_mark_asks(settings):
     """Every AUDIT_ASK_EVERY audits the hub asks whatever the mark says: a mark that never
     moves (a publisher that keeps none) delays a finding, never hides it."""
     async def main():
-        world = World(settings)
-        await world.start()
-        _, transport, _ = await world.connect("alice")
-        world.engine.marking = True
-        world.engine.publish("alice", 1)
+        world, transport = await alice_with_a_mark(settings)
         await world.hub.audit()  # asked: head 1
         world.engine.publish("alice", 2, deliver=False)  # lost...
         world.engine.changes -= 1  # ...by a publisher that left the mark as it was
