@@ -144,8 +144,8 @@ local function bump_mark()
 end
 """
 
-# The change mark as the scripts leave it: KEYS none; ARGV prefix. Run on its own (the
-# server's probe) and at the end of the read script.
+# current_mark(run id, key prefix): the change mark as the scripts leave it, read at the
+# end of the read script and by the server's probe.
 _MARK = r"""
 local function current_mark(run_id, key_prefix)
   local m = redis.call('HMGET', key_prefix .. ':mark', 'id', 'n')
@@ -303,8 +303,9 @@ return out
 
 # The server's probe: publish to its own channel (that the link carries it back says the
 # link hears), and answer the change mark. ARGV: prefix, probe channel, probe payload.
-# no-writes: Redis runs it when it refuses writes (full under noeviction, a failed save),
-# as it ran the plain PUBLISH this replaces; the probe must not fail the link then.
+# allow-oom, allow-stale: Redis runs it while it refuses writes (full under noeviction) and
+# on a stale replica, as it ran the plain PUBLISH this replaces; the probe must not fail
+# the link then. (Not no-writes: a read-only script may not PUBLISH.)
 PROBE_SCRIPT = "#!lua flags=allow-oom,allow-stale\n" + _MARK + r"""
 local rid = string.match(redis.call('INFO', 'server'), 'run_id:(%x+)')
 redis.call('PUBLISH', ARGV[2], ARGV[3])
