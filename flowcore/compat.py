@@ -198,6 +198,11 @@ def set_bound(stream: Any, size: int) -> None:
     stream.max_write_buffer_size = size
 
 
+def writing(stream: Any) -> bool:
+    """Whether ``stream`` holds bytes it could not write to the kernel yet."""
+    return stream is not None and bool(stream.writing())
+
+
 async def drained(stream: Any) -> None:
     """Wait until everything written to ``stream`` so far has reached the kernel."""
     import tornado.iostream
@@ -225,7 +230,7 @@ def _build_protocol() -> type:
     import tornado.websocket
 
     class FlowProtocol(tornado.websocket.WebSocketProtocol13):
-        """Two changes to tornado's protocol:
+        """Three changes to tornado's protocol:
 
         - a client frame without a mask is a protocol error (RFC 6455 section 5.1:
           "a server MUST close the connection upon receiving a frame that is not
@@ -235,8 +240,11 @@ def _build_protocol() -> type:
           client, still sending, gets a reset instead of the 1009 close frame (likewise
           1002 after an unmasked frame, whose payload is still unread). Instead, read and
           discard what the client is still sending for a moment, then close.
+        - each continuation frame is reported to the handler (``on_continuation``): tornado
+          hands over a fragmented message only once it is complete, so without this its
+          fragments would cost nothing against the rate limit.
 
-        Both hooks are plain functions, not coroutines, and add no callback: every idle
+        The hooks are plain functions, not coroutines, and add no callback: every idle
         socket has a header read pending, and anything chained to it stays alive with it
         (a coroutine is about 0.3 KiB); the ``_read_bytes`` future even saves tornado's own.
         """
@@ -261,11 +269,20 @@ def _build_protocol() -> type:
                 # The frame's second read (length, mask or payload; tornado always makes
                 # one): its header has arrived, and nothing of the frame is handled yet.
                 handler.at_header = False
-                if not header.result()[1] & 0x80:
+                # Once: tornado goes on reading frames until the client answers the close
+                # (or 5 s pass), and a client that keeps sending unmasked frames must not
+                # get a log line for each of them.
+                if not header.result()[1] & 0x80 and not self.server_terminated:
                     report = getattr(handler, "protocol_error", None)
                     if report is not None:
                         report("unmasked client frame")
                     handler.close(CLOSE_PROTOCOL_ERROR, "unmasked frame")
+                elif not header.result()[0] & 0x0F:
+                    # A continuation frame: tornado charges nothing until the message
+                    # is complete, which a client can put off for ever.
+                    fragment = getattr(handler, "on_continuation", None)
+                    if fragment is not None:
+                        fragment()
             # What tornado's coroutine does, as a future: count the bytes, read them.
             self._wire_bytes_in += n
             future = self.stream.read_bytes(n)

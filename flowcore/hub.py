@@ -23,7 +23,7 @@ from typing import Any, AsyncIterator, Callable, Coroutine, Iterator
 from . import protocol
 from .engine import Position, ServerEngine
 from .presence import Ledger, PresenceEvent, Snapshot
-from .session import SUB_GONE, ChannelJoin, ChannelSub, JoinRequest, JoinResult, Session
+from .session import CLOSED, SUB_GONE, ChannelJoin, ChannelSub, JoinRequest, JoinResult, Session
 from .runtime import Throttled, spawn
 from .settings import Settings
 
@@ -210,7 +210,11 @@ class Hub:
 
     async def join(self, session: Session, request: JoinRequest) -> JoinResult | None:
         """Attach ``session`` to its user's stream and to broadcasts. None when the engine
-        could not say where the streams stand (it is away): the caller refuses the socket."""
+        could not say where the streams stand (it is away): the caller refuses the socket.
+        A session closed before its turn came is not attached (None too): its leave has
+        already run and nothing would ever take it out again."""
+        if session.stage == CLOSED:
+            return None
         name = request.username
         state = self.streams.get(name)
         if state is None:

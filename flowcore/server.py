@@ -138,6 +138,11 @@ class FlowSocket(tornado.websocket.WebSocketHandler):
         if self.session is not None:
             self.session.receive_ping()
 
+    def on_continuation(self) -> None:
+        """Called by compat's protocol for each continuation frame (tornado has no hook)."""
+        if self.session is not None:
+            self.session.receive_continuation()
+
     def protocol_error(self, what: str) -> None:
         """Called by compat's protocol on a frame RFC 6455 forbids (it closes 1002)."""
         session = self.session
@@ -167,6 +172,11 @@ class FlowSocket(tornado.websocket.WebSocketHandler):
             session.close(protocol.CLOSE_SLOW_CONSUMER, protocol.reconnect_reason("slow consumer", window))
         else:
             self.close(protocol.CLOSE_SLOW_CONSUMER, "slow consumer")
+
+    def writing(self) -> bool:
+        """Whether tornado holds bytes of this socket the kernel has not taken yet."""
+        conn = self.ws_connection
+        return conn is not None and not self.closing and compat.writing(conn.stream)
 
     async def drained(self) -> None:
         conn = self.ws_connection
@@ -399,6 +409,8 @@ class Server:
     async def authenticate(self, sock: FlowSocket, session: Session, request: JoinRequest) -> None:
         """A first valid token: join the hub, say AUTH OK, serve what a resume owes."""
         self.awaiting.pop(session, None)
+        if session.stage == CLOSED:
+            return  # closed in the same read as its AUTH, before this task ran
         self.timers.schedule(session)  # its deadline is now the token's expiry
         result = await self.hub.join(session, request)
         if session.stage == CLOSED:
@@ -463,11 +475,10 @@ class Server:
                                    session.peer, session.username, sub.name)
                 session.channel_failed(sub, "unavailable", temporary=True)
                 return
-        session.channel_attached(sub, result, snapshot)
+        after = session.channel_attached(sub, result, snapshot)
         if request.since is not None:
             self.count_resume("channel", result.recovered)
         self.hub.presence_sent(sub)
-        after = result.owed_after
         try:
             while after is not None:
                 state = sub.state
@@ -492,11 +503,19 @@ class Server:
 
     async def _write_history(self, sock: "FlowSocket", session: Session, stream: str, after: int, until: int,
                              epoch: str, deliver: Callable[[int, bytes], None], wanted: Callable[[], bool]) -> bool:
-        """Write the messages (after, until] of ``stream`` a page at a time, each page once the
-        previous one is out (back-pressure: a resume of any size costs bounded memory). False
+        """Write the messages (after, until] of ``stream`` a page at a time, each page once
+        tornado holds nothing of the socket's (back-pressure: a resume of any size, or many
+        resumes of one socket at once, cost bounded memory). False
         when ``wanted()`` turned false meanwhile (closed, unsubscribed). LookupError from the hub
         when history cannot give them all."""
         async for page in self.hub.history_pages(stream, after, until, epoch):
+            # Other resumes of this socket (a SUBSCRIBE each, each its own task) write
+            # pages too: one page at a time in tornado's buffer, whoever's it is, or
+            # several at once would pass the send backlog before the client could read.
+            while sock.writing():
+                await sock.drained()
+                if not wanted():
+                    return False
             for seq, wire in page:
                 deliver(seq, wire)
             self.count_history(stream, page)

@@ -267,6 +267,13 @@ class Session:
         if self.stage != CLOSED:
             self._charge(1)
 
+    def receive_continuation(self) -> None:
+        """A continuation frame. A message is charged once, when it is complete; each of
+        its further fragments costs a frame too, or endless empty fragments of a message
+        that never completes would keep the server busy and never meet the limit."""
+        if self.stage != CLOSED:
+            self._charge(1)
+
     def _charge(self, cost: float) -> bool:
         """Spend ``cost`` frames of the allowance: FLOW_RATE_LIMIT a second, bursts of
         FLOW_RATE_BURST. False (and the socket closed 4029) when it is spent."""
@@ -433,24 +440,26 @@ class Session:
         """Forget a SUBSCRIBE still waiting for AUTH OK (an UNSUBSCRIBE came first)."""
         self.pending = [entry for entry in self.pending if entry[0].channel != channel]
 
-    def subscribe(self, frame: protocol.Subscribe, charge: bool = True) -> SubscribeRequest | None:
+    def subscribe(self, frame: protocol.Subscribe, charge: bool = True,
+                  refused: list[str] | None = None) -> SubscribeRequest | None:
         """Decide a SUBSCRIBE: a refusal is answered here; a grant becomes a request.
         ``charge``: a refusal costs like an error frame against the rate limit (not for
-        AUTH's own `subscribe` map, which a page sends again at every reconnect)."""
+        AUTH's own `subscribe` map, which a page sends again at every reconnect).
+        ``refused``: where to note a refusal instead of logging it on its own line."""
         name, ref = frame.channel, frame.ref
         if self.stage not in (RESUMING, OPEN):
             return None
         if name in self.channels:
-            self._subscribe_failed(name, "already_subscribed", False, ref, charge=charge)
+            self._subscribe_failed(name, "already_subscribed", False, ref, charge=charge, refused=refused)
             return None
         if len(self.channels) >= self.settings.max_channels:
-            self._subscribe_failed(name, "limit", False, ref, charge=charge)
+            self._subscribe_failed(name, "limit", False, ref, charge=charge, refused=refused)
             return None
         assert self.username is not None
         try:
             exp = channels.authorize(self.grants, self.verifier, self.username, name, frame.token)
         except channels.SubscribeRefused as exc:
-            self._subscribe_failed(name, exc.reason, exc.temporary, ref, exc.detail, charge=charge)
+            self._subscribe_failed(name, exc.reason, exc.temporary, ref, exc.detail, charge=charge, refused=refused)
             return None
         expires_at = None if exp is None else self.clock.monotonic() + (exp - self.clock.time())
         sub = ChannelSub(self, name, expires_at, exp is None, ref,
@@ -465,13 +474,23 @@ class Session:
     def take_pending(self) -> list[SubscribeRequest]:
         """The SUBSCRIBEs that waited for AUTH OK, decided now (refusals answered)."""
         pending, self.pending = self.pending, []
-        requests = [self.subscribe(frame, charge) for frame, charge in pending]
+        # AUTH's own map is free of charge, so its refusals (up to a thousand in one frame)
+        # are one log line, not one each.
+        refused: list[str] = []
+        requests = [self.subscribe(frame, charge, None if charge else refused) for frame, charge in pending]
+        if refused:
+            client_log.warning("%s (%s): %d subscription%s of AUTH refused: %s%s", self.peer, self.username,
+                               len(refused), "" if len(refused) == 1 else "s", ", ".join(refused[:3]),
+                               ", ..." if len(refused) > 3 else "")
         return [r for r in requests if r is not None]
 
     def _subscribe_failed(self, name: str, reason: str, temporary: bool, ref: str | int | None,
-                          detail: str = "", charge: bool = True) -> None:
-        client_log.warning("%s (%s): subscription to %r refused: %s%s", self.peer, self.username, name, reason,
-                           f" ({detail})" if detail else "")
+                          detail: str = "", charge: bool = True, refused: list[str] | None = None) -> None:
+        if refused is not None:
+            refused.append(f"{protocol.shown_name(name)}: {reason}")
+        else:
+            client_log.warning("%s (%s): subscription to %r refused: %s%s", self.peer, self.username, name,
+                               reason, f" ({detail})" if detail else "")
         if not charge or self._charge(ERROR_COST - 1):
             self._send(protocol.subscribe_failed(name, reason, temporary, ref))
         return None
@@ -483,11 +502,15 @@ class Session:
         self._forget(sub)
         self._send(protocol.subscribe_failed(sub.name, reason, temporary, sub.ref))
 
-    def channel_attached(self, sub: ChannelSub, result: ChannelJoin, presence: Snapshot | None = None) -> None:
+    def channel_attached(self, sub: ChannelSub, result: ChannelJoin, presence: Snapshot | None = None) -> int | None:
         """SUBSCRIBE OK (with the channel's presence when the client wants it); history (if
-        owed) follows, then live messages."""
+        owed) follows, then live messages. The seq after which history is owed: where the
+        resume starts, or, for a subscription without one, the position SUBSCRIBE OK gave
+        when live messages held meanwhile had to be dropped (they are fetched from history,
+        as for a resume; without this the client would see a gap after SUBSCRIBE OK and
+        never be told). None: nothing is owed."""
         if sub.stage != SUB_JOINING or self.channels.get(sub.name) is not sub or self.stage == CLOSED:
-            return
+            return None
         seq, epoch = result.position
         sub.seq = result.owed_after if result.owed_after is not None else seq
         if sub.held:
@@ -500,6 +523,9 @@ class Session:
             sub.presence_version = presence.version
         client_log.info("%s (%s): subscribed to %r (recovered=%s, missed=%d)", self.peer, self.username,
                         sub.name, result.recovered, result.missed)
+        if result.owed_after is not None:
+            return result.owed_after
+        return self.channel_catch_up(sub)
 
     def presence_event(self, sub: ChannelSub, event: PresenceEvent, text: str) -> None:
         """A JOIN/LEAVE (``text``, its frame) for a subscription that has its snapshot."""

@@ -10,6 +10,8 @@ from pathlib import Path
 
 import pytest
 
+from websockets.asyncio.client import connect
+
 from pipeline import Pipeline, authenticate, recv_json
 
 COUNT = 100
@@ -102,3 +104,64 @@ def test_a_resume_of_30_mb_is_written_under_back_pressure(pipe):
     # The server held about a page of the 30 MB at a time, not all of it.
     grown_mib = (peak - baseline) / 1024
     assert grown_mib < 8, f"the server's RSS grew by {grown_mib:.1f} MiB during the resume"
+
+
+CHANNELS = 14
+PER_CHANNEL = 3  # of PAD each: 0.9 MB a channel, two pages
+
+
+def test_many_channel_resumes_at_once_are_written_under_back_pressure(tmp_path):
+    # Old server: each SUBSCRIBE's task wrote a whole page before waiting for the socket,
+    # so fourteen resumes put about 4 MB into tornado's buffer (bounded at 1 MiB here) in
+    # one turn of the loop, before any client could read it: a prompt reader was closed
+    # 4008 for its own resume.
+    pipe = Pipeline(tmp_path, servers=1, FLOW_HISTORY_SIZE=str(COUNT), FLOW_MAX_MESSAGE=str(1 << 20),
+                    FLOW_MAX_CHANNELS=str(CHANNELS), FLOW_SEND_BACKLOG=str(1 << 20))
+    names = [f"doc:{i}" for i in range(CHANNELS)]
+    token = pipe.token("reader", extra={"channels": ["doc:*"]})
+
+    async def auth(**fields):
+        ws = await connect(pipe.url(), max_size=2**20, max_queue=None)
+        assert await recv_json(ws) == {"id": "AUTH REQUEST"}
+        await ws.send(json.dumps({"id": "AUTH", "token": token, **fields}))
+        ok = await recv_json(ws)
+        assert ok["id"] == "AUTH OK", ok
+        return ws
+
+    async def run():
+        publisher = pipe.publisher()
+        ws = await auth(subscribe={name: {} for name in names})
+        since = {}
+        while len(since) < CHANNELS:
+            frame = await recv_json(ws)
+            assert frame["id"] == "SUBSCRIBE OK", frame
+            since[frame["channel"]] = {"seq": frame["seq"], "epoch": frame["epoch"]}
+        await ws.close()
+        for i in range(PER_CHANNEL):
+            for name in names:
+                publisher.publish(name, "BIG", {"i": i, "pad": PAD})
+                await asyncio.sleep(0.005)  # load pacing
+        assert publisher.flush(10) == 0
+        ws = await auth()
+        for name in names:  # separate frames: separate tasks, all at once
+            await ws.send(json.dumps({"id": "SUBSCRIBE", "channel": name, "since": since[name]}))
+        got: dict[str, list[int]] = {name: [] for name in names}
+        oks = 0
+        while oks < CHANNELS or sum(map(len, got.values())) < CHANNELS * PER_CHANNEL:
+            frame = await recv_json(ws, 30)
+            if frame["id"] == "SUBSCRIBE OK":
+                assert (frame["recovered"], frame["missed"]) == (True, PER_CHANNEL), frame
+                oks += 1
+            else:
+                assert frame["id"] == "BIG", frame
+                got[frame["channel"]].append(frame["data"]["i"])
+        assert all(v == list(range(PER_CHANNEL)) for v in got.values()), got
+        await ws.send(json.dumps({"id": "PING"}))
+        assert await recv_json(ws, 10) == {"id": "PONG"}
+        await ws.close()
+
+    try:
+        asyncio.run(run())
+        assert "closing 4008" not in pipe.logs()
+    finally:
+        pipe.stop()

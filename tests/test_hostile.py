@@ -156,6 +156,7 @@ def warning_lines(log: str, needle: str) -> list[str]:
 @pytest.mark.parametrize("authenticated", [False, True], ids=["before-auth", "after-auth"])
 def test_unmasked_client_frame_closes_1002_and_others_are_served(tmp_path, authenticated):
     # Old server: tornado took the unmasked frame as a PING and answered PONG; no close.
+    # Later, a warning for every unmasked frame that came before the client's close answer.
     pipe = Pipeline(tmp_path, servers=1)
     try:
         def misbehave() -> tuple[int, str]:
@@ -165,7 +166,9 @@ def test_unmasked_client_frame_closes_1002_and_others_are_served(tmp_path, authe
                     raw.authenticate(pipe.token("mallory"))
                 else:
                     assert raw.read_json() == {"id": "AUTH REQUEST"}
-                raw.send(OP_TEXT, b'{"id": "PING"}', masked=False)
+                # One unmasked frame, then many more before the close could be read:
+                # one close, and one log line for them all.
+                raw.sock.sendall(encode_frame(OP_TEXT, b'{"id": "PING"}', masked=False) * 500)
                 return raw.read_close()
             finally:
                 raw.close()
@@ -236,6 +239,53 @@ def test_ping_flood_closes_4029_while_another_user_is_served(tmp_path):
         sent = asyncio.run(run())
         log = pipe.servers[0].log()
         assert len(warning_lines(log, "4029")) == 1, sent
+        assert "Traceback" not in log
+    finally:
+        pipe.stop()
+
+
+def raw_fragment(opcode: int, payload: bytes = b"") -> bytes:
+    """A masked client frame without FIN: the first of a message, or a continuation (0)."""
+    key = os.urandom(4)
+    return struct.pack("!BB", opcode, 0x80 | len(payload)) + key + bytes(b ^ key[i % 4] for i, b in enumerate(payload))
+
+
+def test_endless_empty_fragments_close_4029_while_another_user_is_served(tmp_path):
+    # Old server: tornado charges a message once it is complete, and one that never
+    # completes cost nothing: 20,000 empty continuation frames and the socket stayed open.
+    pipe = Pipeline(tmp_path, servers=1, FLOW_RATE_LIMIT="20", FLOW_RATE_BURST="40")
+    try:
+        def fragments() -> tuple[int, str]:
+            raw = RawClient(pipe.url())
+            try:
+                raw.authenticate(pipe.token("mallory"))
+                raw.sock.sendall(raw_fragment(OP_TEXT, b'{"id": '))
+                for _ in range(40):  # 20,000 frames at most, in batches, until the server answers
+                    raw.sock.sendall(raw_fragment(0) * 500)
+                    raw.sock.settimeout(0.05)
+                    try:
+                        chunk = raw.sock.recv(65536)
+                    except socket.timeout:
+                        continue
+                    finally:
+                        raw.sock.settimeout(None)
+                    raw.buffer += chunk
+                    break
+                return raw.read_close()
+            finally:
+                raw.close()
+
+        async def run():
+            async with opened(pipe.url(), pipe.token("bob")) as (bob, _):
+                code, reason = await asyncio.to_thread(fragments)
+                assert (code, reason) == (4029, "rate limit")
+                pipe.publisher().push("bob", "AFTER", 1)
+                [message] = await collect(bob, 1)
+                assert (message["id"], message["data"]) == ("AFTER", 1)
+
+        asyncio.run(run())
+        log = pipe.servers[0].log()
+        assert len(warning_lines(log, "4029")) == 1
         assert "Traceback" not in log
     finally:
         pipe.stop()
@@ -412,5 +462,33 @@ def test_sigterm_while_an_auth_waits_for_the_engine(tmp_path):
         assert server.popen.returncode == 0
         log = server.log()
         assert "Traceback" not in log and " ERROR " not in log, log
+    finally:
+        pipe.stop()
+
+
+def test_auth_and_close_in_one_write_leave_nothing_behind(tmp_path):
+    # Old server: on_close ran (tornado reads the close in the same turn) before the task
+    # that joins the hub, and the join then kept the closed socket for good: counted in
+    # "authenticated", its user's stream subscribed upstream, one more per such tab.
+    pipe = Pipeline(tmp_path, servers=1)
+    try:
+        token = pipe.token("fleeting")
+        for _ in range(30):
+            raw = RawClient(pipe.url())
+            raw.read_json()  # AUTH REQUEST
+            raw.sock.sendall(encode_frame(OP_TEXT, token.encode()) + encode_frame(OP_CLOSE, struct.pack("!H", 1000)))
+            raw.close()
+        wait_until(lambda: pipe.stats(0)["sockets"] == 0, 10, 0.05, "every raw socket gone")
+
+        async def run():
+            # A socket opened after them is served; the counts are then its alone.
+            async with opened(pipe.url(), pipe.token("steady")):
+                stats = pipe.stats(0)
+                assert stats["authenticated"] == 1, stats
+                assert "fleeting" not in stats["streams"], stats
+
+        asyncio.run(run())
+        assert pipe.stats(0)["authenticated"] == 0
+        assert "Traceback" not in pipe.servers[0].log()
     finally:
         pipe.stop()

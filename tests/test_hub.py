@@ -107,6 +107,33 @@ def test_join_subscribes_and_auth_ok_names_every_stream(settings):
     run(main())
 
 
+def test_a_session_closed_before_its_join_is_never_attached(settings):
+    # Old hub: a tab that sent AUTH and closed in the same read had its leave run before the
+    # join task did; join then attached the dead session for good (stream subscribed
+    # upstream, heartbeat ring, presence count), one more for every such tab.
+    async def main():
+        world = World(settings)
+        await world.start()
+        for _ in range(3):
+            transport = FakeTransport()
+            session = Session(transport, world.hub, settings, world.verifier)
+            session.opened()
+            request = session.receive(json.dumps({"id": "AUTH", "token": issue_token(settings, "mallory")}))
+            assert isinstance(request, JoinRequest)
+            session.closed()
+            world.hub.leave(session)  # what the socket's on_close does, before the join runs
+            assert await world.hub.join(session, request) is None
+        assert "mallory" not in world.hub.streams
+        assert "mallory" not in world.engine.subscribed
+        assert len(world.hub.ring) == 0
+        assert world.hub.ledger.get("mallory") == 0
+        # A live tab of the same user afterwards is attached as usual.
+        await world.connect("mallory")
+        assert len(world.hub.ring) == 1 and world.hub.ledger.get("mallory") == 1
+
+    run(main())
+
+
 def test_recovered_only_when_every_stream_is_named(settings):
     async def main():
         world = World(settings)

@@ -179,6 +179,17 @@ def test_websocket_pings_count_against_the_rate_limit(env):
     assert rig.transport.closed == (4029, "rate limit")
 
 
+def test_continuation_frames_count_against_the_rate_limit(env):
+    # Old session: only complete messages were charged, so the empty fragments of a
+    # message that never completes went on for ever.
+    rig = Rig(env)
+    rig.open_as("alice")
+    rig.transport.take()
+    for _ in range(env.rate_burst + 1):
+        rig.session.receive_continuation()
+    assert rig.transport.closed == (4029, "rate limit")
+
+
 def test_pings_within_the_rate_pass(env):
     rig = Rig(env)
     for _ in range(200):
@@ -407,6 +418,43 @@ def test_a_granted_subscribe_is_a_request_and_its_answer_comes_first(env):
     assert [f["data"] for f in frames[1:]] == ["history", "held", "live"]
 
 
+@pytest.mark.parametrize("since", [None, {"seq": 999, "epoch": "c1"}], ids=["no-since", "since-unrecoverable"])
+def test_a_subscription_without_a_resume_fetches_what_its_hold_dropped(env, since):
+    # Old session: with no resume owed, nothing looked at the dropped hold, so the client
+    # got SUBSCRIBE OK seq 5 and then whatever came after the drop (seq 54 on), silently.
+    from flowcore.session import ChannelJoin
+
+    rig = channel_rig(env, channels=["doc:*"])
+    request = subscribe(rig, "doc:1", **({"since": since} if since else {}))
+    sub = request.sub
+    for seq in range(6, 60):  # live while joining: past FLOW_SEND_BACKLOG (4096 bytes)
+        sub.deliver(seq, channel_wire("doc:1", seq, "x" * 100))
+    assert sub.held_dropped
+    sub.deliver(60, channel_wire("doc:1", 60, "after the drop"))
+    after = rig.session.channel_attached(sub, ChannelJoin((5, "c1"), False, 0, None))
+    assert after == 5
+    for seq in range(6, 60):  # what the server then writes from history
+        rig.session.channel_history(sub, seq, channel_wire("doc:1", seq, "history"))
+    assert rig.session.channel_catch_up(sub) is None
+    rig.session.channel_resumed(sub)
+    rig.hub.flush()
+    frames = rig.transport.take()
+    assert (frames[0]["id"], frames[0]["seq"], frames[0]["recovered"]) == ("SUBSCRIBE OK", 5, False)
+    assert [f["seq"] for f in frames[1:]] == list(range(6, 61))
+
+
+def test_a_subscription_whose_hold_kept_everything_owes_no_history(env):
+    from flowcore.session import ChannelJoin
+
+    rig = channel_rig(env, channels=["doc:*"])
+    sub = subscribe(rig, "doc:1").sub
+    sub.deliver(6, channel_wire("doc:1", 6, "held"))
+    assert rig.session.channel_attached(sub, ChannelJoin((5, "c1"), False, 0, None)) is None
+    rig.session.channel_resumed(sub)
+    rig.hub.flush()
+    assert [f.get("seq") for f in rig.transport.take()] == [5, 6]
+
+
 @pytest.mark.parametrize("claims, frame, reason, temporary", [
     ({"channels": ["doc:*"]}, {"channel": "team:1"}, "forbidden", False),
     ({"channels": ["doc:*"]}, {"channel": "doc"}, "forbidden", False),
@@ -487,6 +535,31 @@ def test_subscribes_in_auth_or_before_auth_ok_wait_for_it(env):
     assert frames[0]["id"] == "AUTH OK" and frames[0]["max_channels"] == env.max_channels
     assert frames[1:] == [{"id": "SUBSCRIBE FAILED", "channel": "team:1", "reason": "forbidden",
                            "temporary": False}]
+
+
+def test_refusals_of_auths_own_map_are_one_log_line(env, caplog):
+    # Old session: a line for each, uncharged: one 17 KB AUTH frame gave 1,024 warnings.
+    rig = Rig(env)
+    rig.hub = rig.session.hub = ChannelHub()
+    rig.transport.take()
+    names = [f"team:{i}" for i in range(200)]
+    frame = {"id": "AUTH", "token": issue_token(env, "alice", ttl=60, extra={"channels": ["doc:*"]}),
+             "subscribe": {name: {} for name in ["doc:1", *names]}}
+    assert isinstance(rig.session.receive(json.dumps(frame)), JoinRequest)
+    assert subscribe(rig, "team:x") is None  # a SUBSCRIBE frame of its own: its own line
+    rig.session.attached(JoinResult(Stream("alice"), {"alice": (0, "e1"), "*": (0, "eb")}, False, 0, {}))
+    rig.session.resumed()
+    with caplog.at_level("INFO", logger="flow.websocket.client"):
+        requests = rig.session.take_pending()
+    assert [r.sub.name for r in requests] == ["doc:1"]
+    frames = rig.transport.take()
+    refused = [f["channel"] for f in frames if f.get("id") == "SUBSCRIBE FAILED"]
+    assert refused == [*names, "team:x"]  # every one still answered
+    warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert len(warnings) == 2, warnings
+    assert "'team:x' refused: forbidden" in warnings[0]
+    assert "200 subscriptions of AUTH refused: 'team:0': forbidden" in warnings[1]
+    assert rig.transport.closed is None
 
 
 def test_a_refreshed_token_without_the_grant_revokes_the_channel(env):
