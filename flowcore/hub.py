@@ -157,6 +157,7 @@ class Hub:
         self.upstream_messages = 0  # messages received for user streams
         self.repairs = 0
         self.gap_closes = 0
+        self.presence_asks = 0  # engine round trips for PRESENCE queries (shared by the queries meanwhile)
         # Messages routed to sockets and their frames' bytes, by stream kind, counted once
         # per fan-out (recipients x message), not per socket; flowcore.metrics reads them.
         self.sent_user = self.sent_broadcast = self.sent_channel = 0
@@ -354,6 +355,7 @@ class Hub:
         stream = sub.stream
         pending = self._presence_queries.get(stream)
         if pending is None:
+            self.presence_asks += 1
             pending = asyncio.ensure_future(self.engine.presence(stream, self.settings.presence_max_list))
             self._presence_queries[stream] = pending
 

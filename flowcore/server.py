@@ -242,6 +242,7 @@ class StatsHandler(tornado.web.RequestHandler):
                 "upstream_messages": hub.upstream_messages,
                 "repairs": hub.repairs,
                 "gap_closes": hub.gap_closes,
+                "presence_asks": hub.presence_asks,
                 "engine": self.server.settings.engine,
                 "engine_live": self.server.engine.live,
                 "pid": os.getpid(),

@@ -542,7 +542,11 @@ def test_a_flood_of_presence_queries_does_not_hold_up_other_users_subscriptions(
     server is one round trip to the engine, one at a time behind one lock (the ZeroMQ
     engine's _report_lock, the Redis one's _PresenceReporter._lock): another user's
     SUBSCRIBE waits behind all 3200 (about 0.7 s here, 4500 a second); a sustained flood
-    of 1200 such sockets outruns the engine and the wait grows without bound."""
+    of 1200 such sockets outruns the engine and the wait grows without bound.
+
+    What the fix guarantees is checked, not a time (a loaded test machine moves times):
+    queries of one channel share the engine's answer while it is on its way, so the
+    engine is asked at most once per socket's burst, not once per query."""
     from test_attack import RawSocket
 
     pipe = Pipeline(tmp_path, servers=1, FLOW_PRESENCE_CHANNELS="doc:*")
@@ -555,16 +559,20 @@ def test_a_flood_of_presence_queries_does_not_hold_up_other_users_subscriptions(
             raws.append(raw)
         for raw in raws:
             raw.until(lambda f: f["id"] == "SUBSCRIBE OK", timeout=30)
+        asked_before = pipe.stats(0)["presence_asks"]
         for raw in raws:
             raw.send(*[{"id": "PRESENCE", "channel": "doc:f", "ref": k} for k in range(8)])
-        started = time.monotonic()
         legit = RawSocket(pipe.ports[0])
         legit.send({"id": "AUTH", "token": grant(pipe, "ann")}, {"id": "SUBSCRIBE", "channel": "doc:g"})
         got = legit.until(lambda f: f["id"] in ("SUBSCRIBE OK", "SUBSCRIBE FAILED"), timeout=60)
-        took = time.monotonic() - started
         raws.append(legit)
         assert got[-1]["id"] == "SUBSCRIBE OK", got
-        assert took < 0.2, f"ann's SUBSCRIBE waited {took:.2f}s behind mallory's presence queries"
+        for raw in raws[:-1]:  # every query answered, with a snapshot
+            refs = [f.get("ref") for f in raw.until(lambda f: f.get("ref") == 7, timeout=60)
+                    if f["id"] == "PRESENCE"]
+            assert refs == list(range(8)), refs
+        asked = pipe.stats(0)["presence_asks"] - asked_before
+        assert 1 <= asked <= len(raws) - 1, f"{asked} engine round trips for {8 * (len(raws) - 1)} queries"
     finally:
         for raw in raws:
             raw.close()
