@@ -19,6 +19,7 @@ import signal
 import socket
 import struct
 import time
+from typing import Any, Callable
 
 import pytest
 from websockets.asyncio.client import connect
@@ -150,6 +151,20 @@ def warning_lines(log: str, needle: str) -> list[str]:
     return [line for line in log.splitlines() if " WARNING " in line and needle in line]
 
 
+async def while_bob_is_served(pipe: Pipeline, misbehave: Callable[[], Any]) -> Any:
+    """Run ``misbehave`` (blocking, raw sockets) while bob is connected; then bob still
+    gets a push, and a new socket authenticates and is answered. What it returned."""
+    async with opened(pipe.url(), pipe.token("bob")) as (bob, _):
+        result = await asyncio.to_thread(misbehave)
+        pipe.publisher().push("bob", "AFTER", 1)
+        [message] = await collect(bob, 1)
+        assert (message["id"], message["data"]) == ("AFTER", 1)
+        async with opened(pipe.url(), pipe.token("carol")) as (carol, _):
+            await carol.send('{"id": "PING"}')
+            assert await recv_json(carol) == {"id": "PONG"}
+    return result
+
+
 # ---- 1. unmasked client frames ------------------------------------------------------------
 
 
@@ -173,19 +188,9 @@ def test_unmasked_client_frame_closes_1002_and_others_are_served(tmp_path, authe
             finally:
                 raw.close()
 
-        async def run():
-            async with opened(pipe.url(), pipe.token("bob")) as (bob, _):
-                code, _ = await asyncio.to_thread(misbehave)
-                assert code == 1002
-                # The server goes on: an open socket gets its messages, a new one authenticates.
-                pipe.publisher().push("bob", "AFTER", 1)
-                [message] = await collect(bob, 1)
-                assert (message["id"], message["data"]) == ("AFTER", 1)
-                async with opened(pipe.url(), pipe.token("carol")) as (carol, _):
-                    await carol.send('{"id": "PING"}')
-                    assert await recv_json(carol) == {"id": "PONG"}
-
-        asyncio.run(run())
+        # The server goes on: an open socket gets its messages, a new one authenticates.
+        code, _ = asyncio.run(while_bob_is_served(pipe, misbehave))
+        assert code == 1002
         if authenticated:
             wait_until(lambda: "mallory" not in pipe.stats(0)["streams"], 10, message="mallory's stream released")
         log = pipe.servers[0].log()
@@ -275,15 +280,7 @@ def test_endless_empty_fragments_close_4029_while_another_user_is_served(tmp_pat
             finally:
                 raw.close()
 
-        async def run():
-            async with opened(pipe.url(), pipe.token("bob")) as (bob, _):
-                code, reason = await asyncio.to_thread(fragments)
-                assert (code, reason) == (4029, "rate limit")
-                pipe.publisher().push("bob", "AFTER", 1)
-                [message] = await collect(bob, 1)
-                assert (message["id"], message["data"]) == ("AFTER", 1)
-
-        asyncio.run(run())
+        assert asyncio.run(while_bob_is_served(pipe, fragments)) == (4029, "rate limit")
         log = pipe.servers[0].log()
         assert len(warning_lines(log, "4029")) == 1
         assert "Traceback" not in log
