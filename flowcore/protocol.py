@@ -271,9 +271,21 @@ def fast_dumps(value: Any) -> bytes:
     try:
         out = _orjson_dumps(value, None, _ORJSON_OPTIONS)
     except TypeError:  # orjson.JSONEncodeError included
-        return dumps(value)
+        return read_back(dumps(value))
     if b"null" in out:
-        return dumps(value)
+        return read_back(dumps(value))
+    return out
+
+
+def read_back(out: bytes) -> bytes:
+    """The standard encoder's output, if the engines can read it back. The proxy and the
+    WebSocket servers parse data with orjson, which refuses what dumps writes for an int
+    beyond a double's range (10**400): accepted here, such a push would be dropped there
+    (or, on Redis, numbered and then refused by every server: a gap). ValueError."""
+    try:
+        _orjson_loads(out)
+    except orjson.JSONDecodeError as exc:
+        raise ValueError(f"{exc} (the engines could not read it)") from None
     return out
 
 
@@ -309,6 +321,8 @@ def encode_data(data: Any, serializer: Callable[[Any], bytes] = fast_dumps) -> b
     builtin = serializer is fast_dumps or serializer is dumps
     try:
         out = serializer(data)
+        if serializer is dumps:
+            out = read_back(out)
     except RecursionError:
         raise ProtocolError("data is not JSON-serializable: it nests too deep") from None
     except (TypeError, ValueError) as exc:

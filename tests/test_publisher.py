@@ -280,6 +280,10 @@ def _deep(kind: str, depth: int = 100_000) -> object:
         (("alice", "AUTH FAILED", {"reason": "invalid"}), "reserved"),
         (("alice", "AUTH OK", 1), "reserved"),
         (("alice", "PONG", 1), "reserved"),
+        # Old publisher: the standard encoder wrote these; the proxy (orjson) then dropped
+        # the push, and flush() said all was sent.
+        (("alice", "ID", 10**400), "engines could not read"),
+        (("alice", "ID", {"n": [None, -10**309]}), "engines could not read"),
     ],
 )
 def test_every_refusal_is_invalid_message_and_nothing_sent(pull, args, message):
@@ -294,6 +298,16 @@ def test_every_refusal_is_invalid_message_and_nothing_sent(pull, args, message):
     publisher.push("alice", "OK", 1)
     assert sock.recv() == protocol.encode_push("alice", "ID", 0, 1024)
     assert sock.recv() == protocol.encode_push("alice", "OK", 1, 1024)
+
+
+def test_numbers_the_engines_cannot_read_are_refused_by_push_all_and_publish(pull):
+    publisher, sock = pull
+    with pytest.raises(flow.InvalidMessage, match="engines could not read"):
+        publisher.push_all("ID", {"n": 10**309})
+    with pytest.raises(flow.InvalidMessage, match="engines could not read"):
+        publisher.publish("doc:1", "ID", [10**400])
+    publisher.push("alice", "OK", 10**308)  # within a double's range: fine
+    assert sock.recv() == protocol.encode_push("alice", "OK", 10**308, 1024)
 
 
 @pytest.mark.parametrize("message_id", sorted(protocol.RESERVED_IDS))
