@@ -311,6 +311,11 @@ def redact_url(url: str) -> str:
     return f"{scheme}://{netloc}{slash}{path}{'?...' if q else ''}"
 
 
+# ZeroMQ takes its high-water marks as a C int: a larger value passed here and then failed
+# with OverflowError at the first push (or stopped the proxy at start with a traceback).
+C_INT_MAX = 2**31 - 1
+
+
 def _int(minimum: int, maximum: int | None = None) -> Callable[[str], int]:
     def parse(raw: str) -> int:
         try:
@@ -573,7 +578,7 @@ _PARSERS: dict[str, Callable[[str], Any]] = {
     "publish_endpoint": _endpoint,
     "fanout_endpoint": _endpoint,
     "control_endpoint": _endpoint,
-    "zmq_hwm": _int(0),
+    "zmq_hwm": _int(0, C_INT_MAX),
     "proxy_cpu": _proxy_cpu,
     "redis_url": _redis_url,
     "redis_prefix": _redis_prefix,
@@ -587,7 +592,7 @@ _PARSERS: dict[str, Callable[[str], Any]] = {
     "send_backlog": _int(1024),
     "rate_limit": _float(0.01),
     "rate_burst": _int(1),
-    "push_queue": _int(1),
+    "push_queue": _int(1, C_INT_MAX),
     "push_linger": _float(0, MAX_LINGER),
     "drain_timeout": _float(0),
     "log_level": _log_level,

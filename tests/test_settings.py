@@ -262,6 +262,8 @@ def test_env_file_from_environment_variable(tmp_path, nowhere):
         ("FLOW_PUBLISH_ENDPOINT", "tcp://127.0.0.1:0"),  # a random port no publisher finds
         ("FLOW_FANOUT_ENDPOINT", "tcp://[::1:5562"),
         ("FLOW_CONTROL_ENDPOINT", "tcp://127.0.0.1:5563;127.0.0.1:4"),
+        ("FLOW_ZMQ_HWM", "3000000000"),  # OverflowError in the proxy's setsockopt, at start
+        ("FLOW_PUSH_QUEUE", "2147483648"),  # OverflowError at the first flow.push
     ],
 )
 def test_bad_value_names_the_variable(load, variable, value):
