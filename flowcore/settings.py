@@ -494,6 +494,17 @@ def _redis_url(raw: str) -> str:
     url = _line(raw)
     if url and not url.startswith(REDIS_SCHEMES):
         raise ValueError(f"must start with {', '.join(REDIS_SCHEMES)} (or be empty: the stack's own redis-server)")
+    if url:
+        try:
+            # The parser the Redis engine's client uses: a port it cannot read failed there,
+            # at every publish, as "a bug" with a traceback, instead of here at start.
+            from redis.connection import parse_url
+        except ImportError:  # a ZeroMQ-only install: FLOW_ENGINE=zmq never reads this
+            return url
+        try:
+            parse_url(url)
+        except ValueError as exc:
+            raise ValueError(f"is not a Redis URL redis-py can use: {exc}") from None
     return url
 
 

@@ -264,6 +264,8 @@ def test_env_file_from_environment_variable(tmp_path, nowhere):
         ("FLOW_CONTROL_ENDPOINT", "tcp://127.0.0.1:5563;127.0.0.1:4"),
         ("FLOW_ZMQ_HWM", "3000000000"),  # OverflowError in the proxy's setsockopt, at start
         ("FLOW_PUSH_QUEUE", "2147483648"),  # OverflowError at the first flow.push
+        ("FLOW_REDIS_URL", "redis://localhost:abc/0"),  # "(a bug)" tracebacks at every publish
+        ("FLOW_REDIS_URL", "redis://localhost:99999/0"),
     ],
 )
 def test_bad_value_names_the_variable(load, variable, value):
